@@ -1,0 +1,80 @@
+"""User-facing configuration: SamplingParams (per request) and EngineConfig (per engine)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request is decoded. Defaults follow vLLM: temperature 1, no top-k/top-p."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0         # 1: off
+    seed: int | None = None    # None: drawn from the engine's seed
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine-wide settings; every field is also a keyword argument of `LLM(...)`."""
+
+    dtype: str = "auto"                  # "auto": float32 on CPU, bfloat16 on GPU/TPU
+    max_model_len: int | None = None     # None: the model's max_position_embeddings
+    block_size: int = 16                 # tokens per KV page
+    num_kv_blocks: int | None = None     # None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 2.0
+    max_num_seqs: int = 64               # requests holding KV at once
+    max_num_batched_tokens: int = 384    # S: query tokens per step (InferCept's saturation point)
+    row_width: int = 32                  # query tokens per attention row in chunked steps
+    attn_chunk_tokens: int = 128         # KV tokens the attention reads per loop iteration
+    warmup: bool = True                  # compile every step shape at start
+    strict_compile: bool = True          # raise if a step shape compiles after warm-up
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ["block_size", "max_num_seqs", "max_num_batched_tokens", "row_width", "attn_chunk_tokens"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)

@@ -1,0 +1,141 @@
+"""LLM: the offline Python API over one Engine.
+
+    llm = LLM("smollm2-135m")
+    outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16, temperature=0))
+    print(outs[0].text)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from infercept_jax.config import EngineConfig, SamplingParams
+from infercept_jax.engine import Engine
+from infercept_jax.model_runner import ModelRunner
+from infercept_jax.outputs import RequestOutput
+from kvcache.block_manager import BlockManager
+from models.llama import Llama
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return _DTYPES[name]
+
+
+class LLM:
+    """Loads a model (a known name, an HF folder or a GGUF file) and serves it."""
+
+    def __init__(self, model: str = "smollm2-135m", **engine_options):
+        from models.registry import load_model
+
+        config = EngineConfig.from_kwargs(**engine_options)
+        spec, tensors, tokenizer = load_model(model)
+        llama = Llama.from_hf_weights(spec, tensors, dtype=resolve_dtype(config.dtype))
+        self._build(llama, tokenizer, config)
+
+    @classmethod
+    def from_model(cls, model: Llama, tokenizer=None, **engine_options) -> "LLM":
+        """Serve an already built model (tests, custom weights)."""
+        llm = cls.__new__(cls)
+        llm._build(model, tokenizer, EngineConfig.from_kwargs(**engine_options))
+        return llm
+
+    def _build(self, model: Llama, tokenizer, config: EngineConfig) -> None:
+        spec = model.spec
+        self.config = config
+        self.tokenizer = tokenizer
+        max_model_len = config.max_model_len or spec.max_position_embeddings
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            bytes_per_block = spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize) * config.block_size
+            num_blocks = max(2, int(config.kv_cache_memory_gb * 2**30) // bytes_per_block)
+        blocks = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(
+            model, blocks, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, row_width=config.row_width,
+            attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile)
+        self.warmup_shapes, self.warmup_seconds = self.runner.warmup() if config.warmup else (0, 0.0)
+        eos = set(spec.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.engine = Engine(
+            self.runner, blocks, max_model_len=max_model_len, vocab_size=spec.vocab_size,
+            eos_token_ids=tuple(eos), tokenizer=tokenizer, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (continuous batching); outputs come back in prompt order.
+
+        Every prompt is validated before any is queued, so a bad one raises ValueError and
+        nothing is half-submitted.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for rid in ids:
+                self.engine.abort(rid)
+                self.engine.pop_finished(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        show = len(ids) >= 8 if use_tqdm is None else use_tqdm
+        with tqdm(total=len(ids), desc="generate", disable=not show) as bar:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in ids:
+                        results[out.request_id] = out
+                        self.engine.pop_finished(out.request_id)
+                        bar.update(1)
+        return [results[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate replies to conversations rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self._render_chat(c) for c in conversations]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    def _render_chat(self, messages: list[dict]) -> str:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one request as they are generated (other requests keep running)."""
+        rid = self.engine.add_request(prompt, params)
+        sent = ""
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    text = out.text if out.finished else out.text.rstrip("\ufffd")
+                    if len(text) > len(sent):
+                        yield text[len(sent):]
+                        sent = text
+                    if out.finished:
+                        return
+        finally:
+            request = self.engine.requests.get(rid)
+            if request is not None:
+                self.engine.abort(rid)
+                self.engine.pop_finished(rid)
+

@@ -1,0 +1,87 @@
+"""Device side of the paged KV cache: pool allocation, slot scatter, paged attention read.
+
+Pool layout, stacked over layers and page-major: `[num_layers, num_blocks, block_size,
+num_kv_heads, head_dim]`, one array for K and one for V. Writes scatter new K/V by a flat slot
+(`block * block_size + offset`); padding tokens write into the reserved block 0.
+
+The attention read works on *rows*: a row is up to `Q` query tokens of one sequence with that
+sequence's block table. It walks the context in chunks of `pages_per_chunk` pages with an online
+softmax, and the number of chunks is a traced value (the longest context in the step), so a step
+costs what its contexts need and the context length never changes the compiled shape. This is the
+portable reference path; a Pallas kernel can take its place behind the same signature.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+class AttentionInputs(NamedTuple):
+    """Per-step metadata for the paged attention of every layer (all int32)."""
+
+    slot_mapping: jax.Array      # [T] flat KV slot of each query token (padding -> block 0)
+    row_token_index: jax.Array   # [R, Q] flat token index of each row entry (padding -> T)
+    row_positions: jax.Array     # [R, Q] absolute position of each row entry (padding -> -1)
+    token_row_index: jax.Array   # [T] flat index into R*Q of each token (padding -> 0)
+    block_tables: jax.Array      # [R, W] block ids of each row's sequence (padding -> 0)
+    num_chunks: jax.Array        # [] ceil(longest context in the step / chunk tokens)
+
+
+def allocate_pools(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                   head_dim: int, dtype, sharding=None) -> tuple[jax.Array, jax.Array]:
+    """Zeroed K and V pools, created directly on device (no host round trip)."""
+    shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return make(), make()
+
+
+def write_kv(pool: jax.Array, layer: jax.Array, slot_mapping: jax.Array, new: jax.Array) -> jax.Array:
+    """Scatter `new` [T, Hkv, D] into `pool[layer]` at the flat slots."""
+    block_size = pool.shape[2]
+    return pool.at[layer, slot_mapping // block_size, slot_mapping % block_size].set(new.astype(pool.dtype))
+
+
+def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
+                    meta: AttentionInputs, pages_per_chunk: int) -> jax.Array:
+    """Causal attention of flat queries `q` [T, H, D] against their sequences' paged KV.
+
+    Returns [T, H, D]. Row entries see keys at positions `<=` their own position.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[3]
+    group = num_heads // num_kv_heads
+    block_size = k_pool.shape[2]
+    rows, width = meta.row_token_index.shape
+    chunk = pages_per_chunk * block_size
+
+    q_padded = jnp.concatenate([q, jnp.zeros((1, num_heads, head_dim), q.dtype)])
+    q_rows = q_padded[meta.row_token_index].reshape(rows, width, num_kv_heads, group, head_dim)
+    q_rows = q_rows.astype(jnp.float32) * (head_dim ** -0.5)
+
+    def body(c, carry):
+        m, l, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(meta.block_tables, c * pages_per_chunk, pages_per_chunk, axis=1)
+        k = k_pool[layer, pages].reshape(rows, chunk, num_kv_heads, head_dim).astype(jnp.float32)
+        v = v_pool[layer, pages].reshape(rows, chunk, num_kv_heads, head_dim).astype(jnp.float32)
+        s = jnp.einsum("rqhgd,rkhd->rhgqk", q_rows, k)
+        key_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        visible = key_pos[None, None, :] <= meta.row_positions[:, :, None]      # [R, Q, K]
+        s = jnp.where(visible[:, None, None], s, _NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(visible[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+        scale = jnp.exp(m - m_new)
+        l = l * scale + p.sum(-1)
+        acc = acc * scale[..., None] + jnp.einsum("rhgqk,rkhd->rhgqd", p, v)
+        return m_new, l, acc
+
+    init = (jnp.full((rows, num_kv_heads, group, width), _NEG, jnp.float32),
+            jnp.zeros((rows, num_kv_heads, group, width), jnp.float32),
+            jnp.zeros((rows, num_kv_heads, group, width, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, meta.num_chunks, body, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]                                # [R, Hkv, G, Q, D]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(rows * width, num_heads, head_dim)
+    return out[meta.token_row_index].astype(q.dtype)

@@ -1,0 +1,90 @@
+"""Shared test helpers: tiny random Llamas and a single-sequence paged forward."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvcache.paged import AttentionInputs, allocate_pools
+from models.llama import Llama
+from models.spec import ModelSpec, RopeScaling
+
+LLAMA3_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=64)
+
+
+def tiny_spec(tied: bool = False, scaling: RopeScaling | None = None, **kw) -> ModelSpec:
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, rope_theta=10000.0, rope_scaling=scaling,
+                tie_word_embeddings=tied, max_position_embeddings=512, eos_token_ids=(1,))
+    base.update(kw)
+    return ModelSpec(**base)
+
+
+def random_hf_tensors(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """HF-named random weights (norm weights away from 1 so the norms are exercised)."""
+    rng = np.random.default_rng(seed)
+    D, F = spec.hidden_size, spec.intermediate_size
+    hq, hkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    w = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
+    norm = lambda: (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32)  # noqa: E731
+    t = {"model.embed_tokens.weight": w(spec.vocab_size, D), "model.norm.weight": norm()}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = norm()
+        t[p + "post_attention_layernorm.weight"] = norm()
+        t[p + "self_attn.q_proj.weight"] = w(hq, D)
+        t[p + "self_attn.k_proj.weight"] = w(hkv, D)
+        t[p + "self_attn.v_proj.weight"] = w(hkv, D)
+        t[p + "self_attn.o_proj.weight"] = w(D, hq)
+        t[p + "mlp.gate_proj.weight"] = w(F, D)
+        t[p + "mlp.up_proj.weight"] = w(F, D)
+        t[p + "mlp.down_proj.weight"] = w(D, F)
+    if not spec.tie_word_embeddings:
+        t["lm_head.weight"] = w(spec.vocab_size, D)
+    return t
+
+
+def paged_logits(model: Llama, token_ids: list[int], block_size: int = 4, row_width: int | None = None,
+                 chunk_pages: int = 2) -> np.ndarray:
+    """Logits [n, V] of one sequence prefilled in one pass through the paged path.
+
+    Blocks are handed out in a scrambled order so that paging is exercised.
+    """
+    n = len(token_ids)
+    q = row_width or n
+    num_blocks = -(-n // block_size)
+    table = np.random.default_rng(1).permutation(num_blocks).astype(np.int32) + 1
+    width = -(-num_blocks // chunk_pages) * chunk_pages
+    rows = -(-n // q)
+    pos = np.arange(n, dtype=np.int32)
+    slot = table[pos // block_size] * block_size + pos % block_size
+    rti = np.full((rows, q), n, np.int32)
+    rpos = np.full((rows, q), -1, np.int32)
+    rti.reshape(-1)[:n] = pos
+    rpos.reshape(-1)[:n] = pos
+    tables = np.zeros((rows, width), np.int32)
+    tables[:, :num_blocks] = table
+    meta = AttentionInputs(slot, rti, rpos, pos.copy(), tables,
+                           np.int32(-(-n // (chunk_pages * block_size))))
+    spec = model.spec
+    k_pool, v_pool = allocate_pools(spec.num_layers, num_blocks + 1, block_size, spec.num_kv_heads,
+                                    spec.head_dim, model.dtype)
+    hidden, _, _ = model(jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), k_pool, v_pool, meta, chunk_pages)
+    return np.asarray(model.logits(hidden))
+
+
+def torch_llama(spec: ModelSpec, tensors: dict[str, np.ndarray]):
+    """transformers' LlamaForCausalLM (fp32, eager attention) with the same weights."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{k: v for k, v in spec.to_hf_config().items()
+                                      if k not in ("architectures", "model_type", "torch_dtype")})
+    cfg._attn_implementation = "eager"
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    state = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    if spec.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    ref.load_state_dict(state, strict=True)
+    return ref

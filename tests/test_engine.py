@@ -1,0 +1,165 @@
+"""Engine behaviour on a tiny random Llama: batching, chunking, preemption, compile guard, errors."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import random_hf_tensors, tiny_spec
+from infercept_jax import LLM, SamplingParams
+from models.llama import Llama
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    spec = tiny_spec()
+    return Llama.from_hf_weights(spec, random_hf_tensors(spec, seed=3))
+
+
+def make_llm(model, **kw):
+    opts = dict(num_kv_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                row_width=8, attn_chunk_tokens=8, warmup=False, strict_compile=False)
+    opts.update(kw)
+    return LLM.from_model(model, **opts)
+
+
+def prompts(n, seed=0, lo=3, hi=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, 256, rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+def test_batch_gives_same_tokens_as_each_request_alone(model):
+    llm = make_llm(model)
+    ps = prompts(6)
+    batched = [o.token_ids for o in llm.generate(ps, GREEDY)]
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in ps]
+    assert batched == alone
+    assert all(len(t) == 12 for t in batched)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7, 16, 64])
+def test_chunked_prefill_gives_same_tokens_as_one_prefill(model, budget):
+    ps = prompts(3, seed=1, lo=30, hi=60)
+    reference = [o.token_ids for o in make_llm(model, max_num_batched_tokens=64).generate(ps, GREEDY)]
+    chunked = [o.token_ids for o in make_llm(model, max_num_batched_tokens=budget).generate(ps, GREEDY)]
+    assert chunked == reference
+
+
+def test_preemption_recomputes_and_gives_same_tokens(model):
+    ps = prompts(8, seed=2, lo=20, hi=30)
+    reference = [o.token_ids for o in make_llm(model).generate(ps, GREEDY)]
+    tight = make_llm(model, num_kv_blocks=24)   # 23 usable blocks of 4 tokens for 8 requests of ~40
+    outs = tight.generate(ps, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert tight.engine.blocks.num_free == tight.engine.blocks.device.capacity
+    tight.engine.blocks.check_invariants()
+
+
+def test_sampling_is_seeded_per_request_and_independent_of_the_batch(model):
+    llm = make_llm(model)
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
+    ps = prompts(4, seed=4)
+    alone = llm.generate([ps[0]], p)[0].token_ids
+    batched = llm.generate(ps, [p] + [SamplingParams(max_tokens=10, temperature=0.8, seed=i) for i in range(3)])
+    assert batched[0].token_ids == alone
+    other_seed = llm.generate([ps[0]], SamplingParams(max_tokens=10, temperature=1.0, seed=8, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy(model):
+    llm = make_llm(model)
+    ps = prompts(3, seed=5)
+    greedy = [o.token_ids for o in llm.generate(ps, GREEDY)]
+    top1 = [o.token_ids for o in llm.generate(ps, SamplingParams(max_tokens=12, temperature=1.0, top_k=1,
+                                                                  ignore_eos=True))]
+    assert top1 == greedy
+
+
+def test_stop_token_ids_and_max_tokens(model):
+    llm = make_llm(model)
+    p = prompts(1, seed=6)[0]
+    free = llm.generate([p], GREEDY)[0]
+    stop_at = free.token_ids[4]
+    first = free.token_ids.index(stop_at)
+    stopped = llm.generate([p], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_at],
+                                               ignore_eos=True))[0]
+    assert stopped.token_ids == free.token_ids[:first + 1]
+    assert stopped.finish_reason == "stop"
+    assert free.finish_reason == "length"
+
+
+def test_generation_stops_at_max_model_len(model):
+    llm = make_llm(model, max_model_len=20)
+    out = llm.generate([list(range(2, 17))], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_no_compile_after_warmup(model):
+    llm = make_llm(model, warmup=True, strict_compile=True, max_num_batched_tokens=32)
+    assert llm.warmup_shapes == len(llm.runner.all_shapes()) > 0
+    compiles = []
+
+    def listener(event, *args, **kwargs):
+        if "compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        llm.generate(prompts(8, seed=7, lo=2, hi=90), SamplingParams(max_tokens=9, temperature=0.0))
+        llm.generate(prompts(1, seed=8), SamplingParams(max_tokens=3, temperature=0.5, top_p=0.5))
+        llm.generate(prompts(3, seed=9, lo=60, hi=100), SamplingParams(max_tokens=4, temperature=0.0))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "empty"),
+    ([5] * 600, "max_model_len"),
+    ([5, 999999], "outside the vocabulary"),
+    ("text", "no tokenizer"),
+])
+def test_bad_prompt_is_rejected_and_engine_keeps_serving(model, bad, message):
+    llm = make_llm(model)
+    good = llm.engine.add_request(prompts(1)[0], GREEDY)
+    with pytest.raises(ValueError, match=message):
+        llm.engine.add_request(bad, GREEDY)
+    with pytest.raises(ValueError, match=message):
+        llm.generate([prompts(1)[0], bad], GREEDY)
+    finished = {}
+    while llm.engine.has_unfinished():
+        for out in llm.engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert list(finished) == [good] and len(finished[good].token_ids) == 12
+    assert llm.engine.blocks.num_free == llm.engine.blocks.device.capacity
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(stop=[""]), "stop"),
+])
+def test_invalid_sampling_values_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_engine_option_is_rejected(model):
+    with pytest.raises(ValueError, match="unknown engine option"):
+        LLM.from_model(model, not_an_option=1)
+
+
+def test_abort_frees_blocks_and_unknown_id_raises(model):
+    llm = make_llm(model)
+    rid = llm.engine.add_request(prompts(1)[0], GREEDY)
+    llm.engine.step()
+    out = llm.engine.abort(rid)
+    assert out.finish_reason == "abort"
+    assert llm.engine.blocks.num_free == llm.engine.blocks.device.capacity
+    with pytest.raises(KeyError, match="unknown request id"):
+        llm.engine.abort("nope")
