@@ -56,6 +56,7 @@ class EngineConfig:
     attn_chunk_tokens: int = 128         # KV tokens the attention reads per loop iteration
     warmup: bool = True                  # compile every step shape at start
     strict_compile: bool = True          # raise if a step shape compiles after warm-up
+    compile_cache: bool = True           # keep compiled steps on disk (JAX's persistent cache)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def enable_compile_cache() -> None:
+    """Use JAX's persistent compilation cache under our cache folder, unless the user set one.
+
+    Warm-up compiles every step shape; with the cache a second start reads them from disk.
+    """
+    from models.registry import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def resolve_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -52,6 +64,8 @@ class LLM:
     def _build(self, model: Llama, tokenizer, config: EngineConfig) -> None:
         spec = model.spec
         self.config = config
+        if config.compile_cache:
+            enable_compile_cache()
         self.tokenizer = tokenizer
         max_model_len = config.max_model_len or spec.max_position_embeddings
         num_blocks = config.num_kv_blocks

@@ -8,7 +8,9 @@ raises instead of compiling silently.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,6 +26,8 @@ from models.llama import Llama
 from scheduling.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+FEW_SEQUENCES = 4  # extra rows of the small row bucket of a chunked step
 
 
 class StepBatch(NamedTuple):
@@ -46,9 +50,9 @@ class StepShape:
     num_samples: int  # B: sequences that can sample in the step
 
 
-def token_buckets(max_tokens: int) -> list[int]:
-    """Powers of two up to `max_tokens`, then `max_tokens` itself."""
-    out, b = [], 1
+def token_buckets(max_tokens: int, smallest: int) -> list[int]:
+    """Powers of two from `smallest` up to `max_tokens`, then `max_tokens` itself."""
+    out, b = [], smallest
     while b < max_tokens:
         out.append(b)
         b *= 2
@@ -73,8 +77,8 @@ class ModelRunner:
         width = _ceil_div(max_model_len, self.block_size)
         self.table_width = _ceil_div(width, self.pages_per_chunk) * self.pages_per_chunk
         self.strict_compile = strict_compile
-        self.decode_buckets = token_buckets(min(max_num_seqs, max_num_batched_tokens))
-        self.tokens_buckets = token_buckets(max_num_batched_tokens)
+        self.decode_buckets = token_buckets(min(max_num_seqs, max_num_batched_tokens), smallest=8)
+        self.chunk_buckets = token_buckets(max_num_batched_tokens, smallest=16)
 
         graphdef, state = nnx.split(model)
         self._params, treedef = jax.tree.flatten(state)
@@ -96,24 +100,19 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- shapes
     def all_shapes(self) -> list[StepShape]:
-        """Every shape a step can take: decode-only shapes, then (tokens, rows) for chunks."""
+        """Every shape a step can take: decode-only shapes, then two row counts per token bucket."""
         shapes = [StepShape(t, t, 1, t) for t in self.decode_buckets]
-        previous = 0
-        for t in self.tokens_buckets:
-            for rows in self._row_buckets(t, previous):
+        for t in self.chunk_buckets:
+            for rows in self._row_buckets(t):
                 shapes.append(StepShape(t, rows, self.row_width, min(rows, self.max_num_seqs)))
-            previous = t
         return shapes
 
-    def _row_buckets(self, num_tokens: int, previous_bucket: int) -> list[int]:
-        cap = min(num_tokens, self.max_num_seqs + _ceil_div(num_tokens, self.row_width))
-        rows = _ceil_div(previous_bucket + 1, self.row_width)
-        out = []
-        b = 1 << max(0, rows - 1).bit_length()
-        while b < cap:
-            out.append(b)
-            b *= 2
-        return out + [cap]
+    def _row_buckets(self, num_tokens: int) -> list[int]:
+        """A step of `num_tokens` needs at most `ceil(T/Q) + sequences` rows. Two variants: room
+        for a few sequences (prefill of new prompts), and room for a full batch (decodes + chunks)."""
+        full = min(num_tokens, self.max_num_seqs + _ceil_div(num_tokens, self.row_width))
+        few = min(full, _ceil_div(num_tokens, self.row_width) + FEW_SEQUENCES)
+        return sorted({few, full})
 
     def shape_for(self, output: SchedulerOutput) -> StepShape:
         counts = [s.num_query_tokens for s in output.scheduled]
@@ -121,13 +120,9 @@ class ModelRunner:
         if max(counts) == 1:
             t = next(b for b in self.decode_buckets if b >= total)
             return StepShape(t, t, 1, t)
-        previous = 0
-        for t in self.tokens_buckets:
-            if t >= total:
-                break
-            previous = t
+        t = next(b for b in self.chunk_buckets if b >= total)
         rows_needed = sum(_ceil_div(n, self.row_width) for n in counts)
-        rows = next(r for r in self._row_buckets(t, previous) if r >= rows_needed)
+        rows = next(r for r in self._row_buckets(t) if r >= rows_needed)
         return StepShape(t, rows, self.row_width, min(rows, self.max_num_seqs))
 
     # ----------------------------------------------------------------- prep
@@ -189,16 +184,20 @@ class ModelRunner:
     # ----------------------------------------------------------------- run
     def compile(self, shape: StepShape) -> jax.stages.Compiled:
         if shape not in self._compiled:
-            self._compiled[shape] = self._step.lower(
-                self._params, self.k_pool, self.v_pool, self._dummy_batch(shape)).compile()
+            self._compiled[shape] = self._lower(shape).compile()
         return self._compiled[shape]
+
+    def _lower(self, shape: StepShape) -> jax.stages.Lowered:
+        return self._step.lower(self._params, self.k_pool, self.v_pool, self._dummy_batch(shape))
 
     def warmup(self) -> tuple[int, float]:
         """Compile every step shape; returns (number of shapes, seconds)."""
         start = time.perf_counter()
         shapes = self.all_shapes()
-        for shape in shapes:
-            self.compile(shape)
+        lowered = [(shape, self._lower(shape)) for shape in shapes]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            compiled = list(pool.map(lambda item: item[1].compile(), lowered))
+        self._compiled.update((shape, c) for (shape, _), c in zip(lowered, compiled))
         seconds = time.perf_counter() - start
         log.info("warm-up compiled %d step shapes in %.1f s", len(shapes), seconds)
         return len(shapes), seconds

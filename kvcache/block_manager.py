@@ -76,10 +76,9 @@ class BlockManager:
 
     def ensure(self, seq_id: str, num_tokens: int) -> list[int]:
         """Grow `seq_id`'s table to hold `num_tokens`; returns the table."""
-        need = self.blocks_needed(seq_id, num_tokens)
+        new_blocks = self.device.allocate(self.blocks_needed(seq_id, num_tokens))
         table = self.tables.setdefault(seq_id, [])
-        if need:
-            table.extend(self.device.allocate(need))
+        table.extend(new_blocks)
         return table
 
     def free(self, seq_id: str) -> None:

@@ -1,0 +1,60 @@
+"""BlockManager invariants under random operations: no leak, no double free, no block in two tables."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from kvcache.block_manager import BlockManager, OutOfBlocks
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(num_device_blocks=33, block_size=4)
+        self.lengths: dict[str, int] = {}
+
+    @rule(seq=st.sampled_from("abcdefgh"), grow=st.integers(1, 40))
+    def ensure(self, seq, grow):
+        want = self.lengths.get(seq, 0) + grow
+        need = self.bm.blocks_needed(seq, want)
+        if self.bm.can_ensure(seq, want):
+            table = self.bm.ensure(seq, want)
+            self.lengths[seq] = want
+            assert len(table) * 4 >= want > (len(table) - 1) * 4
+        else:
+            free_before = self.bm.num_free
+            with pytest.raises(OutOfBlocks):
+                self.bm.ensure(seq, want)
+            assert need > free_before
+            assert self.bm.num_free == free_before
+            assert seq in self.lengths or seq not in self.bm.tables
+
+    @rule(seq=st.sampled_from("abcdefgh"))
+    def free(self, seq):
+        self.bm.free(seq)
+        self.lengths.pop(seq, None)
+
+    @invariant()
+    def consistent(self):
+        self.bm.check_invariants()
+        for seq, n in self.lengths.items():
+            assert self.bm.num_blocks_of(seq) == -(-n // 4)
+
+
+TestBlockManager = BlockManagerMachine.TestCase
+
+
+def test_double_free_is_caught():
+    bm = BlockManager(8, 4)
+    blocks = bm.device.allocate(2)
+    bm.device.free(blocks)
+    with pytest.raises(RuntimeError, match="double free"):
+        bm.device.free(blocks)
+
+
+def test_padding_block_is_never_handed_out():
+    bm = BlockManager(5, 4)
+    assert sorted(bm.ensure("a", 16)) == [1, 2, 3, 4]
+    with pytest.raises(OutOfBlocks):
+        bm.ensure("b", 1)
