@@ -1,0 +1,171 @@
+"""Read Llama weights from an HF folder (safetensors) or a GGUF file into float32 numpy under HF names.
+
+Both loaders return the same thing, `(ModelSpec, {hf_name: array})`, with HF shapes ([out, in] for
+linear layers) and HF's rotate-half RoPE layout, so the model code only ever sees one convention.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from models.spec import ModelSpec
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# safetensors dtype names -> numpy; BF16 is handled apart since numpy has no bfloat16.
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+# GGUF llama tensor names -> HF names: whole-model tensors, then the per-layer `blk.N.<part>.weight` parts.
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def load_hf_folder(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Spec and float32 tensors (HF names) of a Llama checkpoint folder: config.json + *.safetensors."""
+    folder = Path(path)
+    cfg = json.loads((folder / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ValueError(
+            f"unsupported architecture {archs or cfg.get('model_type')!r} in {folder}: "
+            f"only {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama') is supported"
+        )
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {folder}")
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(_read_safetensors(file))
+    return ModelSpec.from_hf_config(cfg), tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one file as float32.
+
+    Parsed by hand (8-byte header size, JSON header, raw little-endian data) because numpy has no
+    bfloat16, so safetensors' numpy backend refuses BF16 tensors, the usual dtype of HF checkpoints.
+    """
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw, dtype = data[start:end], info["dtype"]
+        if dtype == "BF16":
+            # bf16 is the top half of an f32: widen the bits and shift them into place.
+            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dtype in _SAFETENSORS_DTYPES:
+            arr = raw.view(np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<")).astype(np.float32)
+        else:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        out[name] = arr.reshape(info["shape"])
+    return out
+
+
+def load_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Spec and dequantized float32 tensors of a llama GGUF, renamed, reshaped and un-permuted to HF's layout."""
+    reader = GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r} in {path}: only 'llama' is supported")
+    spec = _gguf_spec(reader)
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        # GGUF lists dims innermost first (ne0 = in_features): reversed, they are numpy's [out, in].
+        shape = tuple(int(d) for d in reversed(t.shape))
+        # A copy: for F32 tensors dequantize returns a read-only view of the memory-mapped file.
+        arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        if name.endswith("q_proj.weight"):
+            arr = unpermute_rope_rows(arr, spec.num_heads)
+        elif name.endswith("k_proj.weight"):
+            arr = unpermute_rope_rows(arr, spec.num_kv_heads)
+        tensors[name] = arr
+    return spec, tensors
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF rotate-half halves).
+
+    convert_hf_to_gguf maps HF rows with `w.reshape(n, 2, d/2, in).swapaxes(1, 2)`: within each head,
+    HF row `s*d/2 + j` becomes GGUF row `2j + s`. Reading GGUF rows as (n, d/2, 2) and swapping back
+    restores the HF order.
+    """
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[gguf_name]
+    m = _GGUF_LAYER_RE.fullmatch(gguf_name)
+    if m is None or m.group(2) not in _GGUF_LAYER:
+        raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+    return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
+
+
+_MISSING = object()
+
+
+def _field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise ValueError(f"GGUF file lacks metadata key {key!r}")
+        return default
+    return field.contents()
+
+
+def _gguf_spec(reader: GGUFReader) -> ModelSpec:
+    def get(key: str, default: Any = _MISSING) -> Any:
+        return _field(reader, key, default)
+
+    hidden, heads = int(get("llama.embedding_length")), int(get("llama.attention.head_count"))
+    vocab = get("llama.vocab_size", None)
+    head_dim = get("llama.attention.key_length", None) or get("llama.rope.dimension_count", None)
+    bos, eos = get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None)
+    return ModelSpec(
+        vocab_size=int(vocab) if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden,
+        intermediate_size=int(get("llama.feed_forward_length")),
+        num_layers=int(get("llama.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("llama.attention.head_count_kv", heads)),
+        head_dim=int(head_dim) if head_dim is not None else hidden // heads,
+        rms_norm_eps=_f32(get("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(get("llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        max_position_embeddings=int(get("llama.context_length")),
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+
+
+def _f32(value: Any) -> float:
+    """GGUF floats are float32; go through its shortest repr so 1e-5 stays 1e-5, not 9.99999974e-06."""
+    return float(str(np.float32(value)))

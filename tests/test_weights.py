@@ -1,0 +1,328 @@
+"""Weight loading, GGUF conversion, tokenizer and registry, checked against transformers' own loaders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from tokenizers import pre_tokenizers
+
+from models import registry
+from models.registry import load_model, resolve_model
+from models.tokenizer import Tokenizer, tokenizer_from_gguf
+from models.weights import load_gguf, load_hf_folder, unpermute_rope_rows
+
+CHAT = [{"role": "user", "content": "What is 2+2?"}]
+TEXTS = [
+    "Hello world!",
+    "  leading spaces,\ttabs\n\nand newlines ",
+    "héllo wörld — 日本語 🤗",
+    "def f(x):\n    return x**2 + 12345  # 3.14\n",
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "<|endoftext|><repo_name>a5b 2024-01-02",
+]
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf's q/k `permute` (HF -> GGUF), the direction `unpermute_rope_rows` undoes."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --- HF folders --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_hf_folder_matches_state_dict(tmp_path: Path, tied: bool, dtype: str) -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                      max_position_embeddings=256, rope_theta=5000.0, eos_token_id=3, bos_token_id=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+
+    spec, tensors = load_hf_folder(tmp_path)
+    expected = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    if tied:
+        del expected["lm_head.weight"]
+    assert tensors.keys() == expected.keys()
+    for name, want in expected.items():
+        assert tensors[name].dtype == np.float32
+        np.testing.assert_array_equal(tensors[name], want, err_msg=name)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers) == (4, 2, 16, 2)
+    assert spec.tie_word_embeddings is tied and spec.rope_theta == 5000.0 and spec.eos_token_ids == (3,)
+
+
+def test_hf_folder_rejects_other_architectures(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"],
+                                                      "model_type": "mistral"}))
+    with pytest.raises(ValueError, match="MistralForCausalLM"):
+        load_hf_folder(tmp_path)
+
+
+# --- GGUF --------------------------------------------------------------------------------------
+
+
+def test_unpermute_inverts_llama_cpp_permute() -> None:
+    w = np.random.default_rng(0).standard_normal((3 * 8, 5)).astype(np.float32)
+    np.testing.assert_array_equal(unpermute_rope_rows(llama_cpp_permute(w, 3), 3), w)
+    # Within a head of dim 8, GGUF interleaves the two rotate-half halves: rows 0,4,1,5,2,6,3,7.
+    rows = np.arange(8, dtype=np.float32)[:, None]
+    assert llama_cpp_permute(rows, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf_name: str) -> str:
+    base = hf_name.removesuffix(".weight")
+    if base in GGUF_GLOBAL:
+        return GGUF_GLOBAL[base] + ".weight"
+    _, _, layer, part = base.split(".", 3)
+    return f"blk.{layer}.{GGUF_LAYER[part]}.weight"
+
+
+def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], heads: int, kv_heads: int) -> None:
+    """A small llama GGUF laid out the way llama.cpp writes one: renamed, q/k permuted, byte-level vocab."""
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt"]
+    hidden = tensors["model.embed_tokens.weight"].shape[1]
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_block_count(2)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(tensors["model.layers.0.mlp.up_proj.weight"].shape[0])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(len(tokens))
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["Ġ t"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    for name, t in tensors.items():
+        if ".q_proj." in name:
+            t = llama_cpp_permute(t, heads)
+        elif ".k_proj." in name:
+            t = llama_cpp_permute(t, kv_heads)
+        w.add_tensor(gguf_name(name), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    vocab, hidden, ffn, heads, kv_heads, head_dim = 260, 32, 48, 4, 2, 8
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                   p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                   p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                   p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                   p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+                   p + "mlp.down_proj.weight": (hidden, ffn), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tensors, heads, kv_heads)
+    return path, tensors
+
+
+def test_tiny_gguf_roundtrip(tiny_gguf: tuple[Path, dict[str, np.ndarray]]) -> None:
+    path, tensors = tiny_gguf
+    spec, loaded = load_gguf(path)
+    assert loaded.keys() == tensors.keys()
+    for name, want in tensors.items():
+        np.testing.assert_array_equal(loaded[name], want, err_msg=name)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (4, 2, 8, 260)
+    assert not spec.tie_word_embeddings and spec.rms_norm_eps == 1e-6
+    assert (spec.bos_token_id, spec.eos_token_ids, spec.max_position_embeddings) == (1, (2,), 256)
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    try:
+        return registry._smollm2_gguf()
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tensors(smollm2_gguf: Path) -> tuple:
+    return load_gguf(smollm2_gguf)
+
+
+@pytest.mark.slow
+def test_smollm2_spec(smollm2_tensors: tuple) -> None:
+    spec, tensors = smollm2_tensors
+    assert (spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.vocab_size) == (30, 576, 1536, 49152)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim) == (9, 3, 64)
+    assert (spec.rope_theta, spec.rms_norm_eps, spec.max_position_embeddings) == (100000.0, 1e-5, 8192)
+    assert spec.tie_word_embeddings and "lm_head.weight" not in tensors
+    assert (spec.bos_token_id, spec.eos_token_ids) == (1, (2,))
+    assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers_loader(smollm2_gguf: Path, smollm2_tensors: tuple) -> None:
+    pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).state_dict()
+    _, tensors = smollm2_tensors
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{part}.weight"
+        for i in (0, 1, 17, 29)
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm")
+    ]
+    for name in names:
+        np.testing.assert_allclose(tensors[name], ref[name].float().numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_gguf: Path) -> Tokenizer:
+    return tokenizer_from_gguf(smollm2_gguf)
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_known_ids(smollm2_tokenizer: Tokenizer) -> None:
+    tok = smollm2_tokenizer
+    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (1, 2, 49152)
+    # <|im_start|>=1, "user"=4093, "\n"=198, "Hi"=26843, <|im_end|>=2.
+    assert tok.encode("<|im_start|>user\nHi<|im_end|>\n") == [1, 4093, 198, 26843, 2, 198]
+    assert tok.encode("2024") == [34, 32, 34, 36]  # digits are split one by one
+    prompt = tok.apply_chat_template(CHAT)
+    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                      "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert not tok.apply_chat_template(CHAT, add_generation_prompt=False).endswith("assistant\n")
+    for text in TEXTS + [prompt]:
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    assert tok.decode(tok.encode("<|im_start|>user\nHi<|im_end|>")) == "user\nHi"
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers(smollm2_gguf: Path, smollm2_tokenizer: Tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        ref = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    except Exception as e:  # the known-ids test above still pins the behaviour
+        pytest.skip(f"transformers cannot build the GGUF tokenizer: {e!r}")
+    prompt = smollm2_tokenizer.apply_chat_template(CHAT)
+    assert prompt == ref.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    for text in TEXTS + [prompt]:
+        assert smollm2_tokenizer.encode(text) == ref.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.slow
+def test_saved_tokenizer_loads_in_transformers(tmp_path: Path, smollm2_tokenizer: Tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    smollm2_tokenizer.save(tmp_path)
+    ref = AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_folder(tmp_path)
+    assert (ref.bos_token_id, ref.eos_token_id) == (ours.bos_token_id, ours.eos_token_id) == (1, 2)
+    prompt = smollm2_tokenizer.apply_chat_template(CHAT)
+    assert ours.apply_chat_template(CHAT) == prompt
+    assert ref.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == prompt
+    for text in TEXTS + [prompt]:
+        want = smollm2_tokenizer.encode(text)
+        assert ours.encode(text) == want and ref.encode(text, add_special_tokens=False) == want, text
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def test_resolve_rejects_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
+    for bad in ("no-such-model", str(tmp_path / "missing"), str(tmp_path)):
+        with pytest.raises(ValueError, match="smollm2-135m") as err:
+            resolve_model(bad)
+        assert bad in str(err.value)
+    with pytest.raises(ValueError, match="without config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_resolve_gguf_path_converts_once(tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path, tensors = tiny_gguf
+    monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
+    folder = resolve_model(str(path))
+    assert Path(folder) == tmp_path / "cache" / f"tiny-{path.stat().st_size}"
+    spec, loaded, tok = load_model(folder)
+    assert loaded.keys() == tensors.keys()
+    for name, want in tensors.items():
+        np.testing.assert_array_equal(loaded[name], want, err_msg=name)
+    assert spec == load_gguf(path)[0]
+    assert tok.encode("<|im_start|> t") == [1, len(tensors["model.embed_tokens.weight"]) - 1]
+    assert tok.eos_token_id == 2 and tok.apply_chat_template([{"role": "user", "content": "x"}]) == \
+        "<|im_start|>x<|im_end|>"
+    assert json.loads((Path(folder) / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    monkeypatch.setattr(registry, "load_gguf", lambda p: pytest.fail("converted twice"))
+    assert resolve_model(str(path)) == folder
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(folder).name]  # no temp folders left
+
+
+def test_crashed_conversion_leaves_nothing(tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
+
+    def crash(*args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(registry, "save_file", crash)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        resolve_model(str(tiny_gguf[0]))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smollm2_conversion(smollm2_tensors: tuple, tmp_path_factory: pytest.TempPathFactory,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    folder = resolve_model("SmolLM2-135M-Instruct")
+    assert resolve_model("smollm2-135m") == folder and Path(folder).name == "smollm2-135m-q4_1"
+    spec, tensors, tok = load_model("smollm2-135m")
+    gguf_spec, gguf_tensors = smollm2_tensors
+    assert spec == gguf_spec and tensors.keys() == gguf_tensors.keys()
+    for name, want in gguf_tensors.items():
+        np.testing.assert_array_equal(tensors[name], want, err_msg=name)
+
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    assert model.config.tie_word_embeddings and model.config.eos_token_id == 2
+    hf = model.state_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.5.self_attn.k_proj.weight"):
+        np.testing.assert_array_equal(hf[name].numpy(), tensors[name])
+    np.testing.assert_array_equal(hf["lm_head.weight"].numpy(), tensors["model.embed_tokens.weight"])  # tied
+    # Wrongly laid-out q/k would still run; a greedy answer that makes sense shows RoPE lines up.
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user",
+                                                             "content": "What is the capital of France?"}]))])
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:].tolist())
