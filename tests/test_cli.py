@@ -1,0 +1,36 @@
+"""The `infercept` command line and LLM's errors for models that are not there."""
+from __future__ import annotations
+
+import pytest
+
+from infercept_jax import LLM
+from infercept_jax.cli import main
+
+
+@pytest.mark.parametrize("model, message", [("no-such-model", "Known names"), ("/nonexistent/dir", "not a known name")])
+def test_unknown_model_or_bad_path_is_a_clear_error(model, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(model)
+
+
+def test_folder_without_a_model_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path))
+
+
+def test_cli_reports_bad_model_and_exits_2(capsys):
+    assert main(["generate", "--model", "no-such-model", "--prompt", "hi"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_needs_a_prompt(capsys):
+    assert main(["generate"]) == 2
+    assert "--prompt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_generates_with_the_default_model(capsys):
+    assert main(["generate", "--prompt", "The capital of France is", "--max-tokens", "6", "--json",
+                 "--max-model-len", "256", "--kv-cache-gb", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert '"finish_reason": "length"' in out and "Paris" in out
