@@ -77,7 +77,7 @@ class ModelRunner:
         width = _ceil_div(max_model_len, self.block_size)
         self.table_width = _ceil_div(width, self.pages_per_chunk) * self.pages_per_chunk
         self.strict_compile = strict_compile
-        self.decode_buckets = token_buckets(min(max_num_seqs, max_num_batched_tokens), smallest=8)
+        self.decode_buckets = token_buckets(min(max_num_seqs, max_num_batched_tokens), smallest=1)
         self.chunk_buckets = token_buckets(max_num_batched_tokens, smallest=16)
 
         graphdef, state = nnx.split(model)

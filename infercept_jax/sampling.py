@@ -26,11 +26,18 @@ def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
 
 def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
            seeds: jax.Array, steps: jax.Array) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B]. temperature 0 means greedy."""
+    """logits [B, V] float32 -> token ids [B]. temperature 0 means greedy.
+
+    An all-greedy batch skips the random draws (threefry over the vocabulary is not free on CPU).
+    """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
-    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
-    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature <= 0.0, greedy, sampled)
+
+    def draw(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
+        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+        sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature <= 0.0, greedy, sampled)
+
+    return jax.lax.cond(jnp.all(temperature <= 0.0), lambda _: greedy, draw, logits)

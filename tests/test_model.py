@@ -87,3 +87,15 @@ def test_greedy_generation_matches_transformers_on_smollm2():
         expected = gen[0, ids.shape[1]:].tolist()
         assert out.token_ids == expected, (prompt, out.text)
     assert "Paris" in ours[0].text
+
+
+def test_bfloat16_model_stays_close_to_float32():
+    spec = tiny_spec()
+    tensors = random_hf_tensors(spec, seed=4)
+    ids = np.random.default_rng(6).integers(0, spec.vocab_size, 40).tolist()
+    f32 = paged_logits(Llama.from_hf_weights(spec, tensors), ids)
+    bf16_model = Llama.from_hf_weights(spec, tensors, dtype=jnp.bfloat16)
+    assert bf16_model.wq[...].dtype == jnp.bfloat16
+    bf16 = paged_logits(bf16_model, ids)
+    assert np.abs(bf16 - f32).max() <= 0.05 * np.abs(f32).max()
+    assert (bf16.argmax(-1) == f32.argmax(-1)).mean() >= 0.9
