@@ -17,17 +17,15 @@ from flax import nnx
 from kvcache.paged import AttentionInputs, paged_attention, write_kv
 from models.spec import ModelSpec
 
+# our stacked layer weight -> the HF weights (inside model.layers.{i}) concatenated along the output
+# axis; linear weights are stored [in, out]. q/k/v and gate/up are fused: one wider matmul each.
 _LAYER_WEIGHTS = {
-    # our name: (HF name inside model.layers.{i}, transpose to [in, out])
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
+    "attn_norm": ["input_layernorm.weight"],
+    "wqkv": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "wo": ["self_attn.o_proj.weight"],
+    "mlp_norm": ["post_attention_layernorm.weight"],
+    "w_gate_up": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "w_down": ["mlp.down_proj.weight"],
 }
 
 
@@ -76,9 +74,9 @@ class Llama(nnx.Module):
 
         self.embed = dense(spec.vocab_size, D)
         self.attn_norm = nnx.Param(jnp.ones((L, D), dtype))
-        self.wq, self.wk, self.wv, self.wo = dense(L, D, hq), dense(L, D, hkv), dense(L, D, hkv), dense(L, hq, D)
+        self.wqkv, self.wo = dense(L, D, hq + 2 * hkv), dense(L, hq, D)
         self.mlp_norm = nnx.Param(jnp.ones((L, D), dtype))
-        self.w_gate, self.w_up, self.w_down = dense(L, D, F), dense(L, D, F), dense(L, F, D)
+        self.w_gate_up, self.w_down = dense(L, D, 2 * F), dense(L, F, D)
         self.final_norm = nnx.Param(jnp.ones((D,), dtype))
         self.lm_head = None if spec.tie_word_embeddings else dense(D, spec.vocab_size)
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(spec)))
@@ -96,9 +94,10 @@ class Llama(nnx.Module):
         def put(arr: np.ndarray) -> jax.Array:
             return jnp.asarray(np.asarray(arr, np.float32)).astype(dtype)
 
-        for ours, (hf, transpose) in _LAYER_WEIGHTS.items():
-            stacked = np.stack([take(f"model.layers.{i}.{hf}") for i in range(spec.num_layers)])
-            getattr(model, ours).set_value(put(stacked.swapaxes(1, 2) if transpose else stacked))
+        for ours, hf_names in _LAYER_WEIGHTS.items():
+            stacked = np.stack([np.concatenate([take(f"model.layers.{i}.{hf}") for hf in hf_names])
+                                for i in range(spec.num_layers)])
+            getattr(model, ours).set_value(put(stacked.swapaxes(1, 2) if stacked.ndim == 3 else stacked))
         model.embed.set_value(put(take("model.embed_tokens.weight")))
         model.final_norm.set_value(put(take("model.norm.weight")))
         if not spec.tie_word_embeddings:
@@ -121,21 +120,29 @@ class Llama(nnx.Module):
             h, k_pool, v_pool = carry
             w, idx = xs
             x = rms_norm(h, w["attn_norm"], spec.rms_norm_eps)
-            q = (x @ w["wq"]).reshape(num_tokens, spec.num_heads, spec.head_dim)
-            k = (x @ w["wk"]).reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
-            v = (x @ w["wv"]).reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
+            q, k, v = self.split_qkv(x @ w["wqkv"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_pool = write_kv(k_pool, idx, meta.slot_mapping, k)
             v_pool = write_kv(v_pool, idx, meta.slot_mapping, v)
             attn = paged_attention(q, k_pool, v_pool, idx, meta, pages_per_chunk)
             h = h + attn.reshape(num_tokens, -1) @ w["wo"]
             x = rms_norm(h, w["mlp_norm"], spec.rms_norm_eps)
-            h = h + (jax.nn.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"]
+            gate, up = jnp.split(x @ w["w_gate_up"], 2, axis=-1)
+            h = h + (jax.nn.silu(gate) * up) @ w["w_down"]
             return (h, k_pool, v_pool), None
 
         layer_ids = jnp.arange(spec.num_layers, dtype=jnp.int32)
         (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, k_pool, v_pool), (layer_weights, layer_ids))
         return rms_norm(h, self.final_norm[...], spec.rms_norm_eps), k_pool, v_pool
+
+    def split_qkv(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[T, (H + 2 Hkv) * D] -> q [T, H, D], k and v [T, Hkv, D]."""
+        spec = self.spec
+        hq, hkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        n = qkv.shape[0]
+        return (qkv[:, :hq].reshape(n, spec.num_heads, spec.head_dim),
+                qkv[:, hq:hq + hkv].reshape(n, spec.num_kv_heads, spec.head_dim),
+                qkv[:, hq + hkv:].reshape(n, spec.num_kv_heads, spec.head_dim))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[N, D] -> float32 logits [N, V]."""

@@ -35,15 +35,15 @@ def dense_logits(model: Llama, ids: list[int]) -> np.ndarray:
     group = spec.num_heads // spec.num_kv_heads
     for i in range(spec.num_layers):
         x = rms_norm(h, model.attn_norm[...][i], spec.rms_norm_eps)
-        q = apply_rope((x @ model.wq[...][i]).reshape(n, spec.num_heads, -1), cos, sin)
-        k = apply_rope((x @ model.wk[...][i]).reshape(n, spec.num_kv_heads, -1), cos, sin)
-        v = (x @ model.wv[...][i]).reshape(n, spec.num_kv_heads, -1)
+        q, k, v = model.split_qkv(x @ model.wqkv[...][i])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
         s = jnp.einsum("qhd,khd->hqk", q, k) / np.sqrt(spec.head_dim)
         p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
         h = h + jnp.einsum("hqk,khd->qhd", p, v).reshape(n, -1) @ model.wo[...][i]
         x = rms_norm(h, model.mlp_norm[...][i], spec.rms_norm_eps)
-        h = h + (jax.nn.silu(x @ model.w_gate[...][i]) * (x @ model.w_up[...][i])) @ model.w_down[...][i]
+        gate, up = jnp.split(x @ model.w_gate_up[...][i], 2, axis=-1)
+        h = h + (jax.nn.silu(gate) * up) @ model.w_down[...][i]
     return np.asarray(model.logits(rms_norm(h, model.final_norm[...], spec.rms_norm_eps)))
 
 
@@ -95,7 +95,7 @@ def test_bfloat16_model_stays_close_to_float32():
     ids = np.random.default_rng(6).integers(0, spec.vocab_size, 40).tolist()
     f32 = paged_logits(Llama.from_hf_weights(spec, tensors), ids)
     bf16_model = Llama.from_hf_weights(spec, tensors, dtype=jnp.bfloat16)
-    assert bf16_model.wq[...].dtype == jnp.bfloat16
+    assert bf16_model.wqkv[...].dtype == jnp.bfloat16
     bf16 = paged_logits(bf16_model, ids)
     assert np.abs(bf16 - f32).max() <= 0.05 * np.abs(f32).max()
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() >= 0.9
