@@ -62,11 +62,18 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: j
     q_rows = q_padded[meta.row_token_index].reshape(rows, width, num_kv_heads, group, head_dim)
     q_rows = q_rows.astype(jnp.float32) * (head_dim ** -0.5)
 
+    # Pages as rows of a [layers * blocks, page] view: a gather of whole contiguous pages, which
+    # XLA:CPU runs about a quarter faster than indexing [layer, pages] of the 5-D pool.
+    num_blocks = k_pool.shape[1]
+    k_pages = k_pool.reshape(-1, block_size * num_kv_heads * head_dim)
+    v_pages = v_pool.reshape(-1, block_size * num_kv_heads * head_dim)
+
     def body(c, carry):
         m, l, acc = carry
-        pages = jax.lax.dynamic_slice_in_dim(meta.block_tables, c * pages_per_chunk, pages_per_chunk, axis=1)
-        k = k_pool[layer, pages].reshape(rows, chunk, num_kv_heads, head_dim).astype(jnp.float32)
-        v = v_pool[layer, pages].reshape(rows, chunk, num_kv_heads, head_dim).astype(jnp.float32)
+        pages = layer * num_blocks + jax.lax.dynamic_slice_in_dim(
+            meta.block_tables, c * pages_per_chunk, pages_per_chunk, axis=1)
+        k = jnp.take(k_pages, pages, axis=0).reshape(rows, chunk, num_kv_heads, head_dim).astype(jnp.float32)
+        v = jnp.take(v_pages, pages, axis=0).reshape(rows, chunk, num_kv_heads, head_dim).astype(jnp.float32)
         s = jnp.einsum("rqhgd,rkhd->rhgqk", q_rows, k)
         key_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
         visible = key_pos[None, None, :] <= meta.row_positions[:, :, None]      # [R, Q, K]
