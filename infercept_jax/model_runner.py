@@ -1,6 +1,6 @@
 """ModelRunner: turns a SchedulerOutput into one jitted step on the paged KV pools.
 
-Host preparation is numpy, padded to a small set of bucket shapes `(tokens, rows, row width)`.
+Host preparation is numpy, padded to a small set of bucket shapes (`StepShape`).
 Every shape is compiled ahead of time at warm-up and the KV pools are donated, so a step neither
 copies the pools nor compiles. With `strict_compile`, a shape that was not compiled at warm-up
 raises instead of compiling silently.
@@ -21,13 +21,13 @@ from flax import nnx
 
 from infercept_jax.sampling import sample
 from kvcache.block_manager import BlockManager
-from kvcache.paged import AttentionInputs, allocate_pools
+from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
 from models.llama import Llama
 from scheduling.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
-FEW_SEQUENCES = 4  # extra rows of the small row bucket of a chunked step
+FEW_SEQUENCES = 4  # chunk rows beyond ceil(T / row_width) in the smaller chunk shapes
 
 
 class StepBatch(NamedTuple):
@@ -44,10 +44,34 @@ class StepBatch(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class StepShape:
-    num_tokens: int   # T: flat query tokens (the matmuls run on these)
-    num_rows: int     # R: attention rows
-    row_width: int    # Q: query tokens per row (1 when every request decodes one token)
-    num_samples: int  # B: sequences that can sample in the step
+    num_tokens: int    # T: flat query tokens (the matmuls run on these)
+    decode_rows: int   # rows of width 1, one per request that computes a single token
+    chunk_rows: int    # rows of width `row_width` for requests with several tokens
+    row_width: int
+    num_samples: int   # B: requests that can sample in the step
+
+
+class _RowBuilder:
+    """Fills one row group's numpy arrays; `offset` is where its entries start among all groups'."""
+
+    def __init__(self, rows: int, width: int, num_tokens: int, table_width: int, offset: int):
+        self.width, self.offset, self.used = width, offset, 0
+        self.token_index = np.full((rows, width), num_tokens, np.int32)
+        self.positions = np.full((rows, width), -1, np.int32)
+        self.tables = np.zeros((rows, table_width), np.int32)
+
+    def add(self, first_token: int, positions: np.ndarray, table: np.ndarray) -> int:
+        """Add a row; returns the index of its first entry among all groups' entries."""
+        r, m = self.used, len(positions)
+        self.token_index[r, :m] = np.arange(first_token, first_token + m)
+        self.positions[r, :m] = positions
+        self.tables[r, :len(table)] = table
+        self.used += 1
+        return self.offset + r * self.width
+
+    def group(self, chunk_tokens: int) -> RowGroup:
+        longest = int(self.positions.max()) + 1
+        return RowGroup(self.token_index, self.positions, self.tables, np.int32(_ceil_div(longest, chunk_tokens)))
 
 
 def token_buckets(max_tokens: int, smallest: int) -> list[int]:
@@ -100,43 +124,52 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- shapes
     def all_shapes(self) -> list[StepShape]:
-        """Every shape a step can take: decode-only shapes, then two row counts per token bucket."""
-        shapes = [StepShape(t, t, 1, t) for t in self.decode_buckets]
+        """Every shape a step can take: decode-only shapes, then three per token bucket."""
+        shapes = [StepShape(t, t, 0, 1, t) for t in self.decode_buckets]
         for t in self.chunk_buckets:
-            for rows in self._row_buckets(t):
-                shapes.append(StepShape(t, rows, self.row_width, min(rows, self.max_num_seqs)))
-        return shapes
+            shapes.extend(self._chunk_shapes(t))
+        return list(dict.fromkeys(shapes))
 
-    def _row_buckets(self, num_tokens: int) -> list[int]:
-        """A step of `num_tokens` needs at most `ceil(T/Q) + sequences` rows. Two variants: room
-        for a few sequences (prefill of new prompts), and room for a full batch (decodes + chunks)."""
-        full = min(num_tokens, self.max_num_seqs + _ceil_div(num_tokens, self.row_width))
-        few = min(full, _ceil_div(num_tokens, self.row_width) + FEW_SEQUENCES)
-        return sorted({few, full})
+    def _chunk_shapes(self, num_tokens: int) -> list[StepShape]:
+        """Shapes of a step with prefill chunks, cheapest first: a few sequences in chunk rows
+        (new prompts); a decode group beside a few chunk rows (decodes plus a prompt); and a
+        fallback with a chunk row for every possible sequence."""
+        q, seqs = self.row_width, self.max_num_seqs
+        few = _ceil_div(num_tokens, q) + FEW_SEQUENCES
+        full = min(num_tokens, seqs + _ceil_div(num_tokens, q))
+        decodes = min(seqs, num_tokens)
+        return [StepShape(num_tokens, 0, min(few, full), q, min(few, full, seqs)),
+                StepShape(num_tokens, decodes, few, q, min(decodes + few, seqs)),
+                StepShape(num_tokens, 0, full, q, min(full, seqs))]
 
     def shape_for(self, output: SchedulerOutput) -> StepShape:
         counts = [s.num_query_tokens for s in output.scheduled]
         total = sum(counts)
         if max(counts) == 1:
             t = next(b for b in self.decode_buckets if b >= total)
-            return StepShape(t, t, 1, t)
+            return StepShape(t, t, 0, 1, t)
         t = next(b for b in self.chunk_buckets if b >= total)
-        rows_needed = sum(_ceil_div(n, self.row_width) for n in counts)
-        rows = next(r for r in self._row_buckets(t) if r >= rows_needed)
-        return StepShape(t, rows, self.row_width, min(rows, self.max_num_seqs))
+        singles = counts.count(1)
+        multi_rows = sum(_ceil_div(n, self.row_width) for n in counts if n > 1)
+        for shape in self._chunk_shapes(t):
+            if shape.decode_rows:
+                fits = singles <= shape.decode_rows and multi_rows <= shape.chunk_rows
+            else:
+                fits = singles + multi_rows <= shape.chunk_rows
+            if fits:
+                return shape
+        raise AssertionError(f"no step shape holds {counts}")  # the last shape holds any schedule
 
     # ----------------------------------------------------------------- prep
     def prepare(self, output: SchedulerOutput, shape: StepShape) -> tuple[StepBatch, list]:
         """numpy inputs for `shape`; also returns the requests that sample a token, in order."""
-        T, R, Q, B = shape.num_tokens, shape.num_rows, shape.row_width, shape.num_samples
-        bs = self.block_size
+        T, B, bs = shape.num_tokens, shape.num_samples, self.block_size
         token_ids = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slot_mapping = np.zeros(T, np.int32)
-        row_token_index = np.full((R, Q), T, np.int32)
-        row_positions = np.full((R, Q), -1, np.int32)
         token_row_index = np.zeros(T, np.int32)
-        block_tables = np.zeros((R, self.table_width), np.int32)
+        decode = _RowBuilder(shape.decode_rows, 1, T, self.table_width, 0)
+        chunk = _RowBuilder(shape.chunk_rows, shape.row_width, T, self.table_width, shape.decode_rows)
         sample_index = np.zeros(B, np.int32)
         temperature = np.zeros(B, np.float32)
         top_k = np.zeros(B, np.int32)
@@ -144,7 +177,7 @@ class ModelRunner:
         seeds = np.zeros(B, np.uint32)
         steps = np.zeros(B, np.int32)
         sampled = []
-        t = r = 0
+        t = 0
         for item in output.scheduled:
             req, n = item.request, item.num_query_tokens
             start = req.num_computed_tokens
@@ -153,13 +186,11 @@ class ModelRunner:
             token_ids[t:t + n] = req.token_ids[start:start + n]
             positions[t:t + n] = pos
             slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
-            for row_start in range(0, n, Q):
-                m = min(Q, n - row_start)
-                row_token_index[r, :m] = np.arange(t + row_start, t + row_start + m)
-                row_positions[r, :m] = pos[row_start:row_start + m]
-                token_row_index[t + row_start:t + row_start + m] = r * Q + np.arange(m)
-                block_tables[r, :len(table)] = table
-                r += 1
+            rows = decode if (n == 1 and shape.decode_rows) else chunk
+            for row_start in range(0, n, rows.width):
+                m = min(rows.width, n - row_start)
+                first = rows.add(t + row_start, pos[row_start:row_start + m], table)
+                token_row_index[t + row_start:t + row_start + m] = first + np.arange(m)
             if start + n == req.num_tokens:
                 i = len(sampled)
                 sp = req.sampling
@@ -168,17 +199,17 @@ class ModelRunner:
                 seeds[i], steps[i] = req.seed, len(req.output_token_ids)
                 sampled.append(req)
             t += n
-        longest = int(row_positions.max()) + 1
-        attn = AttentionInputs(slot_mapping, row_token_index, row_positions, token_row_index,
-                               block_tables, np.int32(_ceil_div(longest, self.chunk_tokens)))
+        groups = tuple(b.group(self.chunk_tokens) for b in (decode, chunk) if b.token_index.shape[0])
+        attn = AttentionInputs(slot_mapping, token_row_index, groups)
         batch = StepBatch(token_ids, positions, attn, sample_index, temperature, top_k, top_p, seeds, steps)
         return batch, sampled
 
     def _dummy_batch(self, shape: StepShape) -> StepBatch:
-        T, R, Q, B = shape.num_tokens, shape.num_rows, shape.row_width, shape.num_samples
+        T, B = shape.num_tokens, shape.num_samples
         z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
-        attn = AttentionInputs(z(T), z(R, Q), z(R, Q), z(T), z(R, self.table_width), np.int32(0))
-        return StepBatch(z(T), z(T), attn, z(B), np.zeros(B, np.float32), z(B),
+        groups = tuple(RowGroup(z(r, w), z(r, w), z(r, self.table_width), np.int32(0))
+                       for r, w in ((shape.decode_rows, 1), (shape.chunk_rows, shape.row_width)) if r)
+        return StepBatch(z(T), z(T), AttentionInputs(z(T), z(T), groups), z(B), np.zeros(B, np.float32), z(B),
                          np.ones(B, np.float32), np.zeros(B, np.uint32), z(B))
 
     # ----------------------------------------------------------------- run

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvcache.paged import AttentionInputs, allocate_pools
+from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
 from models.llama import Llama
 from models.spec import ModelSpec, RopeScaling
 
@@ -65,8 +65,8 @@ def paged_logits(model: Llama, token_ids: list[int], block_size: int = 4, row_wi
     rpos.reshape(-1)[:n] = pos
     tables = np.zeros((rows, width), np.int32)
     tables[:, :num_blocks] = table
-    meta = AttentionInputs(slot, rti, rpos, pos.copy(), tables,
-                           np.int32(-(-n // (chunk_pages * block_size))))
+    group = RowGroup(rti, rpos, tables, np.int32(-(-n // (chunk_pages * block_size))))
+    meta = AttentionInputs(slot, pos.copy(), (group,))
     spec = model.spec
     k_pool, v_pool = allocate_pools(spec.num_layers, num_blocks + 1, block_size, spec.num_kv_heads,
                                     spec.head_dim, model.dtype)

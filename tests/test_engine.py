@@ -163,3 +163,23 @@ def test_abort_frees_blocks_and_unknown_id_raises(model):
     assert llm.engine.blocks.num_free == llm.engine.blocks.device.capacity
     with pytest.raises(KeyError, match="unknown request id"):
         llm.engine.abort("nope")
+
+
+def test_decodes_mixed_with_a_prompt_use_the_decode_group_and_keep_their_tokens(model):
+    llm = make_llm(model, max_num_batched_tokens=32, row_width=8)
+    early, late = prompts(5, seed=10, lo=3, hi=8), prompts(1, seed=11, lo=60, hi=61)[0]
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in early + [late]]
+    shapes = []
+    shape_for = llm.runner.shape_for
+    llm.runner.shape_for = lambda out: shapes.append(shape_for(out)) or shapes[-1]
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in early]
+    engine.step()
+    engine.step()
+    ids.append(engine.add_request(late, GREEDY))
+    done = {}
+    while engine.has_unfinished():
+        done.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    assert [done[i] for i in ids] == alone
+    mixed = [s for s in shapes if s.decode_rows and s.chunk_rows]
+    assert mixed and all(s.row_width == 8 for s in mixed)
