@@ -101,7 +101,9 @@ class ModelRunner:
         width = _ceil_div(max_model_len, self.block_size)
         self.table_width = _ceil_div(width, self.pages_per_chunk) * self.pages_per_chunk
         self.strict_compile = strict_compile
-        self.decode_buckets = token_buckets(min(max_num_seqs, max_num_batched_tokens), smallest=1)
+        # Never a 1-token step: XLA:CPU turns a one-index scatter into a dynamic-update-slice and then
+        # copies the whole KV pool in every layer (seconds per step); a padding token avoids it.
+        self.decode_buckets = token_buckets(max(2, min(max_num_seqs, max_num_batched_tokens)), smallest=2)
         self.chunk_buckets = token_buckets(max_num_batched_tokens, smallest=16)
 
         graphdef, state = nnx.split(model)

@@ -183,3 +183,12 @@ def test_decodes_mixed_with_a_prompt_use_the_decode_group_and_keep_their_tokens(
     assert [done[i] for i in ids] == alone
     mixed = [s for s in shapes if s.decode_rows and s.chunk_rows]
     assert mixed and all(s.row_width == 8 for s in mixed)
+
+
+def test_no_step_has_a_single_token(model):
+    """A 1-token step makes XLA:CPU copy the whole KV pool in every layer; shapes pad to 2."""
+    for seqs in (1, 8):
+        runner = make_llm(model, max_num_seqs=seqs).runner
+        assert min(shape.num_tokens for shape in runner.all_shapes()) >= 2
+    llm = make_llm(model, max_num_seqs=1)
+    assert len(llm.generate([prompts(1)[0]], GREEDY)[0].token_ids) == 12
