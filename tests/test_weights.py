@@ -271,7 +271,7 @@ def test_resolve_gguf_path_converts_once(tiny_gguf: tuple[Path, dict[str, np.nda
     path, tensors = tiny_gguf
     monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
     folder = resolve_model(str(path))
-    assert Path(folder) == tmp_path / "cache" / f"tiny-{path.stat().st_size}"
+    assert Path(folder) == tmp_path / "cache" / f"tiny-{path.stat().st_size}-v{registry.CONVERTER_VERSION}"
     spec, loaded, tok = load_model(folder)
     assert loaded.keys() == tensors.keys()
     for name, want in tensors.items():
