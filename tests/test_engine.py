@@ -192,3 +192,30 @@ def test_no_step_has_a_single_token(model):
         assert min(shape.num_tokens for shape in runner.all_shapes()) >= 2
     llm = make_llm(model, max_num_seqs=1)
     assert len(llm.generate([prompts(1)[0]], GREEDY)[0].token_ids) == 12
+
+
+class LetterTokenizer:
+    """Token id i is the letter chr(97 + i % 26): enough to exercise text, stop strings and streaming."""
+
+    eos_token_id = None
+
+    def encode(self, text):
+        return [ord(c) - 97 + 26 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_strings_truncate_the_text_and_streaming_yields_the_same_text(model):
+    llm = LLM.from_model(model, LetterTokenizer(), num_kv_blocks=64, block_size=4, max_num_seqs=4,
+                         max_num_batched_tokens=32, row_width=8, warmup=False, strict_compile=False)
+    free = llm.generate(["hello"], GREEDY)[0]
+    stop = free.text[5:7]
+    cut = free.text.index(stop)
+    stopped = llm.generate(["hello"], SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], ignore_eos=True))[0]
+    assert stopped.text == free.text[:cut] and stopped.finish_reason == "stop"
+    kept = llm.generate(["hello"], SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], ignore_eos=True,
+                                                  include_stop_str_in_output=True))[0]
+    assert kept.text == free.text[:cut + len(stop)]
+    assert "".join(llm.stream("hello", GREEDY)) == free.text
+    assert llm.engine.requests == {}
