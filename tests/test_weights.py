@@ -308,7 +308,7 @@ def test_smollm2_conversion(smollm2_tensors: tuple, tmp_path_factory: pytest.Tem
 
     monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
     folder = resolve_model("SmolLM2-135M-Instruct")
-    assert resolve_model("smollm2-135m") == folder and Path(folder).name == "smollm2-135m-q4_1"
+    assert resolve_model("smollm2-135m") == folder and Path(folder).name == registry.SMOLLM2_CACHE_NAME
     spec, tensors, tok = load_model("smollm2-135m")
     gguf_spec, gguf_tensors = smollm2_tensors
     assert spec == gguf_spec and tensors.keys() == gguf_tensors.keys()
