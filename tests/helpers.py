@@ -1,7 +1,6 @@
 """Shared test helpers: tiny random Llamas and a single-sequence paged forward."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
