@@ -205,14 +205,6 @@ class ModelRunner:
         batch = StepBatch(token_ids, positions, attn, sample_index, temperature, top_k, top_p, seeds, steps)
         return batch, sampled
 
-    def _dummy_batch(self, shape: StepShape) -> StepBatch:
-        T, B = shape.num_tokens, shape.num_samples
-        z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
-        groups = tuple(RowGroup(z(r, w), z(r, w), z(r, self.table_width), np.int32(0))
-                       for r, w in ((shape.decode_rows, 1), (shape.chunk_rows, shape.row_width)) if r)
-        return StepBatch(z(T), z(T), AttentionInputs(z(T), z(T), groups), z(B), np.zeros(B, np.float32), z(B),
-                         np.ones(B, np.float32), np.zeros(B, np.uint32), z(B))
-
     # ----------------------------------------------------------------- run
     def compile(self, shape: StepShape) -> jax.stages.Compiled:
         if shape not in self._compiled:
@@ -220,7 +212,8 @@ class ModelRunner:
         return self._compiled[shape]
 
     def _lower(self, shape: StepShape) -> jax.stages.Lowered:
-        return self._step.lower(self._params, self.k_pool, self.v_pool, self._dummy_batch(shape))
+        empty = self.prepare(SchedulerOutput(), shape)[0]  # all padding: the same layout a real step gets
+        return self._step.lower(self._params, self.k_pool, self.v_pool, empty)
 
     def warmup(self) -> tuple[int, float]:
         """Compile every step shape; returns (number of shapes, seconds)."""
