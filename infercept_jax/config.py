@@ -4,6 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from infercept_jax.tools import ToolFormat
+from scheduling.estimators import ESTIMATORS
+from scheduling.policies import HEURISTICS, POLICIES
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -18,6 +22,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    # Interception triggers: a tool call in the output, or every N sampled tokens (trace replay).
+    tool_format: ToolFormat | None = None
+    intercept_after: int | None = None
+    max_interceptions: int | None = None      # None: no limit
+    call_duration: float | None = None        # oracle duration of the next call, seconds (trace replay)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,6 +48,15 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.tool_format is not None and not isinstance(self.tool_format, ToolFormat):
+            raise ValueError(f"tool_format must be a ToolFormat, got {type(self.tool_format).__name__}")
+        for name in ("intercept_after", "max_interceptions"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.call_duration is not None and not (isinstance(self.call_duration, (int, float))
+                                                   and self.call_duration >= 0):
+            raise ValueError(f"call_duration must be None or a number >= 0, got {self.call_duration!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +76,13 @@ class EngineConfig:
     strict_compile: bool = True          # raise if a step shape compiles after warm-up
     compile_cache: bool = True           # keep compiled steps on disk (JAX's persistent cache)
     seed: int = 0
+    # Interception (InferCept): what happens to a paused request's KV.
+    policy: str = "infercept"            # discard, improved-discard, preserve, swap, heuristic, infercept
+    heuristic: str = "H-B"               # H-S, H-D or H-B, for policy="heuristic"
+    profile: str | None = None           # HardwareProfile JSON or paper profile name; None: estimated here
+    estimator: str = "dynamic"           # call durations: oracle, noisy-oracle, tool-mean, dynamic
+    swap_space_gb: float = 1.0           # host KV pool for swapped-out blocks
+    num_host_blocks: int | None = None   # None: sized from swap_space_gb
 
     def __post_init__(self) -> None:
         positive = ["block_size", "max_num_seqs", "max_num_batched_tokens", "row_width", "attn_chunk_tokens"]
@@ -69,6 +94,16 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.heuristic not in HEURISTICS:
+            raise ValueError(f"heuristic must be one of {', '.join(HEURISTICS)}, got {self.heuristic!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.num_host_blocks is not None and self.num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
+        if self.swap_space_gb < 0:
+            raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

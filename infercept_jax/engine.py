@@ -1,8 +1,10 @@
-"""The engine loop: schedule, run one step, append tokens, finish requests.
+"""The engine loop: schedule, run one step, append tokens, pause or finish requests.
 
-`Engine.step()` is the whole flow: the scheduler fills the token budget, the runner executes one
-jitted step, and the engine appends sampled tokens and checks stop conditions. The clock is
-injected so a simulator can drive the same code on virtual time.
+`Engine.step()` is the whole flow: the scheduler fills the token budget and plans KV moves, the
+runner makes the swap copies and executes one jitted step, and the engine appends sampled tokens,
+checks stop conditions and interception triggers. A paused request waits for `Engine.resume()`,
+which appends the tool result as input tokens. The clock is injected so a simulator can drive the
+same code on virtual time.
 """
 from __future__ import annotations
 
@@ -15,23 +17,30 @@ import numpy as np
 from infercept_jax.config import SamplingParams
 from infercept_jax.outputs import RequestOutput
 from kvcache.block_manager import BlockManager
-from scheduling.request import Request, RequestStatus
+from scheduling.accounting import WasteMeter
+from scheduling.estimators import DurationEstimator, DynamicEstimator
+from scheduling.policies import Policy
+from scheduling.request import Interception, Request, RequestStatus
 from scheduling.scheduler import Scheduler, SchedulerConfig
 
 
 class Engine:
     def __init__(self, runner, block_manager: BlockManager, *, max_model_len: int, vocab_size: int,
                  eos_token_ids: tuple[int, ...], tokenizer=None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 384, seed: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_num_batched_tokens: int = 384, seed: int = 0, policy: Policy | None = None,
+                 estimator: DurationEstimator | None = None, clock: Callable[[], float] = time.monotonic):
         self.runner = runner
         self.blocks = block_manager
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        # A sequence can never outgrow the device pool: it finishes with "length" there.
+        self.context_limit = min(max_model_len, block_manager.device.capacity * block_manager.block_size)
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock
-        self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs), block_manager)
+        self.estimator = estimator or DynamicEstimator()
+        self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs), block_manager, policy)
+        self.waste = WasteMeter(block_manager.device.capacity * block_manager.block_size)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(seed)
@@ -43,12 +52,9 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = self._tokenize(prompt, "prompt")
         if not token_ids:
             raise ValueError("prompt is empty")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context (max_model_len) is "
                              f"{self.max_model_len}, which leaves no room to generate")
@@ -65,14 +71,55 @@ class Engine:
         self.scheduler.add(request)
         return request_id
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
+    def _tokenize(self, text_or_ids: str | list[int], what: str) -> tuple[str | None, list[int]]:
+        if isinstance(text_or_ids, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            return None, [int(t) for t in prompt]
-        raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+            return text_or_ids, self.tokenizer.encode(text_or_ids)
+        if isinstance(text_or_ids, (list, tuple, np.ndarray)) and all(
+                isinstance(t, (int, np.integer)) for t in text_or_ids):
+            token_ids = [int(t) for t in text_or_ids]
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{what} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            return None, token_ids
+        raise ValueError(f"a {what} is a string or a list of token ids, got {type(text_or_ids).__name__}")
+
+    def resume(self, request_id: str, result: str | list[int],
+               params: SamplingParams | None = None) -> RequestOutput:
+        """Append a paused request's tool result as input tokens and queue it again.
+
+        The result gets KV like a prefill chunk and does not count against `max_tokens`; the
+        request keeps its arrival priority (except under vLLM's discard policy). `params`, if
+        given, replace the request's SamplingParams (trace replay installs the next segment's
+        trigger this way). A result that does not fit the context is truncated and the request
+        finishes with reason "length". Raises KeyError / ValueError, leaving the engine as it was.
+        """
+        request = self._get(request_id)
+        if request.status is not RequestStatus.PAUSED:
+            raise ValueError(f"request {request_id!r} is not paused (it is {request.status.value})")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(result, str) and self.tokenizer is not None:
+            format_ = request.sampling.tool_format
+            result = format_.render(result) if format_ is not None else result
+            token_ids = self.tokenizer.encode(result)
+        else:
+            token_ids = self._tokenize(result, "tool result")[1]
+        if params is not None:
+            request.sampling = params
+        now = self.clock()
+        call = request.interceptions[-1]
+        call.end_time = now
+        self.estimator.observe(call)
+        room = self.context_limit - request.num_tokens
+        request.token_ids.extend(token_ids[:room])
+        self._decode_output(request)
+        request.call_search_from = len(request.output_text)
+        self.scheduler.resume(request, now)
+        if len(token_ids) >= room:
+            self._finish(request, RequestStatus.FINISHED_LENGTH)
+        return self._output(request, [])
 
     def abort(self, request_id: str) -> RequestOutput:
         request = self._get(request_id)
@@ -87,7 +134,8 @@ class Engine:
             raise KeyError(f"unknown request id {request_id!r}") from None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """Requests still running, queued or paused."""
+        return self.scheduler.has_work() or bool(self.scheduler.paused)
 
     def pop_finished(self, request_id: str) -> Request:
         """Forget a finished request (the caller has its output)."""
@@ -98,37 +146,64 @@ class Engine:
 
     # ----------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
-        """One iteration; returns an output for every request that got a token or finished."""
-        output = self.scheduler.schedule()
-        if not output.scheduled:
+        """One iteration; returns an output for every request that got a token, paused or finished."""
+        start = self.clock()
+        output = self.scheduler.schedule(start)
+        if output.is_empty:
             return []
-        sampled = self.runner.execute(output)
+        sampled, stall_seconds = self.runner.execute(output)
+        now = self.clock()
+        self.waste.record(self.scheduler, output, now - start, stall_seconds)
         for item in output.scheduled:
             item.request.num_computed_tokens += item.num_query_tokens
-        now = self.clock()
         results = []
         for request, token in sampled:
             request.token_ids.append(token)
+            request.num_generated_tokens += 1
+            request.tokens_since_resume += 1
             if request.first_token_time is None:
                 request.first_token_time = now
-            self._check_stop(request, token)
+            if not self._check_stop(request, token):
+                self._check_interception(request, token, now)
             results.append(self._output(request, [token]))
         return results
 
-    def _check_stop(self, request: Request, token: int) -> None:
+    def _check_stop(self, request: Request, token: int) -> bool:
+        """Finish the request if it should stop; True if it did."""
         params: SamplingParams = request.sampling
         status = None
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             status = RequestStatus.FINISHED_STOPPED
-        elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        elif request.num_generated_tokens >= params.max_tokens or request.num_tokens >= self.context_limit:
             status = RequestStatus.FINISHED_LENGTH
-        if self.tokenizer is not None:
-            previous = len(request.output_text)
-            request.output_text = self.tokenizer.decode(request.output_token_ids)
-            if params.stop and self._truncate_at_stop(request, previous):
-                status = RequestStatus.FINISHED_STOPPED
+        previous = len(request.output_text)
+        self._decode_output(request)
+        if params.stop and self.tokenizer is not None and self._truncate_at_stop(request, previous):
+            status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             self._finish(request, status)
+        return status is not None
+
+    def _check_interception(self, request: Request, token: int, now: float) -> None:
+        """Pause the request if its last token ended a tool call or its N-token segment."""
+        params: SamplingParams = request.sampling
+        if params.max_interceptions is not None and len(request.interceptions) >= params.max_interceptions:
+            return
+        key = (request.request_id, len(request.interceptions))
+        call = None
+        if params.intercept_after is not None and request.tokens_since_resume >= params.intercept_after:
+            call = Interception(key, now, expected_duration=params.call_duration)
+        elif params.tool_format is not None:
+            text = params.tool_format.find_call(request.output_text, request.call_search_from, token)
+            if text is not None:
+                tool, _ = params.tool_format.split(text)
+                call = Interception(key, now, tool=tool, call_text=text, expected_duration=params.call_duration)
+        if call is not None:
+            self.scheduler.pause(request, call, now)
+
+    def _decode_output(self, request: Request) -> None:
+        if self.tokenizer is not None:
+            request.output_text = self.tokenizer.decode(request.output_token_ids)
 
     @staticmethod
     def _truncate_at_stop(request: Request, previous_len: int) -> bool:
@@ -155,4 +230,6 @@ class Engine:
             text=request.output_text, finished=request.status.finished,
             finish_reason=request.finish_reason, new_token_ids=new_tokens,
             arrival_time=request.arrival_time, first_token_time=request.first_token_time,
-            finish_time=request.finish_time)
+            finish_time=request.finish_time, paused=request.status is RequestStatus.PAUSED,
+            interception=request.interception, num_generated_tokens=request.num_generated_tokens,
+            num_interceptions=len(request.interceptions))

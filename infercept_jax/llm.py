@@ -19,6 +19,9 @@ from infercept_jax.model_runner import ModelRunner
 from infercept_jax.outputs import RequestOutput
 from kvcache.block_manager import BlockManager
 from models.llama import Llama
+from scheduling.estimators import make_estimator
+from scheduling.policies import make_policy
+from scheduling.profile import HardwareProfile, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +71,19 @@ class LLM:
             enable_compile_cache()
         self.tokenizer = tokenizer
         max_model_len = config.max_model_len or spec.max_position_embeddings
+        bytes_per_block = spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize) * config.block_size
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
-            bytes_per_block = spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize) * config.block_size
             num_blocks = max(2, int(config.kv_cache_memory_gb * 2**30) // bytes_per_block)
-        blocks = BlockManager(num_blocks, config.block_size)
+        estimator = make_estimator(config.estimator)
+        profile = self._profile(config, spec, bytes_per_block // config.block_size)
+        policy = make_policy(config.policy, profile, estimator, config.heuristic)
+        num_host_blocks = 0
+        if policy.uses_host_pool:
+            num_host_blocks = config.num_host_blocks
+            if num_host_blocks is None:
+                num_host_blocks = int(config.swap_space_gb * 2**30) // bytes_per_block
+        blocks = BlockManager(num_blocks, config.block_size, num_host_blocks)
         self.runner = ModelRunner(
             model, blocks, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, row_width=config.row_width,
@@ -84,7 +95,21 @@ class LLM:
         self.engine = Engine(
             self.runner, blocks, max_model_len=max_model_len, vocab_size=spec.vocab_size,
             eos_token_ids=tuple(eos), tokenizer=tokenizer, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed)
+            max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed, policy=policy,
+            estimator=estimator)
+
+    @staticmethod
+    def _profile(config: EngineConfig, spec, kv_bytes_per_token: int) -> HardwareProfile:
+        """The hardware profile the infercept policy decides with."""
+        if config.profile is not None:
+            return load_profile(config.profile)
+        if config.policy == "infercept":
+            log.warning("no hardware profile given: the infercept policy uses uncalibrated constants; "
+                        "run `infercept profile` on this machine and pass profile=<the JSON file>")
+        return HardwareProfile(
+            name="uncalibrated", fwd_ms_per_token=0.0463, fwd_base_ms=10.0,
+            saturation_tokens=config.max_num_batched_tokens, swap_limit_tokens=config.max_num_batched_tokens,
+            kv_bytes_per_token=kv_bytes_per_token, block_size=config.block_size)
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -3,7 +3,9 @@
 Host preparation is numpy, padded to a small set of bucket shapes (`StepShape`).
 Every shape is compiled ahead of time at warm-up and the KV pools are donated, so a step neither
 copies the pools nor compiles. With `strict_compile`, a shape that was not compiled at warm-up
-raises instead of compiling silently.
+raises instead of compiling silently. The step's swap copies (`kvcache.swap`) are issued before the
+step is dispatched, in the order that makes reusing a block in the same step safe: swap-out
+gathers, then swap-in scatters, then the step's own KV writes.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from flax import nnx
 from infercept_jax.sampling import sample
 from kvcache.block_manager import BlockManager
 from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
+from kvcache.swap import HostKVPool
 from models.llama import Llama
 from scheduling.scheduler import SchedulerOutput
 
@@ -110,6 +113,10 @@ class ModelRunner:
         self.k_pool, self.v_pool = allocate_pools(
             self.spec.num_layers, block_manager.device.num_blocks, self.block_size,
             self.spec.num_kv_heads, self.spec.head_dim, model.dtype)
+        self.host_pool = None
+        if block_manager.host.num_blocks:
+            self.host_pool = HostKVPool(self.spec.num_layers, block_manager.host.num_blocks, self.block_size,
+                                        self.spec.num_kv_heads, self.spec.head_dim, model.dtype)
         pages_per_chunk = self.pages_per_chunk
 
         def step(params, k_pool, v_pool, batch: StepBatch):
@@ -223,12 +230,28 @@ class ModelRunner:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             compiled = list(pool.map(lambda item: item[1].compile(), lowered))
         self._compiled.update((shape, c) for (shape, _), c in zip(lowered, compiled))
+        if self.host_pool is not None:
+            self.k_pool, self.v_pool = self.host_pool.warmup(self.k_pool, self.v_pool)
         seconds = time.perf_counter() - start
         log.info("warm-up compiled %d step shapes in %.1f s", len(shapes), seconds)
         return len(shapes), seconds
 
-    def execute(self, output: SchedulerOutput) -> list[tuple[object, int]]:
-        """Run one step; returns (request, sampled token) for each request that samples."""
+    def execute(self, output: SchedulerOutput) -> tuple[list[tuple[object, int]], float]:
+        """Make the step's swap copies and run it.
+
+        Returns (request, sampled token) for each request that samples, and the seconds the host
+        spent issuing swap copies before it could dispatch the step (the swap stall).
+        """
+        start = time.perf_counter()
+        if output.swap_out:
+            self.host_pool.copy_out(self.k_pool, self.v_pool, output.swap_out)
+        if output.swap_in:
+            self.k_pool, self.v_pool = self.host_pool.copy_in(self.k_pool, self.v_pool, output.swap_in)
+        stall = time.perf_counter() - start
+        if not output.scheduled:
+            if output.swap_out:
+                self.host_pool.land()
+            return [], stall
         shape = self.shape_for(output)
         fn = self._compiled.get(shape)
         if fn is None:
@@ -237,7 +260,9 @@ class ModelRunner:
             fn = self.compile(shape)
         batch, sampled = self.prepare(output, shape)
         tokens, self.k_pool, self.v_pool = fn(self._params, self.k_pool, self.v_pool, batch)
+        if output.swap_out:
+            self.host_pool.land()
         if not sampled:
-            return []
+            return [], stall
         tokens = np.asarray(tokens)
-        return list(zip(sampled, tokens[:len(sampled)].tolist()))
+        return list(zip(sampled, tokens[:len(sampled)].tolist())), stall

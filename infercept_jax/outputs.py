@@ -3,17 +3,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduling.request import Interception
+
 
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    token_ids: list[int]          # generated so far
-    text: str                     # generated text so far (stop string removed)
+    token_ids: list[int]          # after the prompt: generated tokens and tool results
+    text: str                     # the text of token_ids (stop string removed)
     finished: bool
     finish_reason: str | None     # "stop", "length", "abort"
     new_token_ids: list[int]      # tokens this step added
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    paused: bool = False                      # waiting for a tool result (see `interception`)
+    interception: Interception | None = None  # the call it paused on, while paused
+    num_generated_tokens: int = 0             # sampled tokens (tool results not counted)
+    num_interceptions: int = 0

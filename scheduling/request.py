@@ -7,8 +7,10 @@ from typing import Any
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"          # in the queue: no KV, or its KV was freed (preempted)
+    WAITING = "waiting"          # in the queue: no KV, or its KV was freed (preempted, discarded)
     RUNNING = "running"          # holds device blocks and gets query tokens each step
+    PAUSED = "paused"            # intercepted: waits for a tool result; its KV is kept, swapped or freed
+    SWAPPED = "swapped"          # resumed, but some of its KV is still in the host pool
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -19,14 +21,41 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
 
+class PauseMode(enum.Enum):
+    """What happens to a paused request's KV (InferCept's three options)."""
+
+    PRESERVE = "preserve"   # stays in the device pool
+    SWAP = "swap"           # moves to the host pool, block by block from the back
+    DISCARD = "discard"     # freed; recomputed in chunks after the resume
+
+
+@dataclass(slots=True)
+class Interception:
+    """One pause of a request: the tool call and its timing."""
+
+    key: tuple[str, int]              # (request id, index of this pause in the request)
+    start_time: float
+    tool: str | None = None           # the called tool's name, when the trigger parsed one
+    call_text: str | None = None      # the call as the model wrote it
+    expected_duration: float | None = None   # oracle duration in seconds (trace replay)
+    end_time: float | None = None     # when the result came back
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.end_time is None else self.end_time - self.start_time
+
+
 @dataclass(slots=True)
 class Request:
     """A sequence being served.
 
-    `token_ids` is everything the sequence holds (prompt, then generated tokens);
-    `num_computed_tokens` of them have KV in the pool. The scheduler gives a request
-    `min(num_inflight_tokens, budget left)` query tokens; when a step computes its last
-    in-flight token, the runner samples the next one. A prefill chunk and a decode are the same.
+    `token_ids` is everything the sequence holds (prompt, generated tokens and tool results);
+    `num_computed_tokens` of them have KV (in the device pool, or partly swapped to the host pool).
+    The scheduler gives a request `min(num_inflight_tokens, budget left)` query tokens; when a step
+    computes its last in-flight token, the runner samples the next one. A prefill chunk, a decode,
+    a tool result and a recompute after a discard are all the same thing: in-flight tokens.
+    `priority_time` orders the queues (FCFS): the arrival time, kept across pauses, except under
+    vLLM's discard policy, which re-queues a resumed request as if it had just arrived.
     """
 
     request_id: str
@@ -42,10 +71,24 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     output_text: str = ""
+    priority_time: float | None = None
+    num_generated_tokens: int = 0          # sampled tokens (tool results are not counted)
+    tokens_since_resume: int = 0           # sampled since the start or the last resume
+    interceptions: list[Interception] = field(default_factory=list)
+    pause_mode: PauseMode | None = None    # while paused: where its KV is meant to be
+    recompute_until: int = 0               # positions below this had KV before and are recomputed
+    call_search_from: int = 0              # output text offset where the next tool call may start
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.priority_time is None:
+            self.priority_time = self.arrival_time
+
+    @property
+    def interception(self) -> Interception | None:
+        """The current pause's call, while the request is paused."""
+        return self.interceptions[-1] if self.status is RequestStatus.PAUSED else None
 
     @property
     def num_tokens(self) -> int:

@@ -1,24 +1,33 @@
-"""The iteration scheduler: fill a per-step token budget, decodes first, then chunks of prompts.
+"""The iteration scheduler: fill a per-step token budget S; move paused requests' KV per policy.
 
-There is no prefill or decode mode. Each scheduled request gets
-`min(tokens without KV, budget left)` query tokens (Sarathi-style chunking with a dynamic chunk
-size), so a long prompt is prefilled over several steps while the running requests keep decoding.
-When the device pool runs out, the newest running request is preempted: its blocks are freed and
-it goes back to the front of the queue to be recomputed.
+There is no prefill or decode mode. Each scheduled request gets `min(tokens without KV, budget
+left)` query tokens (Sarathi-style chunking with a dynamic chunk size), so prompts, tool results
+and recomputed contexts are prefilled in chunks while the running requests keep decoding.
+
+Queues, each first-come first-served by `priority_time` (the original arrival time):
+  * running: holds its KV on the device and computes every step;
+  * swapped: resumed, with part of its KV in the host pool; swapped in from the front within the
+    step's swap-in budget, and it computes in the step its swap-in completes;
+  * waiting: no KV (new, preempted or discarded); prefilled in chunks into the budget left;
+  * paused: intercepted, waiting for a tool result; the policy decides where its KV stays.
+
+A step serves running, then swapped, then waiting (spec 2.3). When the device pool is short, the
+policy's paused victims give up blocks first (swapped out within the budget, else discarded);
+then the newest running request is preempted and recomputed later.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from kvcache.block_manager import BlockManager
-from scheduling.request import Request, RequestStatus
+from scheduling.policies import Policy
+from scheduling.request import Interception, PauseMode, Request, RequestStatus
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 384   # S, the token budget of one step
-    max_num_seqs: int = 64              # requests holding KV at once
+    max_num_seqs: int = 64              # requests computing in one step
 
 
 @dataclass(slots=True)
@@ -30,86 +39,210 @@ class ScheduledRequest:
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)     # running requests sent back to wait
+    discarded: list[Request] = field(default_factory=list)     # paused requests whose KV was freed
+    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (host block, device block)
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_query_tokens for s in self.scheduled)
 
+    @property
+    def is_empty(self) -> bool:
+        return not (self.scheduled or self.swap_out or self.swap_in)
+
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: Policy | None = None):
         self.config = config
         self.blocks = block_manager
-        self.waiting: deque[Request] = deque()
+        self.policy = policy or Policy()
+        if self.policy.uses_host_pool and block_manager.host.capacity == 0:
+            raise ValueError(f"the {self.policy.name} policy swaps KV to host memory, but the host pool is "
+                             "empty; give the engine swap space (swap_space_gb or num_host_blocks)")
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self.paused: dict[str, Request] = {}
+        self._swap_in_left = 0
+        self._swap_out_left = 0
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Anything a step can do (paused requests wait for their results and are not work)."""
+        return bool(self.waiting or self.running or self.swapped)
 
-    def schedule(self) -> SchedulerOutput:
+    # ----------------------------------------------------------------- the step
+    def schedule(self, now: float = 0.0) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._swap_in_left, self._swap_out_left = self.policy.swap_budget(self)
+        self.policy.plan(self, out, now)
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
+        scheduled: set[str] = set()
+        by_priority = lambda r: r.priority_time  # noqa: E731
 
-        for request in list(self.running):
-            if budget == 0:
+        for request in sorted(self.running, key=by_priority):
+            if budget == 0 or len(scheduled) == self.config.max_num_seqs:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(request.num_inflight_tokens, budget)
-            if n == 0:
-                continue
-            if not self._make_room(request, request.num_computed_tokens + n, scheduled_ids, out):
-                continue
-            self.blocks.ensure(request.request_id, request.num_computed_tokens + n)
-            out.scheduled.append(ScheduledRequest(request, n))
-            scheduled_ids.add(request.request_id)
-            budget -= n
+            if n and self._make_room(request, request.num_computed_tokens + n, scheduled, out, now):
+                budget -= self._schedule(request, n, scheduled, out)
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        for request in sorted(self.swapped, key=by_priority):
+            if self._swap_in_left == 0 or not self._swap_in(request, out, now):
+                break
+            if request.status is RequestStatus.RUNNING and budget and len(scheduled) < self.config.max_num_seqs:
+                n = min(request.num_inflight_tokens, budget)
+                if self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
+                                   preempt_running=False):
+                    budget -= self._schedule(request, n, scheduled, out)
+
+        self.waiting.sort(key=by_priority)
+        while (self.waiting and budget and len(scheduled) < self.config.max_num_seqs
+               and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             n = min(request.num_inflight_tokens, budget)
-            if not self.blocks.can_ensure(request.request_id, request.num_computed_tokens + n):
+            if not self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
+                                   preempt_running=False):
                 break
-            self.waiting.popleft()
-            self.blocks.ensure(request.request_id, request.num_computed_tokens + n)
+            self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, n))
-            budget -= n
+            budget -= self._schedule(request, n, scheduled, out)
         return out
 
-    def _make_room(self, request: Request, num_tokens: int, scheduled_ids: set[str],
-                   out: SchedulerOutput) -> bool:
-        """Preempt the newest unscheduled running requests until `request` fits; False if it
-        had to preempt itself."""
-        while not self.blocks.can_ensure(request.request_id, num_tokens):
-            candidates = [r for r in self.running if r.request_id not in scheduled_ids]
-            victim = max(candidates, key=lambda r: (r.arrival_time, r.request_id))
+    def _schedule(self, request: Request, n: int, scheduled: set[str], out: SchedulerOutput) -> int:
+        self.blocks.ensure(request.request_id, request.num_computed_tokens + n)
+        out.scheduled.append(ScheduledRequest(request, n))
+        scheduled.add(request.request_id)
+        return n
+
+    def _swap_in(self, request: Request, out: SchedulerOutput, now: float) -> bool:
+        """Swap in as much of `request` as the budget allows; False if the device has no room."""
+        rid = request.request_id
+        n = min(self.blocks.num_host_blocks_of(rid), self._swap_in_left)
+        while self.blocks.device.num_free < n:
+            if not self._evict_paused(n - self.blocks.device.num_free, out, now):
+                return False
+        out.swap_in.extend(self.blocks.swap_in(rid, n))
+        self._swap_in_left -= n
+        if self.blocks.num_host_blocks_of(rid) == 0:
+            self.swapped.remove(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+        return True
+
+    def _make_room(self, request: Request, num_tokens: int, scheduled: set[str], out: SchedulerOutput,
+                   now: float, preempt_running: bool = True) -> bool:
+        """Free device blocks until `request` can hold `num_tokens`: paused victims first, then
+        (if allowed) the newest unscheduled running request. False if `request` cannot run now
+        (it may have preempted itself)."""
+        rid = request.request_id
+        while not self.blocks.can_ensure(rid, num_tokens):
+            if self._evict_paused(self.blocks.blocks_needed(rid, num_tokens) - self.blocks.num_free, out, now):
+                continue
+            if not preempt_running:
+                return False
+            candidates = [r for r in self.running if r.request_id not in scheduled]
+            victim = max(candidates, key=lambda r: (r.priority_time, r.request_id))
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is request:
                 return False
         return True
 
+    def _evict_paused(self, blocks_wanted: int, out: SchedulerOutput, now: float) -> bool:
+        """Take device blocks from the policy's first paused victim: swap out up to
+        `blocks_wanted` within the budget, or discard it. False if there is no victim."""
+        victims = self.policy.victims(self, now)
+        if not victims:
+            return False
+        victim = victims[0]
+        wanted = min(blocks_wanted, self.blocks.num_blocks_of(victim.request_id))
+        if self.swap_out(victim, wanted, out, partial=True):
+            victim.pause_mode = PauseMode.SWAP
+        else:
+            self.discard_paused(victim, out)
+        return True
+
+    # ----------------------------------------------------------------- KV moves (policies use these)
+    def swap_out(self, request: Request, num_blocks: int, out: SchedulerOutput, partial: bool = False) -> bool:
+        """Move `num_blocks` of a paused request's device blocks (from the back) to the host pool,
+        charged to the step's swap-out budget. With `partial`, move as many as the budget and the
+        host room allow (at least one). False if nothing moved."""
+        n = min(num_blocks, self._swap_out_left, self.blocks.host.num_free)
+        if n == 0 or (n < num_blocks and not partial):
+            return False
+        out.swap_out.extend(self.blocks.swap_out(request.request_id, n))
+        self._swap_out_left -= n
+        return True
+
+    def discard_paused(self, request: Request, out: SchedulerOutput) -> None:
+        """Free a paused request's KV in both pools; it is recomputed in chunks after the resume."""
+        self._drop_kv(request)
+        request.pause_mode = PauseMode.DISCARD
+        out.discarded.append(request)
+
+    def recompute_swapped(self, request: Request) -> None:
+        """Turn a swapped (resumed) request into a waiting one that recomputes its context."""
+        self.swapped.remove(request)
+        self._drop_kv(request)
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.blocks.free(request.request_id)
-        request.num_computed_tokens = 0
+        self._drop_kv(request)
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        self.waiting.append(request)
+
+    def _drop_kv(self, request: Request) -> None:
+        self.blocks.free(request.request_id)
+        request.recompute_until = max(request.recompute_until, request.num_computed_tokens)
+        request.num_computed_tokens = 0
+
+    # ----------------------------------------------------------------- pause, resume, finish
+    def pause(self, request: Request, call: Interception, now: float) -> None:
+        """A running request hit a tool call: it leaves the running queue and the policy decides
+        where its KV goes (a swap happens in the next steps, within their budgets)."""
+        self.running.remove(request)
+        request.status = RequestStatus.PAUSED
+        request.interceptions.append(call)
+        request.pause_mode = self.policy.on_pause(request, now)
+        if request.pause_mode is PauseMode.DISCARD:
+            self._drop_kv(request)
+        self.paused[request.request_id] = request
+
+    def resume(self, request: Request, now: float) -> None:
+        """The tool result was appended: queue the request by where its KV is."""
+        del self.paused[request.request_id]
+        request.pause_mode = None
+        request.tokens_since_resume = 0
+        if self.policy.requeue_at_back:
+            request.priority_time = now
+        if self.blocks.num_host_blocks_of(request.request_id):
+            request.status = RequestStatus.SWAPPED
+            self.swapped.append(request)
+        elif request.num_computed_tokens == 0:
+            request.status = RequestStatus.WAITING
+            self.waiting.append(request)
+        else:
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """Take a request out of the queues and free its blocks (finished or aborted)."""
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        """Take a request out of every queue and free its blocks (finished or aborted)."""
+        for queue in (self.running, self.waiting, self.swapped):
+            if request in queue:
+                queue.remove(request)
+        self.paused.pop(request.request_id, None)
         self.blocks.free(request.request_id)
+        request.pause_mode = None
         request.status = status

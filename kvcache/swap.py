@@ -1,0 +1,122 @@
+"""The host side of swap: a preallocated host KV pool and the copies between it and the device.
+
+Swap-out gathers the victim pages on the device into one staging array per copy (a jitted
+gather), then moves it to host memory in one transfer: a `device_put` to the `pinned_host` memory
+kind where the backend has one (probed at start), otherwise an async device-to-host copy into
+numpy. The copies are issued before the step is dispatched, and land in the numpy pool after it,
+so they overlap the step. Swap-in reads the host pages with one numpy gather, moves them with one
+`device_put` and scatters them into the donated device pools just before the step runs.
+
+Block counts are padded to powers of two (padding copies the reserved block 0, which nothing
+reads), and copies longer than the largest bucket are split, so swaps never compile after
+warm-up. No computation ever runs on host-resident arrays.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+log = logging.getLogger(__name__)
+
+PAD_BLOCK = 0
+
+
+def copy_buckets(max_blocks: int) -> list[int]:
+    """Padded block counts of one copy: 1, 2, 4, ... up to `max_blocks` (a power of two)."""
+    out, b = [], 1
+    while b <= max_blocks:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def _gather(k_pool: jax.Array, v_pool: jax.Array, blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return k_pool[:, blocks], v_pool[:, blocks]
+
+
+def _scatter(k_pool: jax.Array, v_pool: jax.Array, blocks: jax.Array, k: jax.Array,
+             v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return k_pool.at[:, blocks].set(k), v_pool.at[:, blocks].set(v)
+
+
+class HostKVPool:
+    """`num_blocks` pages per layer for K and V in host memory, shaped like the device pools."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype, max_blocks_per_copy: int = 64):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # Filled now, not lazily zero-mapped: first-touch page faults would land in a step.
+        self.k = np.empty(shape, jnp.dtype(dtype))
+        self.v = np.empty(shape, jnp.dtype(dtype))
+        self.k.fill(0)
+        self.v.fill(0)
+        self.device = jax.devices()[0]
+        kinds = {m.kind for m in self.device.addressable_memories()}
+        self.host_sharding = (SingleDeviceSharding(self.device, memory_kind="pinned_host")
+                              if "pinned_host" in kinds else None)
+        self.transfer = "pinned_host" if self.host_sharding is not None else "numpy"
+        log.info("host KV pool: %d blocks (%.2f GB); device->host copies via %s", num_blocks,
+                 2 * self.k.nbytes / 1e9, "a pinned_host device_put" if self.host_sharding is not None
+                 else "numpy (this backend has no pinned_host memory)")
+        self.buckets = copy_buckets(max_blocks_per_copy)
+        self._gather = jax.jit(_gather)
+        self._scatter = jax.jit(_scatter, donate_argnums=(0, 1))
+        self._pending: list[tuple[np.ndarray, tuple[jax.Array, jax.Array]]] = []
+
+    def _chunks(self, pairs: list[tuple[int, int]]):
+        """(sources, destinations, padded size) per copy of at most the largest bucket."""
+        largest = self.buckets[-1]
+        for i in range(0, len(pairs), largest):
+            chunk = pairs[i:i + largest]
+            size = next(b for b in self.buckets if b >= len(chunk))
+            yield np.array([p[0] for p in chunk]), np.array([p[1] for p in chunk]), size
+
+    def copy_out(self, k_pool: jax.Array, v_pool: jax.Array, pairs: list[tuple[int, int]]) -> None:
+        """Start copying device blocks to host blocks ((device, host) pairs); `land` finishes."""
+        for device_blocks, host_blocks, size in self._chunks(pairs):
+            padded = np.full(size, PAD_BLOCK, np.int32)
+            padded[:len(device_blocks)] = device_blocks
+            staged = self._gather(k_pool, v_pool, padded)
+            if self.host_sharding is not None:
+                staged = jax.device_put(staged, self.host_sharding)
+            else:
+                for array in staged:
+                    array.copy_to_host_async()
+            self._pending.append((host_blocks, staged))
+
+    def land(self) -> None:
+        """Write the started swap-outs into the host pool (waits for their transfers)."""
+        for host_blocks, (k, v) in self._pending:
+            n = len(host_blocks)
+            self.k[:, host_blocks] = np.asarray(k)[:, :n]
+            self.v[:, host_blocks] = np.asarray(v)[:, :n]
+        self._pending.clear()
+
+    def copy_in(self, k_pool: jax.Array, v_pool: jax.Array,
+                pairs: list[tuple[int, int]]) -> tuple[jax.Array, jax.Array]:
+        """Copy host blocks into device blocks ((host, device) pairs); returns the new pools.
+
+        Must run before `land` in a step: a host block freed by this swap-in may be the
+        destination of a swap-out started in the same step.
+        """
+        for host_blocks, device_blocks, size in self._chunks(pairs):
+            sources = np.zeros(size, np.int64)
+            sources[:len(host_blocks)] = host_blocks
+            targets = np.full(size, PAD_BLOCK, np.int32)
+            targets[:len(device_blocks)] = device_blocks
+            k, v = jax.device_put((self.k[:, sources], self.v[:, sources]), self.device)
+            k_pool, v_pool = self._scatter(k_pool, v_pool, targets, k, v)
+        return k_pool, v_pool
+
+    def warmup(self, k_pool: jax.Array, v_pool: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Compile the gather and scatter of every bucket (they touch only block 0)."""
+        for size in self.buckets:
+            pad = [(PAD_BLOCK, 0)] * size
+            self.copy_out(k_pool, v_pool, pad)
+            k_pool, v_pool = self.copy_in(k_pool, v_pool, [(0, PAD_BLOCK)] * size)
+        self._pending.clear()
+        return k_pool, v_pool

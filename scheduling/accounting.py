@@ -1,0 +1,68 @@
+"""Where device memory went, step by step (spec 5.1): the share of memory x time wasted, by cause.
+
+* preserve: device KV of paused requests, held while their tool runs;
+* recompute: the step time spent recomputing discarded or preempted context, times the KV the
+  step's batch holds (it all waits on work that was done before);
+* swap stall: host time the step spent on swap copies that did not overlap compute, times the KV
+  the batch holds.
+
+Each is in token-seconds; `summary()` divides by the whole pool's token-seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduling.scheduler import Scheduler, SchedulerOutput
+
+
+@dataclass
+class WasteMeter:
+    pool_tokens: int                  # device pool capacity in tokens
+    seconds: float = 0.0
+    steps: int = 0
+    preserve_token_s: float = 0.0
+    recompute_token_s: float = 0.0
+    swap_stall_token_s: float = 0.0
+    recompute_tokens: int = 0
+    recompute_seconds: float = 0.0
+    swap_stall_seconds: float = 0.0
+    swap_out_blocks: int = 0
+    swap_in_blocks: int = 0
+    discards: int = 0
+    preemptions: int = 0
+
+    def record(self, sched: Scheduler, out: SchedulerOutput, seconds: float, stall_seconds: float) -> None:
+        """Account one step that took `seconds`, `stall_seconds` of them in swap copies."""
+        bs = sched.blocks.block_size
+        held_paused = sum(sched.blocks.num_blocks_of(r.request_id) for r in sched.paused.values()) * bs
+        batch_tokens = sum(s.request.num_computed_tokens + s.num_query_tokens for s in out.scheduled)
+        recompute = sum(max(0, min(s.request.recompute_until, s.request.num_computed_tokens + s.num_query_tokens)
+                               - s.request.num_computed_tokens) for s in out.scheduled)
+        recompute_s = seconds * recompute / out.num_tokens if out.num_tokens else 0.0
+        self.seconds += seconds
+        self.steps += 1
+        self.preserve_token_s += held_paused * seconds
+        self.recompute_tokens += recompute
+        self.recompute_seconds += recompute_s
+        self.recompute_token_s += recompute_s * batch_tokens
+        self.swap_stall_seconds += stall_seconds
+        self.swap_stall_token_s += stall_seconds * batch_tokens
+        self.swap_out_blocks += len(out.swap_out)
+        self.swap_in_blocks += len(out.swap_in)
+        self.discards += len(out.discarded)
+        self.preemptions += len(out.preempted)
+
+    def summary(self) -> dict[str, float]:
+        """Percent of the pool's memory x time wasted by each cause, plus the raw counters."""
+        total = self.pool_tokens * self.seconds
+        pct = (lambda x: 100.0 * x / total) if total else (lambda x: 0.0)
+        return {
+            "waste_preserve_pct": pct(self.preserve_token_s),
+            "waste_recompute_pct": pct(self.recompute_token_s),
+            "waste_swap_stall_pct": pct(self.swap_stall_token_s),
+            "waste_total_pct": pct(self.preserve_token_s + self.recompute_token_s + self.swap_stall_token_s),
+            "seconds": self.seconds, "steps": self.steps,
+            "recompute_tokens": self.recompute_tokens, "recompute_seconds": self.recompute_seconds,
+            "swap_stall_seconds": self.swap_stall_seconds, "swap_out_blocks": self.swap_out_blocks,
+            "swap_in_blocks": self.swap_in_blocks, "discards": self.discards, "preemptions": self.preemptions,
+        }

@@ -1,0 +1,145 @@
+"""Hardware profiles and the waste equations, checked against values worked out by hand."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from scheduling.profile import PAPER_PROFILES, HardwareProfile, load_profile
+from scheduling.waste import (SwapBudget, chunked_discard_waste, discard_waste, preserve_waste,
+                              swap_budget, swap_waste)
+
+GPTJ = PAPER_PROFILES["a100-gptj-6b"]
+VICUNA = PAPER_PROFILES["a100x2-vicuna-13b"]
+
+# Round numbers: T_fwd(400) = (0.05*400 + 10) ms = 30 ms; one token one way = 0.03 s / 600.
+ROUND = HardwareProfile(name="round", fwd_ms_per_token=0.05, fwd_base_ms=10.0,
+                        saturation_tokens=400, swap_limit_tokens=600.0,
+                        kv_bytes_per_token=100_000, block_size=16)
+
+
+# --- profile ---------------------------------------------------------------------------------
+
+def test_paper_profiles_constants():
+    # 6B:  N = (1 + 2*0.00462)*384 + 2*108.99 = 387.54816 + 217.98 = 605.52816
+    assert GPTJ.swap_limit_tokens == pytest.approx(605.5, abs=0.1)
+    # 13B: N = (1 - 2*0.3297)*384 + 2*93.994 = 130.7904 + 187.988 = 318.7784
+    assert VICUNA.swap_limit_tokens == pytest.approx(318.8, abs=0.1)
+    assert GPTJ.kv_bytes_per_token == 458_752        # 2*28*4096*2
+    assert VICUNA.kv_bytes_per_token == 819_200      # 2*40*5120*2
+    assert (GPTJ.block_size, VICUNA.block_size) == (64, 64)
+    assert all(name == p.name for name, p in PAPER_PROFILES.items())
+
+
+def test_fwd_seconds():
+    # 6B: (0.0463*384 + 10) ms = 27.7792 ms; 13B: (0.0279*384 + 15.4) ms = 26.1136 ms
+    assert GPTJ.fwd_seconds(384) == pytest.approx(0.0277792)
+    assert VICUNA.fwd_seconds(384) == pytest.approx(0.0261136)
+
+
+def test_swap_seconds_from_swap_limit():
+    # 1000 tokens * 0.03 s / 600 tokens = 0.05 s
+    assert ROUND.swap_seconds(1000) == pytest.approx(0.05)
+
+
+def test_swap_seconds_from_slower_bandwidth():
+    p = dataclasses.replace(ROUND, swap_out_gb_per_s=20.0, swap_in_gb_per_s=25.0)
+    # 1000 tokens * 1e5 B / 20e9 B/s = 0.005 s (the slower of 20 and 25 GB/s)
+    assert p.swap_seconds(1000) == pytest.approx(0.005)
+    # one bandwidth alone is not enough: fall back to the swap limit
+    one_way = dataclasses.replace(ROUND, swap_out_gb_per_s=20.0)
+    assert one_way.swap_seconds(1000) == pytest.approx(0.05)
+
+
+def test_json_round_trip(tmp_path):
+    p = dataclasses.replace(GPTJ, name="measured", swap_out_gb_per_s=21.5, swap_in_gb_per_s=24.0,
+                            num_device_blocks=1000, num_host_blocks=4000)
+    path = tmp_path / "profile.json"
+    p.to_json(path)
+    assert HardwareProfile.from_json(path) == p
+    assert HardwareProfile.from_dict(p.to_dict()) == p
+    assert load_profile(str(path)) == p
+
+
+def test_from_dict_rejects_unknown_and_missing_keys():
+    d = GPTJ.to_dict()
+    with pytest.raises(ValueError, match="saturation_tokns"):
+        HardwareProfile.from_dict({**d, "saturation_tokns": 384})
+    del d["kv_bytes_per_token"]
+    with pytest.raises(ValueError, match="kv_bytes_per_token"):
+        HardwareProfile.from_dict(d)
+
+
+def test_load_profile_by_name_and_unknown(tmp_path):
+    assert load_profile("a100-gptj-6b") is GPTJ
+    with pytest.raises(ValueError, match="a100x2-vicuna-13b"):
+        load_profile(str(tmp_path / "nope.json"))
+
+
+# --- waste -----------------------------------------------------------------------------------
+
+def test_preserve_waste():
+    assert preserve_waste(2.5, 100) == pytest.approx(250.0)
+    assert preserve_waste(-1.0, 100) == 0.0   # an overrun call: clamped, not negative
+
+
+def test_discard_waste():
+    # T_fwd(1000) = (0.0463*1000 + 10) ms = 0.0563 s; 0.0563*1000 + 0.0563*3000 = 56.3 + 168.9
+    assert discard_waste(1000, 3000, GPTJ) == pytest.approx(225.2)
+
+
+def test_chunked_discard_waste():
+    # c_h = 384 - 84 = 300; n = ceil(1000/300) - 1 = 3
+    # f_s = (0.0463*384 + 10)/1000 = 0.0277792; f_ch = 0.0463*300/1000 = 0.01389
+    # f_s*(1+3)*3/2*300 = 0.0277792*1800 = 50.00256
+    # f_ch*3*2000 = 83.34
+    # last = 1000 % 300 = 100: (0.0463*100/1000)*(2000 + 100) = 0.00463*2100 = 9.723
+    # total = 50.00256 + 83.34 + 9.723 = 143.06556
+    assert chunked_discard_waste(1000, 84, 2000, GPTJ) == pytest.approx(143.06556)
+
+
+def test_chunked_discard_waste_whole_chunks_and_edges():
+    # C = 600 is two whole chunks of 300: n = 2, last = 0 (the released code drops one: n = 1)
+    # 0.0277792*3*2/2*300 + 0.01389*2*2000 = 25.00128 + 55.56 = 80.56128
+    assert chunked_discard_waste(600, 84, 2000, GPTJ) == pytest.approx(80.56128)
+    assert chunked_discard_waste(0, 84, 2000, GPTJ) == 0.0
+    # running requests use the whole budget: c_h = max(384 - 400, 1) = 1, n = 3
+    # 0.0277792*4*3/2*1 + 0.0000463*3*0 = 0.1666752
+    assert chunked_discard_waste(3, 400, 0, GPTJ) == pytest.approx(0.1666752)
+
+
+def test_swap_waste():
+    # 2 * 0.05 s * 500 tokens = 50
+    assert swap_waste(1000, 500, ROUND) == pytest.approx(50.0)
+
+
+# --- swap budget -----------------------------------------------------------------------------
+# 6B: N = 605.52816, S = 384.   13B: N = 318.7784, S = 384.
+
+PLENTY = 10**9
+
+
+def test_swap_budget_both_positive():
+    # in = (605.52816 + 640 - 384)/2 = 430.76408 -> 6 blocks of 64; out = 605.52816 - 430.76408
+    # = 174.76408 -> 2 blocks
+    assert swap_budget(640, PLENTY, GPTJ, 64) == SwapBudget(in_blocks=6, out_blocks=2)
+    # the engine's block size, not the profile's: 430.76408 // 16 = 26, 174.76408 // 16 = 10
+    assert swap_budget(640, PLENTY, GPTJ, 16) == SwapBudget(in_blocks=26, out_blocks=10)
+
+
+def test_swap_budget_in_clamped_to_zero():
+    # in = (318.7784 + 0 - 384)/2 = -32.6108 -> 0; out = N = 318.7784 -> 4 blocks
+    assert swap_budget(0, PLENTY, VICUNA, 64) == SwapBudget(in_blocks=0, out_blocks=4)
+
+
+def test_swap_budget_out_clamped_to_zero():
+    # in = (605.52816 + 1280 - 384)/2 = 750.76 > N -> N = 605.52816 -> 9 blocks; out = 0
+    assert swap_budget(1280, PLENTY, GPTJ, 64) == SwapBudget(in_blocks=9, out_blocks=0)
+
+
+def test_swap_budget_host_room():
+    # 6B, F = 0: in = (605.52816 - 384)/2 = 110.76408 -> 1 block; out = 494.76408, but the host
+    # has 0 free + 64 freed by the swap-in -> 64 -> 1 block
+    assert swap_budget(0, 0, GPTJ, 64) == SwapBudget(in_blocks=1, out_blocks=1)
+    # 13B, F = 0: in = 0; out = 318.7784 limited to 128 host tokens -> 2 blocks
+    assert swap_budget(0, 128, VICUNA, 64) == SwapBudget(in_blocks=0, out_blocks=2)
