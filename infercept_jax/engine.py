@@ -20,7 +20,7 @@ from kvcache.block_manager import BlockManager
 from scheduling.accounting import WasteMeter
 from scheduling.estimators import DurationEstimator, DynamicEstimator
 from scheduling.policies import Policy
-from scheduling.request import Interception, Request, RequestStatus
+from scheduling.request import Interception, PauseMode, Request, RequestStatus
 from scheduling.scheduler import Scheduler, SchedulerConfig
 
 
@@ -200,6 +200,8 @@ class Engine:
                 call = Interception(key, now, tool=tool, call_text=text, expected_duration=params.call_duration)
         if call is not None:
             self.scheduler.pause(request, call, now)
+            if request.pause_mode is PauseMode.DISCARD:
+                self.waste.discards += 1
 
     def _decode_output(self, request: Request) -> None:
         if self.tokenizer is not None:
