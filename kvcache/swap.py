@@ -63,8 +63,12 @@ class HostKVPool:
                  2 * self.k.nbytes / 1e9, "a pinned_host device_put" if self.host_sharding is not None
                  else "numpy (this backend has no pinned_host memory)")
         self.buckets = copy_buckets(max_blocks_per_copy)
-        self._gather = jax.jit(_gather)
-        self._scatter = jax.jit(_scatter, donate_argnums=(0, 1))
+        self._gather_jit = jax.jit(_gather)
+        self._scatter_jit = jax.jit(_scatter, donate_argnums=(0, 1))
+        # Compiled ahead of time per bucket, like the step: a jit call would retrace when the pools
+        # come out of the AOT-compiled step rather than from allocation.
+        self._gathers: dict[int, jax.stages.Compiled] = {}
+        self._scatters: dict[int, jax.stages.Compiled] = {}
         self._pending: list[tuple[np.ndarray, tuple[jax.Array, jax.Array]]] = []
 
     def _chunks(self, pairs: list[tuple[int, int]]):
@@ -80,7 +84,9 @@ class HostKVPool:
         for device_blocks, host_blocks, size in self._chunks(pairs):
             padded = np.full(size, PAD_BLOCK, np.int32)
             padded[:len(device_blocks)] = device_blocks
-            staged = self._gather(k_pool, v_pool, padded)
+            if size not in self._gathers:
+                self._gathers[size] = self._gather_jit.lower(k_pool, v_pool, padded).compile()
+            staged = self._gathers[size](k_pool, v_pool, padded)
             if self.host_sharding is not None:
                 staged = jax.device_put(staged, self.host_sharding)
             else:
@@ -109,7 +115,9 @@ class HostKVPool:
             targets = np.full(size, PAD_BLOCK, np.int32)
             targets[:len(device_blocks)] = device_blocks
             k, v = jax.device_put((self.k[:, sources], self.v[:, sources]), self.device)
-            k_pool, v_pool = self._scatter(k_pool, v_pool, targets, k, v)
+            if size not in self._scatters:
+                self._scatters[size] = self._scatter_jit.lower(k_pool, v_pool, targets, k, v).compile()
+            k_pool, v_pool = self._scatters[size](k_pool, v_pool, targets, k, v)
         return k_pool, v_pool
 
     def warmup(self, k_pool: jax.Array, v_pool: jax.Array) -> tuple[jax.Array, jax.Array]:

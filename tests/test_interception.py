@@ -1,6 +1,7 @@
 """Interception on a tiny random Llama: pause/resume, policies, swap round trips, bad resumes."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -247,3 +248,21 @@ def test_abort_of_a_paused_or_swapped_request_frees_both_pools(model, profile_pa
     assert engine.blocks.num_free == engine.blocks.device.capacity
     assert engine.blocks.host.num_free == engine.blocks.host.capacity
     engine.blocks.check_invariants()
+
+
+@pytest.mark.parametrize("policy", ["swap", "infercept"])
+def test_swaps_do_not_compile_after_warmup(model, profile_path, policy):
+    llm = make_llm(model, policy=policy, profile=profile_path, warmup=True, strict_compile=True)
+    compiles = []
+
+    def listener(event, *args, **kwargs):
+        if "compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        run_intercepted(llm, prompts(6))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert llm.engine.waste.swap_out_blocks > 0
+    assert compiles == []
