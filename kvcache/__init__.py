@@ -1,5 +1,6 @@
 """Paged KV cache. The host side (`block_manager`) is plain Python; the device side
-(`kvcache.device`) imports JAX and is imported explicitly by the runner, never from here."""
+(`kvcache.paged`, `kvcache.swap`) imports JAX and is imported explicitly by the runner, never from
+here."""
 from kvcache.block_manager import BlockManager, BlockPool, OutOfBlocks
 
 __all__ = ["BlockManager", "BlockPool", "OutOfBlocks"]
