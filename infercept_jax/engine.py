@@ -41,6 +41,7 @@ class Engine:
         self.estimator = estimator or DynamicEstimator()
         self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs), block_manager, policy)
         self.waste = WasteMeter(block_manager.device.capacity * block_manager.block_size)
+        self.num_steps = 0                 # steps that ran (a step with nothing to do does not count)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(seed)
@@ -152,6 +153,7 @@ class Engine:
         if output.is_empty:
             return []
         sampled, stall_seconds = self.runner.execute(output)
+        self.num_steps += 1
         now = self.clock()
         self.waste.record(self.scheduler, output, now - start, stall_seconds)
         for item in output.scheduled:

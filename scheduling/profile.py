@@ -80,16 +80,23 @@ def _paper_swap_limit(a: float, b: float, s: int) -> float:
     return (1 + 2 * a) * s + 2 * b
 
 
+# Pool sizes follow the reference's rule (spec 2.2): device blocks = (memory * 0.9 - weights - peak
+# activations) / bytes per block, assuming A100-80GB and about 2 GB of activations per GPU; host
+# blocks = the benchmarks' --swap-space (128 GiB for 6B, 64 GiB per GPU for 13B-TP2) / bytes per block.
 PAPER_PROFILES: dict[str, HardwareProfile] = {
     "a100-gptj-6b": HardwareProfile(
         name="a100-gptj-6b", fwd_ms_per_token=0.0463, fwd_base_ms=10.0, saturation_tokens=384,
         swap_limit_tokens=_paper_swap_limit(0.00462, 108.99, 384),    # about 605.5
         kv_bytes_per_token=2 * 28 * 4096 * 2, block_size=64,           # 458752
+        num_device_blocks=2152,       # (77.3 - 12.1 - 2) GB / 29.36 MB
+        num_host_blocks=4681,         # 128 GiB / 29.36 MB
         device="1x A100 (paper constants)", model="GPT-J-6B"),
     "a100x2-vicuna-13b": HardwareProfile(
         name="a100x2-vicuna-13b", fwd_ms_per_token=0.0279, fwd_base_ms=15.4, saturation_tokens=384,
         swap_limit_tokens=_paper_swap_limit(-0.3297, 93.994, 384),    # about 318.8
         kv_bytes_per_token=2 * 40 * 5120 * 2, block_size=64,           # 819200
+        num_device_blocks=2376,       # (2 * 77.3 - 26 - 4) GB / 52.43 MB
+        num_host_blocks=2621,         # 2 * 64 GiB / 52.43 MB
         device="2x A100, TP=2 (paper constants)", model="Vicuna-13B"),
 }
 
