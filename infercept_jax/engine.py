@@ -94,7 +94,8 @@ class Engine:
         request keeps its arrival priority (except under vLLM's discard policy). `params`, if
         given, replace the request's SamplingParams (trace replay installs the next segment's
         trigger this way). A result that does not fit the context is truncated and the request
-        finishes with reason "length". Raises KeyError / ValueError, leaving the engine as it was.
+        finishes with reason "length": the returned output is then its final one (no step will
+        report it). Raises KeyError / ValueError, leaving the engine as it was.
         """
         request = self._get(request_id)
         if request.status is not RequestStatus.PAUSED:
@@ -133,6 +134,10 @@ class Engine:
             return self.requests[request_id]
         except KeyError:
             raise KeyError(f"unknown request id {request_id!r}") from None
+
+    def has_work(self) -> bool:
+        """Whether a step can do anything (paused requests wait for their results)."""
+        return self.scheduler.has_work()
 
     def has_unfinished(self) -> bool:
         """Requests still running, queued or paused."""

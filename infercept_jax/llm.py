@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import jax
@@ -17,6 +18,7 @@ from infercept_jax.config import EngineConfig, SamplingParams
 from infercept_jax.engine import Engine
 from infercept_jax.model_runner import ModelRunner
 from infercept_jax.outputs import RequestOutput
+from infercept_jax.tools import Tool, ToolCalls
 from kvcache.block_manager import BlockManager
 from models.llama import Llama
 from scheduling.estimators import make_estimator
@@ -67,6 +69,7 @@ class LLM:
     def _build(self, model: Llama, tokenizer, config: EngineConfig) -> None:
         spec = model.spec
         self.config = config
+        self._tool_pool: ThreadPoolExecutor | None = None
         if config.compile_cache:
             enable_compile_cache()
         self.tokenizer = tokenizer
@@ -113,11 +116,15 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool | None = None, tools: Sequence[Tool] | None = None) -> list[RequestOutput]:
         """Generate for every prompt (continuous batching); outputs come back in prompt order.
 
         Every prompt is validated before any is queued, so a bad one raises ValueError and
-        nothing is half-submitted.
+        nothing is half-submitted. A request that pauses at a tool call (its params have a
+        `tool_format`) has the call run by `tools` on a thread pool while the others keep
+        generating, and is resumed with the result or an error text; with no tools, every call
+        gets an error text, so a paused request never hangs (an `intercept_after` pause, which has
+        no call, resumes at once with nothing appended). Each output lists its calls in `tool_calls`.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -125,6 +132,7 @@ class LLM:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        tools = self._check_tools(tools)
         ids = []
         try:
             for prompt, p in zip(prompts, params_list):
@@ -137,44 +145,91 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         show = len(ids) >= 8 if use_tqdm is None else use_tqdm
         with tqdm(total=len(ids), desc="generate", disable=not show) as bar:
-            while len(results) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in ids:
-                        results[out.request_id] = out
-                        self.engine.pop_finished(out.request_id)
-                        bar.update(1)
+            for out in self._serve(ids, tools):
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
         return [results[rid] for rid in ids]
 
+    def _serve(self, ids: list[str], tools: list[Tool]) -> Iterator[RequestOutput]:
+        """Step the engine until the requests `ids` finish, yielding their outputs; run their tool
+        calls meanwhile. A finished request is popped from the engine; on early exit (a closed
+        stream), the unfinished ones are aborted."""
+        ours = set(ids)
+        calls = ToolCalls(tools, self._tool_executor() if tools else None)
+        unfinished = set(ids)
+
+        def done(out: RequestOutput) -> RequestOutput:
+            if out.finished:
+                out.tool_calls = calls.records.pop(out.request_id, [])
+                self.engine.pop_finished(out.request_id)
+                unfinished.discard(out.request_id)
+            return out
+
+        try:
+            while unfinished:
+                if self.engine.has_work():
+                    for out in self.engine.step():
+                        if out.request_id not in ours:
+                            continue
+                        if out.paused and out.interception.call_text is None:
+                            out = self.engine.resume(out.request_id, [])   # intercept_after: no call
+                        elif out.paused:
+                            calls.start(out.request_id, out.interception.call_text)
+                        yield done(out)
+                for rid, text in calls.ready():
+                    yield done(self.engine.resume(rid, text))   # finished if the result filled the context
+                if not self.engine.has_work():
+                    calls.wait()
+        finally:
+            for rid in unfinished:
+                self.engine.abort(rid)
+                self.engine.pop_finished(rid)
+
+    @staticmethod
+    def _check_tools(tools: Sequence[Tool] | None) -> list[Tool]:
+        tools = list(tools or ())
+        if any(not isinstance(tool, Tool) for tool in tools):
+            raise ValueError("tools must be Tool objects")
+        names = [tool.name for tool in tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must be unique, got {names}")
+        return tools
+
+    def _tool_executor(self) -> ThreadPoolExecutor:
+        """The threads tool calls run on, made on first use."""
+        if self._tool_pool is None:
+            self._tool_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="infercept-tool")
+        return self._tool_pool
+
+    def close(self) -> None:
+        """Stop the tool threads. A call still running (past its timeout) is not waited for, but
+        Python still waits for its thread at exit."""
+        if self._tool_pool is not None:
+            self._tool_pool.shutdown(wait=False, cancel_futures=True)
+            self._tool_pool = None
+
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             use_tqdm: bool | None = None) -> list[RequestOutput]:
+             use_tqdm: bool | None = None, tools: Sequence[Tool] | None = None) -> list[RequestOutput]:
         """Generate replies to conversations rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self._render_chat(c) for c in conversations]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        return self.generate(prompts, params, use_tqdm=use_tqdm, tools=tools)
 
     def _render_chat(self, messages: list[dict]) -> str:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas of one request as they are generated (other requests keep running)."""
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               tools: Sequence[Tool] | None = None) -> Iterator[str]:
+        """Yield text deltas of one request as they are generated (other requests keep running);
+        tool calls are run as in `generate`, and their results stream like generated text."""
+        tools = self._check_tools(tools)
         rid = self.engine.add_request(prompt, params)
         sent = ""
-        try:
-            while True:
-                for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
-                    text = out.text if out.finished else out.text.rstrip("\ufffd")
-                    if len(text) > len(sent):
-                        yield text[len(sent):]
-                        sent = text
-                    if out.finished:
-                        return
-        finally:
-            request = self.engine.requests.get(rid)
-            if request is not None:
-                self.engine.abort(rid)
-                self.engine.pop_finished(rid)
-
+        for out in self._serve([rid], tools):
+            text = out.text if out.finished else out.text.rstrip("\ufffd")
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text

@@ -1,8 +1,9 @@
 """What the engine hands back to callers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from infercept_jax.tools import ToolCallRecord
 from scheduling.request import Interception
 
 
@@ -23,3 +24,4 @@ class RequestOutput:
     interception: Interception | None = None  # the call it paused on, while paused
     num_generated_tokens: int = 0             # sampled tokens (tool results not counted)
     num_interceptions: int = 0
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)   # the calls LLM.generate answered

@@ -95,7 +95,7 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
             if out.finished:
                 _retire(engine, live, rid, progress)
         steps = engine.num_steps
-        if engine.scheduler.has_work():
+        if engine.has_work():
             for out in engine.step():
                 if out.paused:
                     call = out.interception

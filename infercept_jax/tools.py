@@ -7,8 +7,11 @@ of APIServe) and resumes the request with the result, while the other requests k
 from __future__ import annotations
 
 import re
+import time
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 _NAMED_CALL = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*\((.*)\)\s*$", re.DOTALL)
 
@@ -29,6 +32,8 @@ class ToolFormat:
             raise ValueError("a ToolFormat needs a non-empty call_start and call_end")
         if "{result}" not in self.result_template:
             raise ValueError("result_template must contain {result}")
+        if not all(isinstance(token, int) for token in self.call_end_token_ids):
+            raise ValueError(f"call_end_token_ids must be token ids, got {self.call_end_token_ids!r}")
 
     def find_call(self, text: str, search_from: int, token: int) -> str | None:
         """The call text if `text` (the output so far) has just ended a call, else None.
@@ -78,3 +83,119 @@ class Tool:
             raise ValueError(f"tool {self.name!r}: fn must be callable")
         if not self.timeout_s > 0:
             raise ValueError(f"tool {self.name!r}: timeout_s must be > 0, got {self.timeout_s!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRecord:
+    """One call of a request as `LLM.generate` answered it (on `RequestOutput.tool_calls`)."""
+
+    tool: str | None        # the tool that ran; None when the call was not routed to one
+    arguments: str
+    result: str             # the text the model read: the tool's result or an error text
+    seconds: float          # from the pause to the result
+    error: bool = False
+    cache_hit: bool = False
+
+
+@dataclass(slots=True)
+class _Call:
+    request_id: str
+    tool: Tool | None
+    arguments: str
+    future: Future          # -> (text, is_error)
+    start: float
+    deadline: float
+    cache_hit: bool
+
+
+def _run(tool: Tool, arguments: str) -> tuple[str, bool]:
+    """Run `tool.fn` on a worker thread; a failure becomes the error text the model reads."""
+    try:
+        result = tool.fn(arguments)
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {exc}", True
+    if not isinstance(result, str):
+        return f"error: tool {tool.name} returned {type(result).__name__}, not str", True
+    return result, False
+
+
+def _answered(text: str) -> Future:
+    future = Future()
+    future.set_result((text, True))
+    return future
+
+
+class ToolCalls:
+    """The tool calls of one `LLM.generate`: routes each paused request's call to a tool, runs
+    it on `pool` and hands back results as they complete or time out.
+
+    A call that runs past its tool's `timeout_s` (counted from the pause) is answered with an
+    error text and its later result is dropped; its thread cannot be killed, so it keeps a
+    worker of `pool` busy until `fn` returns. For a tool with `cache`, an identical call (same
+    tool and arguments) shares the first one's future, even while that one still runs.
+    """
+
+    def __init__(self, tools: Sequence[Tool], pool: Executor | None):
+        self.tools = {tool.name: tool for tool in tools}
+        self.pool = pool
+        self.cache: dict[tuple[str, str], Future] = {}
+        self.pending: dict[str, _Call] = {}
+        self.records: dict[str, list[ToolCallRecord]] = defaultdict(list)
+
+    def start(self, request_id: str, call_text: str) -> None:
+        tool, arguments, error = self._route(call_text)
+        now = time.monotonic()
+        hit = False
+        if tool is None:
+            future = _answered(error)
+        elif tool.cache and _reusable(self.cache.get((tool.name, arguments))):
+            future, hit = self.cache[(tool.name, arguments)], True
+        else:
+            future = self.pool.submit(_run, tool, arguments)
+            if tool.cache:
+                self.cache[(tool.name, arguments)] = future
+        deadline = now + tool.timeout_s if tool is not None else now
+        self.pending[request_id] = _Call(request_id, tool, arguments, future, now, deadline, hit)
+
+    def _route(self, call_text: str) -> tuple[Tool | None, str, str]:
+        """(tool, arguments, "") for a routable call, else (None, call_text, error text)."""
+        if not self.tools:
+            return None, call_text, "error: no tools were given"
+        name, arguments = ToolFormat.split(call_text)
+        if name in self.tools:
+            return self.tools[name], arguments, ""
+        if name is None and len(self.tools) == 1:
+            return next(iter(self.tools.values())), arguments, ""
+        names = ", ".join(self.tools)
+        what = f"unknown tool {name!r}" if name is not None else "the call names no tool; write name(arguments)"
+        return None, call_text, f"error: {what}; the tools are {names}"
+
+    def ready(self) -> list[tuple[str, str]]:
+        """(request id, result text) of every call that has finished or run out of time."""
+        now = time.monotonic()
+        answered = []
+        for call in list(self.pending.values()):
+            if call.future.done():
+                text, error = call.future.result()
+            elif now >= call.deadline:
+                text, error = f"error: tool {call.tool.name} timed out after {call.tool.timeout_s} s", True
+            else:
+                continue
+            del self.pending[call.request_id]
+            self.records[call.request_id].append(ToolCallRecord(
+                call.tool.name if call.tool else None, call.arguments, text, now - call.start, error,
+                call.cache_hit))
+            answered.append((call.request_id, text))
+        return answered
+
+    def wait(self) -> None:
+        """Block until a pending call finishes or the nearest deadline passes."""
+        if self.pending:
+            timeout = min(call.deadline for call in self.pending.values()) - time.monotonic()
+            wait([call.future for call in self.pending.values()], timeout=max(0.0, timeout),
+                 return_when=FIRST_COMPLETED)
+
+
+def _reusable(future: Future | None) -> bool:
+    """A cached call can answer again unless it failed (a failure may be transient)."""
+    return future is not None and not (future.done() and future.result()[1])

@@ -78,7 +78,7 @@ def run_intercepted(llm, prompts, max_steps=2000):
                 done[out.request_id] = out
             elif out.paused:
                 due[out.request_id] = clock.now + out.interception.expected_duration
-        if not engine.scheduler.has_work():
+        if not engine.has_work():
             clock.now += 1.0
         for rid, at in list(due.items()):
             if clock.now >= at:

@@ -1,0 +1,188 @@
+"""The tool runtime of LLM.generate on a tiny random Llama that "writes" a fixed script.
+
+A random model writes no call format by chance, so `ScriptTokenizer` decodes the k-th sampled
+token as the k-th character of SCRIPT, whatever its id. Token ids 128.. are plain text (tool
+results and prompts); the model is made never to sample them, so the two stay apart. SCRIPT has
+one call per ToolFormat `"<k>[" ... "]"` (call 1 twice): a request with format k makes only
+call k.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from helpers import random_hf_tensors, tiny_spec
+from infercept_jax import LLM, SamplingParams
+from infercept_jax.tools import Tool, ToolFormat
+from models.llama import Llama
+
+SCRIPT = ("9[2+3] 1[echo(hi)] 2[boom(x)] 3[slow(y)] 4[count(z)] 5[nope(w)] 6[huge(v)] 7[wait(a)] 8[release(b)] "
+          "1[echo(hi)] ....")
+TEXT = 128   # ids TEXT.. are characters chr(id - TEXT)
+
+
+class ScriptTokenizer:
+    eos_token_id = None
+
+    def encode(self, text):
+        return [TEXT + ord(c) for c in text.encode("ascii", "replace").decode()]
+
+    def decode(self, ids):
+        sampled = iter(SCRIPT)
+        return "".join(chr(i - TEXT) if i >= TEXT else next(sampled, ".") for i in ids)
+
+
+def call_end(k):
+    """How many tokens a request samples up to the end of call k."""
+    return SCRIPT.index("]", SCRIPT.index(f"{k}[")) + 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    spec = tiny_spec()
+    tensors = random_hf_tensors(spec, seed=3)
+    tensors["lm_head.weight"][TEXT:] = 0.0   # logit 0: below the best of 128 random logits
+    return Llama.from_hf_weights(spec, tensors)
+
+
+@pytest.fixture
+def llm(model):
+    llm = LLM.from_model(model, ScriptTokenizer(), num_kv_blocks=256, block_size=4, max_num_seqs=16,
+                         max_num_batched_tokens=64, row_width=8, attn_chunk_tokens=8, max_model_len=160,
+                         warmup=False, strict_compile=False, policy="preserve")
+    yield llm
+    llm.close()
+
+
+def calling(k, max_tokens=None):
+    """Greedy params whose ToolFormat sees only call k of SCRIPT; by default 4 tokens are sampled
+    after its first call."""
+    fmt = ToolFormat(call_start=f"{k}[", call_end="]", result_template="=({result})")
+    return SamplingParams(max_tokens=max_tokens or call_end(k) + 4, temperature=0.0, ignore_eos=True,
+                          tool_format=fmt)
+
+
+def answered(k, result):
+    """The text of a request with format k whose call got `result`."""
+    n = call_end(k)
+    return SCRIPT[:n] + f"=({result})" + SCRIPT[n:n + 4]
+
+
+@pytest.fixture
+def release():
+    """An event that a hanging tool waits for; set at teardown so no thread outlives the test."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_the_script_model_writes_the_script(llm):
+    out = llm.generate("go", SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))[0]
+    assert out.text == SCRIPT[:30] and all(t < TEXT for t in out.token_ids)
+
+
+def test_a_result_is_appended_and_generation_continues(llm):
+    echo = Tool("echo", lambda arguments: arguments.upper())
+    out = llm.generate("go", calling(1), tools=[echo])[0]
+    assert out.text == answered(1, "HI")
+    assert out.num_generated_tokens == call_end(1) + 4 and out.finish_reason == "length"
+    [record] = out.tool_calls
+    assert (record.tool, record.arguments, record.result, record.error, record.cache_hit) == \
+        ("echo", "hi", "HI", False, False)
+
+
+def test_calls_are_routed_by_name(llm):
+    tools = [Tool("echo", lambda a: f"echo {a}"), Tool("count", lambda a: str(len(a)))]
+    outs = llm.generate(["go"] * 4, [calling(1), calling(4), calling(5), calling(9)], tools=tools)
+    assert [o.text for o in outs] == [
+        answered(1, "echo hi"), answered(4, "1"),
+        answered(5, "error: unknown tool 'nope'; the tools are echo, count"),
+        answered(9, "error: the call names no tool; write name(arguments); the tools are echo, count")]
+    assert [o.tool_calls[0].error for o in outs] == [False, False, True, True]
+
+
+def test_a_single_tool_gets_a_call_that_names_none(llm):
+    calc = Tool("calc", lambda a: str(sum(int(x) for x in a.split("+"))))
+    assert llm.generate("go", calling(9), tools=[calc])[0].text == answered(9, "5")
+
+
+def test_failing_tools_get_error_texts_and_do_not_stop_the_others(llm, release):
+    def boom(arguments):
+        raise ValueError(f"bad {arguments}")
+
+    def slow(arguments):
+        release.wait(5)
+        return "too late"
+
+    tools = [Tool("echo", lambda a: a), Tool("boom", boom), Tool("slow", slow, timeout_s=0.2),
+             Tool("count", len), Tool("huge", lambda a: "x" * 1000)]
+    outs = llm.generate(["go"] * 5, [calling(k) for k in (1, 2, 3, 4, 6)], tools=tools)
+    echo, boom_out, slow_out, count, huge = outs
+    assert echo.text == answered(1, "hi")
+    assert boom_out.text == answered(2, "error: ValueError: bad x")
+    assert slow_out.text == answered(3, "error: tool slow timed out after 0.2 s")
+    assert slow_out.tool_calls[0].seconds < 4   # resumed long before the thread returns
+    assert count.text == answered(4, "error: tool count returned int, not str")
+    # The 1000-character result does not fit the 160-token context: cut, and the request ends.
+    assert huge.finish_reason == "length" and huge.text.endswith("x" * 50)
+    assert len(huge.prompt_token_ids) + len(huge.token_ids) == 160
+    assert huge.tool_calls[0].result == "x" * 1000 and not huge.tool_calls[0].error
+    assert llm.engine.requests == {}
+
+
+def test_other_requests_keep_generating_while_a_call_runs(llm, release):
+    """Call 7 waits for call 8, which request 8 writes only if it keeps going meanwhile."""
+    def wait(arguments):
+        return "released" if release.wait(5) else "not released"
+
+    def set_release(arguments):
+        release.set()
+        return "done"
+
+    tools = [Tool("wait", wait), Tool("release", set_release)]
+    waiting, releasing = llm.generate(["go", "go"], [calling(7), calling(8)], tools=tools)
+    assert waiting.text == answered(7, "released") and releasing.text == answered(8, "done")
+
+
+def test_the_cache_answers_identical_calls_without_running_the_tool(llm):
+    runs = []
+    echo = Tool("echo", lambda a: runs.append(a) or a, cache=True)
+    outs = llm.generate(["go", "go"], calling(1, max_tokens=len(SCRIPT)), tools=[echo])
+    assert [[c.result for c in o.tool_calls] for o in outs] == [["hi", "hi"]] * 2
+    assert runs == ["hi"]
+    assert [[c.cache_hit for c in o.tool_calls] for o in outs] == [[False, True], [True, True]]
+
+
+def test_a_failed_call_is_not_cached(llm):
+    runs = []
+
+    def flaky(arguments):
+        runs.append(arguments)
+        if len(runs) == 1:
+            raise TimeoutError("try again")
+        return "ok"
+
+    out = llm.generate("go", calling(1, max_tokens=len(SCRIPT)), tools=[Tool("echo", flaky, cache=True)])[0]
+    assert [c.result for c in out.tool_calls] == ["error: TimeoutError: try again", "ok"]
+    assert len(runs) == 2
+
+
+def test_a_call_without_tools_gets_an_error_text(llm):
+    out = llm.generate("go", calling(1))[0]
+    assert out.text == answered(1, "error: no tools were given")
+    assert out.tool_calls[0].tool is None and out.tool_calls[0].error
+
+
+def test_intercept_after_pauses_resume_at_once_in_generate(llm):
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, intercept_after=5)
+    out = llm.generate("go", p)[0]
+    assert out.text == SCRIPT[:12] and out.num_interceptions == 2 and out.tool_calls == []
+
+
+def test_bad_tools_are_rejected_before_anything_is_queued(llm):
+    with pytest.raises(ValueError, match="unique"):
+        llm.generate("go", calling(1), tools=[Tool("echo", str), Tool("echo", repr)])
+    with pytest.raises(ValueError, match="Tool objects"):
+        llm.generate("go", calling(1), tools=[str])
+    assert llm.engine.requests == {}
