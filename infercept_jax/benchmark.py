@@ -2,6 +2,7 @@
 engine or in the simulator, then print a table and draw the plots (`infercept replay`)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Callable, Sequence
@@ -11,10 +12,39 @@ from tqdm.auto import tqdm
 from infercept_jax.engine import Engine
 from infercept_jax.replay import replay, sample_arrivals
 from infercept_jax.simulator import simulated_engine
-from infercept_jax.workload import TraceRequest
-from scheduling.estimators import make_estimator
-from scheduling.policies import make_policy
-from scheduling.profile import HardwareProfile
+from infercept_jax.workload import KINDS, TraceRequest, generate_workload, load_trace, scale_tokens
+from scheduling.estimators import ESTIMATORS, make_estimator
+from scheduling.policies import POLICIES, make_policy
+from scheduling.profile import HardwareProfile, load_profile
+
+DEFAULT_POLICIES = ("discard", "preserve", "swap", "infercept")
+SMALL_SCALE = 1 / 8   # builtin:*-small: token counts for a small model on a CPU
+
+
+def builtin_trace(name: str) -> dict[str, TraceRequest]:
+    """`mixed` or a kind of KINDS (400 generated requests, seed 0, contexts up to 2048 tokens, as
+    the paper's trace); a `-small` suffix scales every token count by 1/8."""
+    base = name.removesuffix("-small")
+    if base != "mixed" and base not in KINDS:
+        raise ValueError(f"unknown builtin trace {name!r}; known: mixed, {', '.join(KINDS)} (each also -small)")
+    trace = generate_workload(base, 400, seed=0)
+    return scale_tokens(trace, SMALL_SCALE) if name.endswith("-small") else trace
+
+
+def resolve_trace(spec: str, tokenizer=None) -> dict[str, TraceRequest]:
+    """`builtin:NAME` or the path of a trace JSON file."""
+    if spec.startswith("builtin:"):
+        return builtin_trace(spec.removeprefix("builtin:"))
+    return load_trace(spec, tokenizer)
+
+
+def real_engines(model: str, estimator: str = "oracle", **engine_options) -> Callable[[str], Engine]:
+    """A factory of real engines (one LLM per policy) for `run_replays`."""
+    from infercept_jax.llm import LLM
+
+    def build(policy: str) -> Engine:
+        return LLM(model, policy=policy, estimator=estimator, **engine_options).engine
+    return build
 
 
 def simulated_engines(profile: HardwareProfile, estimator: str = "oracle", **engine_options) -> Callable[[str], Engine]:
@@ -104,3 +134,62 @@ def plot_results(results: list[dict], out_dir: str) -> list[str]:
     fig.savefig(waste_path, dpi=120)
     plt.close(fig)
     return [latency_path, waste_path]
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True, help="trace JSON file, or builtin:mixed, builtin:qa, "
+                        "builtin:mixed-small (token counts / 8), ...")
+    parser.add_argument("--policy", action="append", choices=POLICIES,
+                        help=f"repeat for several (default: {' '.join(DEFAULT_POLICIES)})")
+    parser.add_argument("--qps", action="append", type=float, help="request rate; repeat for several (default 1)")
+    parser.add_argument("--window", type=float, default=1800.0, help="seconds of arrivals (default 1800)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every tool-call duration")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="oracle", help="call-duration estimator")
+    parser.add_argument("--simulate", action="store_true", help="the simulator instead of the real engine")
+    parser.add_argument("--profile", help="hardware profile: a name (a100-gptj-6b, a100x2-vicuna-13b) or "
+                        "a JSON file from `infercept profile`; required with --simulate")
+    parser.add_argument("--model", default="smollm2-135m", help="real engine: model name or path")
+    parser.add_argument("--num-kv-blocks", type=int, help="device KV blocks (default: the profile's, or the "
+                        "engine's default)")
+    parser.add_argument("--num-host-blocks", type=int, help="host KV blocks for swap")
+    parser.add_argument("--max-num-seqs", type=int, help="requests per step")
+    parser.add_argument("--out", required=True, help="folder for results.json and the plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def replay_command(args: argparse.Namespace) -> list[dict]:
+    """Run `infercept replay` / scripts/replay_trace.py: replays, table, results.json, plots."""
+    policies = args.policy or list(DEFAULT_POLICIES)
+    rates = args.qps or [1.0]
+    options = {k: v for k, v in (("num_host_blocks", args.num_host_blocks), ("max_num_seqs", args.max_num_seqs))
+               if v is not None}
+    if args.simulate:
+        if args.profile is None:
+            raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")
+        if args.num_kv_blocks is not None:
+            options["num_device_blocks"] = args.num_kv_blocks
+        make_engine = simulated_engines(load_profile(args.profile), args.estimator, **options)
+        trace = resolve_trace(args.trace)
+    else:
+        if args.num_kv_blocks is not None:
+            options["num_kv_blocks"] = args.num_kv_blocks
+        if args.profile is not None:
+            options["profile"] = args.profile
+        make_engine = real_engines(args.model, args.estimator, **options)
+        trace = resolve_trace(args.trace, _tokenizer_for(args.trace, args.model))
+    results = run_replays(trace, make_engine, policies, rates, args.window, seed=args.seed,
+                          time_scale=args.time_scale, show_progress=not args.quiet)
+    print(format_table(results))
+    for path in write_results(results, args.out):
+        print(f"wrote {path}")
+    return results
+
+
+def _tokenizer_for(trace: str, model: str):
+    """The served model's tokenizer, needed only for a text-form trace file."""
+    if trace.startswith("builtin:"):
+        return None
+    from models.registry import load_model
+
+    return load_model(model)[2]

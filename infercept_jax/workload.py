@@ -305,6 +305,18 @@ def _generate_request(key: str, kind: str, rng: np.random.Generator, single_call
     return TraceRequest(key, prompt, tuple(segments), kind)
 
 
+def scale_tokens(trace: Trace, factor: float) -> Trace:
+    """The same requests with every token count times `factor` (a count that was not 0 stays at
+    least 1): a paper-scale workload shrunk to what a small model on a CPU serves in minutes."""
+    if factor <= 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    scale = lambda n: n if n is None or n == 0 else max(1, round(n * factor))  # noqa: E731
+    return {key: TraceRequest(r.key, scale(r.prompt_tokens),
+                              tuple(Segment(scale(s.completion_tokens), s.api_time, scale(s.api_token_length))
+                                    for s in r.segments), r.kind)
+            for key, r in trace.items()}
+
+
 def describe(trace: Trace) -> dict[str, dict[str, float]]:
     """Per-kind means (requests without a kind count as "unknown"), plus "all"."""
     groups: dict[str, list[TraceRequest]] = defaultdict(list)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from infercept_jax.workload import (KINDS, Segment, TraceRequest, describe, generate_workload,
+from infercept_jax.workload import (KINDS, Segment, TraceRequest, describe, generate_workload, scale_tokens,
                                     load_trace, save_trace)
 
 # Measured in the released trace (spec 1.2): calls per request and mean api_time (s).
@@ -193,3 +193,16 @@ def test_describe_groups_by_kind():
                                 "completion_tokens": 7.0, "final_context": 17.0, "max_final_context": 17}
     assert stats["all"]["requests"] == 61
     assert sum(stats[k]["requests"] for k in stats if k != "all") == 61
+
+
+def test_scale_tokens_shrinks_every_count_and_keeps_the_calls():
+    trace = generate_workload("mixed", 50, seed=1)
+    small = scale_tokens(trace, 0.125)
+    for key, r in trace.items():
+        s = small[key]
+        assert s.num_calls == r.num_calls and s.kind == r.kind
+        assert [x.api_time for x in s.segments] == [x.api_time for x in r.segments]
+        assert s.prompt_tokens == max(1, round(r.prompt_tokens * 0.125))
+        for a, b in zip(r.segments, s.segments):
+            assert b.completion_tokens == (0 if a.completion_tokens == 0 else max(1, round(a.completion_tokens / 8)))
+    assert describe(small)["all"]["final_context"] < describe(trace)["all"]["final_context"] / 6
