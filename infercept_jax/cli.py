@@ -2,11 +2,13 @@
 
     infercept generate --prompt "The capital of France is" --max-tokens 16 --temperature 0
     infercept generate --chat --prompt "Write a haiku about the sea." --stream
+    infercept profile --model smollm2-135m --out profile.json    # then LLM(..., profile="profile.json")
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 
@@ -45,7 +47,34 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+# `profile` options that are passed to LLM(...) when given; the rest keep the engine's defaults,
+# so the profile describes the engine a user builds with the same options.
+PROFILE_ENGINE_OPTIONS = ("dtype", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size",
+                          "kv_cache_memory_gb", "swap_space_gb")
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from infercept_jax import LLM
+    from infercept_jax.profiler import measure_profile
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = {k: getattr(args, k) for k in PROFILE_ENGINE_OPTIONS if getattr(args, k) is not None}
+    try:
+        # Any policy with a host pool will do; `swap` needs no profile, so none is asked for.
+        llm = LLM(args.model, policy="swap", **options)
+        profile = measure_profile(llm, name=args.name or f"{args.model}-measured", model=args.model,
+                                  repeats=args.repeats, quick=args.quick)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    profile.to_json(args.out)
+    print(json.dumps(profile.to_dict(), indent=2))
+    print(f"wrote {args.out}; use it with LLM({args.model!r}, profile={args.out!r}, "
+          f"max_num_batched_tokens={profile.saturation_tokens}, ...)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,8 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--kv-cache-gb", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    return _generate(args)
+    gen.set_defaults(run=_generate)
+
+    prof = sub.add_parser("profile", help="measure this machine's hardware profile (InferCept's constants)")
+    prof.add_argument("--model", default="smollm2-135m", help="a known name, an HF folder or a .gguf file")
+    prof.add_argument("--out", default="profile.json", help="where to write the profile JSON")
+    prof.add_argument("--name", help="the profile's name (default: <model>-measured)")
+    prof.add_argument("--quick", action="store_true", help="fewer step sizes and repeats (seconds, rough)")
+    prof.add_argument("--repeats", type=int, default=5, help="timings per measurement (median)")
+    prof.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    prof.add_argument("--max-num-batched-tokens", type=int, help="the largest step profiled (S is at most this)")
+    prof.add_argument("--max-num-seqs", type=int)
+    prof.add_argument("--max-model-len", type=int)
+    prof.add_argument("--block-size", type=int)
+    prof.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
+    prof.add_argument("--swap-space-gb", type=float)
+    prof.set_defaults(run=_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":
