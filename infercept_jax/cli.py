@@ -2,7 +2,9 @@
 
     infercept generate --prompt "The capital of France is" --max-tokens 16 --temperature 0
     infercept generate --chat --prompt "Write a haiku about the sea." --stream
-    infercept profile --model smollm2-135m --out profile.json    # then LLM(..., profile="profile.json")
+    infercept profile --model smollm2-135m -o profile.json    # then LLM(..., profile="profile.json")
+    infercept workload --kind mixed --n 400 --seed 0 -o mixed.json
+    infercept replay --trace mixed.json --simulate --profile a100-gptj-6b --qps 1 --qps 2 --out results/sim
 """
 from __future__ import annotations
 
@@ -74,6 +76,33 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workload(args: argparse.Namespace) -> int:
+    from infercept_jax.workload import describe, generate_workload, save_trace
+
+    try:
+        trace = generate_workload(args.kind, args.n, seed=args.seed, single_call=args.single_call,
+                                  max_context=args.max_context)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_trace(trace, args.out)
+    for kind, stats in describe(trace).items():
+        print(f"{kind:>8}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
+    print(f"wrote {len(trace)} requests to {args.out}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from infercept_jax.benchmark import replay_command
+
+    try:
+        replay_command(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure this machine's hardware profile (InferCept's constants)")
     prof.add_argument("--model", default="smollm2-135m", help="a known name, an HF folder or a .gguf file")
-    prof.add_argument("--out", default="profile.json", help="where to write the profile JSON")
+    prof.add_argument("-o", "--out", default="profile.json", help="where to write the profile JSON")
     prof.add_argument("--name", help="the profile's name (default: <model>-measured)")
     prof.add_argument("--quick", action="store_true", help="fewer step sizes and repeats (seconds, rough)")
     prof.add_argument("--repeats", type=int, default=5, help="timings per measurement (median)")
@@ -109,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
     prof.add_argument("--swap-space-gb", type=float)
     prof.set_defaults(run=_profile)
+
+    from infercept_jax.benchmark import add_replay_arguments
+    from infercept_jax.workload import KINDS
+
+    work = sub.add_parser("workload", help="generate a synthetic tool-calling trace (spec 1.2 distributions)")
+    work.add_argument("--kind", choices=KINDS + ("mixed",), default="mixed")
+    work.add_argument("--single-call", action="store_true", help="exactly one call per request")
+    work.add_argument("--n", type=int, default=400, help="number of requests")
+    work.add_argument("--seed", type=int, default=0)
+    work.add_argument("--max-context", type=int, default=2048, help="longest final context in tokens")
+    work.add_argument("-o", "--out", required=True, help="where to write the trace JSON")
+    work.set_defaults(run=_workload)
+
+    rep = sub.add_parser("replay", help="replay a trace under policies and request rates (real or simulated)")
+    add_replay_arguments(rep)
+    rep.set_defaults(run=_replay)
     return parser
 
 

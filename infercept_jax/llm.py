@@ -27,6 +27,7 @@ from scheduling.profile import HardwareProfile, load_profile
 
 log = logging.getLogger(__name__)
 
+_warned_uncalibrated = False   # the missing-profile warning is given once per process
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -106,7 +107,9 @@ class LLM:
         """The hardware profile the infercept policy decides with."""
         if config.profile is not None:
             return load_profile(config.profile)
-        if config.policy == "infercept":
+        global _warned_uncalibrated
+        if config.policy == "infercept" and not _warned_uncalibrated:
+            _warned_uncalibrated = True
             log.warning("no hardware profile given: the infercept policy uses uncalibrated constants; "
                         "run `infercept profile` on this machine and pass profile=<the JSON file>")
         return HardwareProfile(
