@@ -39,12 +39,29 @@ def resolve_trace(spec: str, tokenizer=None) -> dict[str, TraceRequest]:
 
 
 def real_engines(model: str, estimator: str = "oracle", **engine_options) -> Callable[[str], Engine]:
-    """A factory of real engines (one LLM per policy) for `run_replays`."""
-    from infercept_jax.llm import LLM
+    """A factory of real engines for `run_replays`: the model is loaded once, each policy gets its
+    own engine (pools, warm-up) around it."""
+    from infercept_jax.llm import LLM, resolve_dtype
+    from models.llama import Llama
+    from models.registry import load_model
+
+    spec, tensors, tokenizer = load_model(model)
+    llama = Llama.from_hf_weights(spec, tensors, dtype=resolve_dtype(engine_options.get("dtype", "auto")))
 
     def build(policy: str) -> Engine:
-        return LLM(model, policy=policy, estimator=estimator, **engine_options).engine
+        return LLM.from_model(llama, tokenizer, policy=policy, estimator=estimator, **engine_options).engine
     return build
+
+
+def measure_here(model: str, path: str, **engine_options) -> HardwareProfile:
+    """A quick profile of this machine with the engine options a replay uses, written to `path`."""
+    from infercept_jax.llm import LLM
+    from infercept_jax.profiler import measure_profile
+
+    llm = LLM(model, policy="swap", **engine_options)
+    profile = measure_profile(llm, name=f"{model}-here", model=model, quick=True)
+    profile.to_json(path)
+    return profile
 
 
 def simulated_engines(profile: HardwareProfile, estimator: str = "oracle", **engine_options) -> Callable[[str], Engine]:
@@ -148,7 +165,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimator", choices=ESTIMATORS, default="oracle", help="call-duration estimator")
     parser.add_argument("--simulate", action="store_true", help="the simulator instead of the real engine")
     parser.add_argument("--profile", help="hardware profile: a name (a100-gptj-6b, a100x2-vicuna-13b) or "
-                        "a JSON file from `infercept profile`; required with --simulate")
+                        "a JSON file from `infercept profile`; required with --simulate; for the real engine "
+                        "it is measured here (quick) when infercept or heuristic runs without one")
     parser.add_argument("--model", default="smollm2-135m", help="real engine: model name or path")
     parser.add_argument("--num-kv-blocks", type=int, help="device KV blocks (default: the profile's, or the "
                         "engine's default)")
@@ -174,6 +192,12 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
     else:
         if args.num_kv_blocks is not None:
             options["num_kv_blocks"] = args.num_kv_blocks
+        if args.profile is None and {"infercept", "heuristic"} & set(policies):
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, "profile.json")
+            profile = measure_here(args.model, path, **options)
+            print(f"measured this machine's profile (S={profile.saturation_tokens}) into {path}")
+            args.profile = path
         if args.profile is not None:
             options["profile"] = args.profile
         make_engine = real_engines(args.model, args.estimator, **options)

@@ -123,7 +123,7 @@ class InferCeptPolicy(Policy):
     of the rest is discarded when recomputing it in chunks wastes less than keeping it, and
     preserved otherwise. The budget solves `in + out <= N(S)`, `in - out = F - S` with the host
     room enforced. When nothing waits and the step has spare compute, the oldest swapped request is
-    recomputed instead of swapped in (`_active_discard`).
+    recomputed instead of swapped in if that costs less time (`_active_discard`).
     """
 
     name = "infercept"
@@ -171,16 +171,25 @@ class InferCeptPolicy(Policy):
         scored.sort(key=lambda item: (-item[0], item[3].priority_time))
         return scored
 
-    @staticmethod
-    def _active_discard(sched: Scheduler) -> None:
+    def _active_discard(self, sched: Scheduler) -> None:
         """Nothing waits and compute is idle: recompute the oldest swapped request rather than
-        spend the swap budget on it."""
+        spend the swap budget on it, if that is cheaper.
+
+        The released code always recomputes here, as if idle compute were free. It is not: the
+        chunks lengthen the steps by a_f per token. So the recompute (the whole context) is chosen
+        only when that extra compute time is below the swap-in time of the host part (spec 8.1,
+        "_active_discard generalized"). On the paper's A100 profiles the two are close; on a CPU,
+        where compute is dear and copies are cheap, it never recomputes.
+        """
         if sched.waiting or not sched.swapped:
             return
         if sum(r.num_inflight_tokens for r in sched.running) >= sched.config.max_num_batched_tokens:
             return
         oldest = min(sched.swapped, key=lambda r: r.priority_time)
-        sched.recompute_swapped(oldest)
+        on_host = sched.blocks.num_host_blocks_of(oldest.request_id) * sched.blocks.block_size
+        recompute_s = self.profile.fwd_ms_per_token * oldest.num_computed_tokens / 1000
+        if recompute_s < self.profile.swap_seconds(on_host):
+            sched.recompute_swapped(oldest)
 
 
 def make_policy(name: str, profile: HardwareProfile | None = None,
