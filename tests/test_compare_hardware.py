@@ -1,0 +1,113 @@
+"""scripts/compare_hardware.py: the sustainable-rate rules on hand-made runs, the sweep's early stop,
+and one tiny end-to-end run."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from infercept_jax.workload import Segment, TraceRequest
+from scheduling.profile import HardwareProfile
+
+_PATH = Path(__file__).resolve().parent.parent / "scripts" / "compare_hardware.py"
+_SPEC = importlib.util.spec_from_file_location("compare_hardware", _PATH)
+ch = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ch)
+
+
+def run(policy: str, qps: float, latency: float | None, waste: float = 0.0) -> dict:
+    return {"policy": policy, "qps": qps, "normalized_latency": {"mean": latency}, "memory_waste_pct": waste}
+
+
+# Best latency at the lowest rate 1.0 is 0.010 (preserve): with factor 2 the SLO is 0.020.
+RESULTS = [
+    run("discard", 1.0, 0.015), run("discard", 2.0, 0.019, 10.0), run("discard", 3.0, 0.050),
+    run("preserve", 1.0, 0.010), run("preserve", 2.0, 0.012, 30.0), run("preserve", 3.0, 0.013),
+    run("preserve", 4.0, 0.030),
+    run("swap", 1.0, 0.012), run("swap", 2.0, 0.025), run("swap", 3.0, 0.015),   # a miss, then a pass
+    run("infercept", 2.0, None), run("infercept", 1.0, 0.011),                    # unsorted; no latency at 2
+]
+
+
+def test_slo_is_the_factor_times_the_best_latency_at_the_lowest_rate():
+    assert ch.latency_slo(RESULTS) == pytest.approx(0.020)
+    assert ch.latency_slo(RESULTS, factor=3.0) == pytest.approx(0.030)
+    with pytest.raises(ValueError, match="no SLO"):
+        ch.latency_slo([run("discard", 1.0, None), run("discard", 2.0, 0.01)])
+
+
+def test_sustainable_rate_needs_the_slo_at_every_lower_rate():
+    slo = 0.020
+    assert ch.sustainable_rate(RESULTS, "discard", slo) == 2.0
+    assert ch.sustainable_rate(RESULTS, "preserve", slo) == 3.0
+    assert ch.sustainable_rate(RESULTS, "swap", slo) == 1.0         # passing again at 3 does not count
+    assert ch.sustainable_rate(RESULTS, "infercept", slo) == 1.0    # a run without a latency misses
+    assert ch.sustainable_rate(RESULTS, "discard", 0.001) == 0.0    # misses at the lowest rate
+    assert ch.sustainable_rate(RESULTS, "heuristic", slo) == 0.0    # never ran
+
+
+def test_gain_over_a_baseline_that_sustains_nothing():
+    assert ch.gain(3.0, 2.0) == 1.5
+    assert ch.gain(3.0, 0.0) == math.inf
+    assert ch.gain(0.0, 0.0) is None
+
+
+def test_summary_compares_every_policy_at_discards_sustainable_rate():
+    rows = {r["policy"]: r for r in ch.summarize(RESULTS, "hw", 0.020)}
+    assert list(rows) == ["discard", "preserve", "swap", "infercept"]
+    assert rows["preserve"] == {"setup": "hw", "policy": "preserve", "sustainable_rps": 3.0, "gain": 1.5,
+                                "latency_at_baseline": 0.012, "waste_at_baseline": 30.0}
+    assert rows["swap"]["gain"] == 0.5 and rows["swap"]["latency_at_baseline"] == 0.025
+    assert rows["infercept"]["latency_at_baseline"] is None                  # ran at 2.0 without a latency
+    nothing = {r["policy"]: r for r in ch.summarize(RESULTS, "hw", 0.0105)}  # discard sustains nothing
+    assert nothing["preserve"]["gain"] == math.inf and nothing["discard"]["gain"] is None
+    assert nothing["preserve"]["latency_at_baseline"] is None
+    table = ch.format_compare(list(nothing.values()), "profile")
+    assert "| hw | preserve | 1 | ∞ | – | – |" in table and "| hw | discard | 0 | – |" in table
+
+
+def test_capacity_is_the_step_throughput_over_mean_tokens_per_request():
+    trace = {"a": TraceRequest("a", 10, (Segment(5, 1.0, 5), Segment(10))),      # 30 tokens
+             "b": TraceRequest("b", 50, (Segment(20),))}                          # 70 tokens: mean 50
+    profile = HardwareProfile(name="p", fwd_ms_per_token=1.0, fwd_base_ms=100.0, saturation_tokens=100,
+                              swap_limit_tokens=100.0, kv_bytes_per_token=1, block_size=4,
+                              num_device_blocks=10_000, num_host_blocks=0)        # 800 requests fit: S binds
+    assert ch.capacity_rps(profile, trace) == pytest.approx(100 / 0.2 / 50)
+    small = dataclasses.replace(profile, num_device_blocks=100)                   # 8 requests fit: 8 tokens a step
+    assert ch.capacity_rps(small, trace) == pytest.approx(8 / 0.108 / 50)
+    with pytest.raises(ValueError, match="no pool sizes"):
+        ch.capacity_rps(dataclasses.replace(profile, num_device_blocks=None), trace)
+
+
+def test_sweep_stops_a_policy_after_its_first_miss_past_discards_rate(monkeypatch):
+    # SLO 0.02; discard sustains 3: swap, missing from 2, still runs at 3; infercept stops after 4
+    latency = {"discard": {1: 0.01, 2: 0.01, 3: 0.01, 4: 0.05}, "swap": {1: 0.01, 2: 0.05, 3: 0.05},
+               "infercept": {1: 0.01, 2: 0.01, 3: 0.01, 4: 0.05}}
+    calls = []
+
+    def fake_run_replays(trace, make_engine, policies, rates, window, seed, show_progress):
+        calls.extend((p, rates[0]) for p in policies)
+        return [{**run(p, rates[0], latency[p][rates[0]]), "num_finished": 1, "num_submitted": 1} for p in policies]
+
+    monkeypatch.setattr(ch, "run_replays", fake_run_replays)
+    results = ch.sweep({}, None, ["discard", "swap", "infercept"], [1, 2, 3, 4, 5], window=1.0)
+    assert calls == [("discard", 1), ("swap", 1), ("infercept", 1), ("discard", 2), ("discard", 3), ("discard", 4),
+                     ("swap", 2), ("swap", 3), ("infercept", 2), ("infercept", 3), ("infercept", 4)]
+    assert len(results) == len(calls)
+
+
+def test_main_writes_the_table_results_and_plot(tmp_path):
+    rows = ch.main(["--profile", "a100-gptj-6b", "--profile", "a100x2-vicuna-13b", "--policy", "infercept",
+                    "--window", "4", "--out", str(tmp_path)])
+    assert [(r["setup"], r["policy"]) for r in rows] == [
+        ("a100-gptj-6b", "discard"), ("a100-gptj-6b", "infercept"),
+        ("a100x2-vicuna-13b", "discard"), ("a100x2-vicuna-13b", "infercept")]
+    runs = json.loads((tmp_path / "results.json").read_text())
+    assert {r["profile"] for r in runs} == {"a100-gptj-6b", "a100x2-vicuna-13b"}
+    assert all(r["trace"] == "builtin:mixed" and r["steps"] > 0 for r in runs)
+    assert "| a100-gptj-6b | infercept |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "gain_over_discard.png").stat().st_size > 0
