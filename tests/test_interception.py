@@ -153,13 +153,15 @@ def test_infercept_discards_and_swaps_within_the_budget(model, profile_path):
     assert engine.waste.discards + engine.waste.swap_out_blocks > 0
 
 
+@pytest.mark.parametrize("transfer", ["pinned_host", "numpy"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_swap_round_trip_is_bit_exact(dtype):
+def test_swap_round_trip_is_bit_exact(dtype, transfer):
     rng = np.random.default_rng(0)
     shape = (2, 12, 4, 2, 8)
     k = jnp.asarray(rng.standard_normal(shape), dtype)
     v = jnp.asarray(rng.standard_normal(shape), dtype)
-    host = HostKVPool(2, 10, 4, 2, 8, dtype, max_blocks_per_copy=4)
+    host = HostKVPool(2, 10, 4, 2, 8, dtype, max_blocks_per_copy=4, transfer=transfer)
+    assert host.transfer == transfer
     out_pairs = [(3, 0), (5, 7), (6, 2), (9, 9), (11, 1)]          # 5 blocks: two copies (4 + 1)
     host.copy_out(k, v, out_pairs)
     host.land()
