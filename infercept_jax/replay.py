@@ -74,6 +74,7 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
     timers: list[tuple[float, int, str]] = []      # (due, tie-break, request id)
     live: dict[str, _Live] = {}
     submitted: list[Request] = []
+    rejected = 0
     while True:
         now = clock() - t0
         if now >= window:
@@ -81,7 +82,13 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
         while pending and pending[-1][0] <= now:
             _, trace_request = pending.pop()
             prompt = [token_id] * max(1, trace_request.prompt_tokens)
-            rid = engine.add_request(prompt, segment_params(trace_request, 0, time_scale))
+            try:
+                rid = engine.add_request(prompt, segment_params(trace_request, 0, time_scale))
+            except ValueError:          # a prompt this engine cannot hold (context or pool too small)
+                rejected += 1
+                if progress is not None:
+                    progress.update(1)
+                continue
             live[rid] = _Live(trace_request, engine.requests[rid])
             submitted.append(live[rid].request)
         while timers and timers[0][0] <= now:
@@ -113,7 +120,7 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
                 clock.now = max(clock.now, t0 + wake)
             else:
                 time.sleep(max(0.0, min(wake - (clock() - t0), 0.05)))
-    return replay_metrics(submitted, t0, clock() - t0, engine)
+    return {**replay_metrics(submitted, t0, clock() - t0, engine), "num_rejected": rejected}
 
 
 def _retire(engine: Engine, live: dict[str, _Live], rid: str, progress) -> None:

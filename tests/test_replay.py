@@ -85,3 +85,11 @@ def test_replay_cli_writes_results_and_plots(tmp_path):
         assert set(results[0][key]) == {"mean", "p50", "p90", "p99"}
     assert (out / "latency_vs_rate.png").stat().st_size > 0 and (out / "memory_waste.png").stat().st_size > 0
     assert main(["replay", "--trace", str(trace), "--simulate", "--out", str(out)]) == 2    # no profile
+
+
+def test_prompts_the_engine_cannot_hold_are_counted_not_fatal():
+    big = TraceRequest("big", 500, (Segment(2),))        # 500 tokens: more than the 64 blocks of 4
+    small = TraceRequest("small", 4, (Segment(2),))
+    engine = simulated_engine(FLAT, make_policy("preserve"), OracleEstimator())
+    m = replay(engine, [(0.0, big), (0.0, small)], window=10.0)
+    assert m["num_rejected"] == 1 and m["num_submitted"] == m["num_finished"] == 1
