@@ -1,6 +1,9 @@
-"""Shared test helpers: tiny random Llamas and a single-sequence paged forward."""
+"""Shared test helpers: tiny random Llamas, a single-sequence paged forward, a compile counter."""
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -87,3 +90,19 @@ def torch_llama(spec: ModelSpec, tensors: dict[str, np.ndarray]):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     ref.load_state_dict(state, strict=True)
     return ref
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yield a list that collects the JAX compile events of the block (the no-compile guards)."""
+    compiles = []
+
+    def listener(event, *args, **kwargs):
+        if "compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

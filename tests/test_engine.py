@@ -1,11 +1,10 @@
 """Engine behaviour on a tiny random Llama: batching, chunking, preemption, compile guard, errors."""
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
-from helpers import random_hf_tensors, tiny_spec
+from helpers import count_compiles, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from models.llama import Llama
 
@@ -99,19 +98,10 @@ def test_generation_stops_at_max_model_len(model):
 def test_no_compile_after_warmup(model):
     llm = make_llm(model, warmup=True, strict_compile=True, max_num_batched_tokens=32)
     assert llm.warmup_shapes == len(llm.runner.all_shapes()) > 0
-    compiles = []
-
-    def listener(event, *args, **kwargs):
-        if "compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiles:
         llm.generate(prompts(8, seed=7, lo=2, hi=90), SamplingParams(max_tokens=9, temperature=0.0))
         llm.generate(prompts(1, seed=8), SamplingParams(max_tokens=3, temperature=0.5, top_p=0.5))
         llm.generate(prompts(3, seed=9, lo=60, hi=100), SamplingParams(max_tokens=4, temperature=0.0))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 

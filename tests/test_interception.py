@@ -1,12 +1,11 @@
 """Interception on a tiny random Llama: pause/resume, policies, swap round trips, bad resumes."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_hf_tensors, tiny_spec
+from helpers import count_compiles, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from kvcache.block_manager import BlockManager
 from kvcache.swap import HostKVPool
@@ -255,16 +254,7 @@ def test_abort_of_a_paused_or_swapped_request_frees_both_pools(model, profile_pa
 @pytest.mark.parametrize("policy", ["swap", "infercept"])
 def test_swaps_do_not_compile_after_warmup(model, profile_path, policy):
     llm = make_llm(model, policy=policy, profile=profile_path, warmup=True, strict_compile=True)
-    compiles = []
-
-    def listener(event, *args, **kwargs):
-        if "compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiles:
         run_intercepted(llm, prompts(6))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert llm.engine.waste.swap_out_blocks > 0
     assert compiles == []
