@@ -33,14 +33,15 @@ class Engine:
         self.blocks = block_manager
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        pool_tokens = block_manager.device.capacity * block_manager.block_size
         # A sequence can never outgrow the device pool: it finishes with "length" there.
-        self.context_limit = min(max_model_len, block_manager.device.capacity * block_manager.block_size)
+        self.context_limit = min(max_model_len, pool_tokens)
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock
         self.estimator = estimator or DynamicEstimator()
         self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs), block_manager, policy)
-        self.waste = WasteMeter(block_manager.device.capacity * block_manager.block_size)
+        self.waste = WasteMeter(pool_tokens)
         self.num_steps = 0                 # steps that ran (a step with nothing to do does not count)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -141,7 +142,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """Requests still running, queued or paused."""
-        return self.scheduler.has_work() or bool(self.scheduler.paused)
+        return self.has_work() or bool(self.scheduler.paused)
 
     def pop_finished(self, request_id: str) -> Request:
         """Forget a finished request (the caller has its output)."""
