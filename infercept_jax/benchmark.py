@@ -211,9 +211,10 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
 
 
 def _tokenizer_for(trace: str, model: str):
-    """The served model's tokenizer, needed only for a text-form trace file."""
+    """The served model's tokenizer, needed only for a text-form trace file (the weights are not read)."""
     if trace.startswith("builtin:"):
         return None
-    from models.registry import load_model
+    from models.registry import resolve_model
+    from models.tokenizer import Tokenizer
 
-    return load_model(model)[2]
+    return Tokenizer.from_folder(resolve_model(model))
