@@ -5,6 +5,7 @@
     infercept profile --model smollm2-135m -o profile.json    # then LLM(..., profile="profile.json")
     infercept workload --kind mixed --n 400 --seed 0 -o mixed.json
     infercept replay --trace mixed.json --simulate --profile a100-gptj-6b --qps 1 --qps 2 --out results/sim
+    infercept predictor --trace mixed.json -o length-model.json     # LAMPS-style output-length predictor
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import defaultdict
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -103,6 +105,52 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor(args: argparse.Namespace) -> int:
+    from infercept_jax.workload import load_trace, segment_examples
+    from scheduling.length_model import LengthModel, evaluate, split
+
+    try:
+        tokenizer = None
+        if args.model is not None:
+            from models.registry import resolve_model
+            from models.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_folder(resolve_model(args.model))
+        trace = load_trace(args.trace, tokenizer)
+        if len(trace) < 2:
+            raise ValueError(f"has {len(trace)} request(s); need at least 2, to train on some and test on others")
+        keys = list(trace)
+        # Split by request, so that no request has segments on both sides.
+        train, test = split(len(keys), args.test_fraction, args.seed)
+    except json.JSONDecodeError as e:
+        print(f"error: {args.trace} is not JSON: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        hint = "; pass --model to measure its text with that model's tokenizer" if "tokenizer" in str(e) else ""
+        print(f"error: {args.trace}: {e}{hint}", file=sys.stderr)
+        return 2
+    train_features, train_lengths = segment_examples({keys[i]: trace[keys[i]] for i in train})
+    model = LengthModel.fit(train_features, train_lengths, seed=args.seed)
+    by_kind: dict[str, dict] = defaultdict(dict)
+    for i in test:
+        by_kind[trace[keys[i]].kind or "unknown"][keys[i]] = trace[keys[i]]
+    rows = sorted(by_kind.items()) if len(by_kind) > 1 else []
+    rows.append(("all", {keys[i]: trace[keys[i]] for i in test}))
+    print(f"trained on {len(train_lengths)} segments of {len(train)} requests; held out {len(test)} requests")
+    print(f"{'kind':>8} {'MAE':>7} {'exact bin':>10} {'within 1 bin':>13} {'baseline MAE':>13} {'segments':>9}")
+    for kind, requests in rows:
+        stats = evaluate(model, *segment_examples(requests))
+        print(f"{kind:>8} {stats['mae_tokens']:7.1f} {stats['bin_accuracy']:10.1%} {stats['within_one_bin']:13.1%} "
+              f"{stats['baseline_mae_tokens']:13.1f} {stats['num_examples']:9d}")
+    print("MAE in tokens; baseline: always the mean length of the held-out segments")
+    try:
+        model.save(args.out)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("replay", help="replay a trace under policies and request rates (real or simulated)")
     add_replay_arguments(rep)
     rep.set_defaults(run=_replay)
+
+    pred = sub.add_parser("predictor", help="train an output-length predictor on a trace (LAMPS-style) and "
+                          "report its held-out accuracy")
+    pred.add_argument("--trace", required=True, help="trace JSON file")
+    pred.add_argument("-o", "--out", required=True, help="where to write the model JSON")
+    pred.add_argument("--seed", type=int, default=0, help="for the split and the training order")
+    pred.add_argument("--test-fraction", type=float, default=0.2, help="share of requests held out")
+    pred.add_argument("--model", help="model name or path whose tokenizer measures a text-form trace")
+    pred.set_defaults(run=_predictor)
     return parser
 
 

@@ -41,6 +41,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from scheduling.length_model import SegmentFeatures
+
 KINDS = ("math", "qa", "ve", "chat", "image", "tts")
 
 
@@ -337,3 +339,20 @@ def describe(trace: Trace) -> dict[str, dict[str, float]]:
             "max_final_context": max(r.final_context for r in requests),
         }
     return summary
+
+
+# ---- examples for the length predictor ------------------------------------------------------
+
+def segment_examples(trace: Trace) -> tuple[list[SegmentFeatures], list[int]]:
+    """One (features, completion tokens) example per segment of every request, for
+    `scheduling.length_model.LengthModel.fit`: what the scheduler knows when the segment starts,
+    and how many tokens it then generates."""
+    features, lengths = [], []
+    for request in trace.values():
+        context, last_output, last_result = request.prompt_tokens, 0, 0
+        for calls_so_far, segment in enumerate(request.segments):
+            features.append(SegmentFeatures(context, calls_so_far, last_output, last_result))
+            lengths.append(segment.completion_tokens)
+            last_output, last_result = segment.completion_tokens, segment.api_token_length or 0
+            context += last_output + last_result
+    return features, lengths
