@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from infercept_jax.tools import ToolFormat
 from scheduling.estimators import ESTIMATORS
+from scheduling.lamps import LampsOptions
 from scheduling.policies import HEURISTICS, POLICIES
 
 
@@ -27,6 +28,7 @@ class SamplingParams:
     intercept_after: int | None = None
     max_interceptions: int | None = None      # None: no limit
     call_duration: float | None = None        # oracle duration of the next call, seconds (trace replay)
+    call_result_tokens: int | None = None     # oracle length of the next call's result (trace replay)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +56,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.call_result_tokens is not None and (not isinstance(self.call_result_tokens, int)
+                                                    or self.call_result_tokens < 0):
+            raise ValueError(f"call_result_tokens must be None or an integer >= 0, got {self.call_result_tokens!r}")
         if self.call_duration is not None and not (isinstance(self.call_duration, (int, float))
                                                    and self.call_duration >= 0):
             raise ValueError(f"call_duration must be None or a number >= 0, got {self.call_duration!r}")
@@ -77,12 +82,19 @@ class EngineConfig:
     compile_cache: bool = True           # keep compiled steps on disk (JAX's persistent cache)
     seed: int = 0
     # Interception (InferCept): what happens to a paused request's KV.
-    policy: str = "infercept"            # discard, improved-discard, preserve, swap, heuristic, infercept
+    policy: str = "infercept"            # discard, improved-discard, preserve, swap, heuristic, infercept, lamps
     heuristic: str = "H-B"               # H-S, H-D or H-B, for policy="heuristic"
     profile: str | None = None           # HardwareProfile JSON or paper profile name; None: estimated here
     estimator: str = "dynamic"           # call durations: oracle, noisy-oracle, tool-mean, dynamic
     swap_space_gb: float = 1.0           # host KV pool for swapped-out blocks
     num_host_blocks: int | None = None   # None: sized from swap_space_gb
+    # LAMPS (policy="lamps"): predictions, starvation prevention, re-ranking (scheduling/lamps.py).
+    length_predictor: str | None = None  # model file from `infercept predictor`; None: SamplingParams hints
+    duration_predictor: str = "oracle"   # oracle (SamplingParams.call_duration) or tool-mean
+    prediction_error: float = 0.0        # Gaussian relative error injected into oracle predictions
+    starvation_threshold: int | None = 100   # queued steps before a request jumps the line; None: off
+    starvation_quantum: int = 100_000    # steps it then stays at the front
+    rerank_interval: int = 1             # recompute LAMPS scores every k steps
 
     def __post_init__(self) -> None:
         positive = ["block_size", "max_num_seqs", "max_num_batched_tokens", "row_width", "attn_chunk_tokens"]
@@ -106,6 +118,10 @@ class EngineConfig:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self.lamps_options()     # validates the LAMPS fields
+
+    def lamps_options(self) -> LampsOptions:
+        return LampsOptions(**{f.name: getattr(self, f.name) for f in fields(LampsOptions)})
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -20,7 +20,7 @@ from kvcache.block_manager import BlockManager
 from scheduling.accounting import WasteMeter
 from scheduling.estimators import DurationEstimator, DynamicEstimator
 from scheduling.policies import Policy
-from scheduling.request import Interception, PauseMode, Request, RequestStatus
+from scheduling.request import Interception, PauseMode, Request, RequestStatus, SegmentHint
 from scheduling.scheduler import Scheduler, SchedulerConfig
 
 
@@ -68,9 +68,11 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
-        request = Request(request_id, token_ids, params, self.clock(), seed=seed, prompt=text)
+        now = self.clock()
+        request = Request(request_id, token_ids, params, now, seed=seed, prompt=text)
+        request.hint = self._hint(request)
         self.requests[request_id] = request
-        self.scheduler.add(request)
+        self.scheduler.add(request, now)
         return request_id
 
     def _tokenize(self, text_or_ids: str | list[int], what: str) -> tuple[str | None, list[int]]:
@@ -117,8 +119,10 @@ class Engine:
         self.estimator.observe(call)
         room = self.context_limit - request.num_tokens
         request.token_ids.extend(token_ids[:room])
+        call.result_tokens = min(len(token_ids), room)
         self._decode_output(request)
         request.call_search_from = len(request.output_text)
+        request.hint = self._hint(request)
         self.scheduler.resume(request, now)
         if len(token_ids) >= room:
             self._finish(request, RequestStatus.FINISHED_LENGTH)
@@ -129,6 +133,17 @@ class Engine:
         if not request.status.finished:
             self._finish(request, RequestStatus.FINISHED_ABORTED)
         return self._output(request, [])
+
+    @staticmethod
+    def _hint(request: Request) -> SegmentHint:
+        """What the request's SamplingParams say about its next segment (LAMPS predicts from it)."""
+        params: SamplingParams = request.sampling
+        calls_left = params.max_interceptions is None or len(request.interceptions) < params.max_interceptions
+        return SegmentHint(
+            max_output_tokens=max(params.max_tokens - request.num_generated_tokens, 1),
+            ends_in_call=calls_left and (params.intercept_after is not None or params.tool_format is not None),
+            call_after=params.intercept_after, call_duration=params.call_duration,
+            result_tokens=params.call_result_tokens)
 
     def _get(self, request_id: str) -> Request:
         try:
@@ -200,12 +215,14 @@ class Engine:
         key = (request.request_id, len(request.interceptions))
         call = None
         if params.intercept_after is not None and request.tokens_since_resume >= params.intercept_after:
-            call = Interception(key, now, expected_duration=params.call_duration)
+            call = Interception(key, now, expected_duration=params.call_duration,
+                                segment_tokens=request.tokens_since_resume)
         elif params.tool_format is not None:
             text = params.tool_format.find_call(request.output_text, request.call_search_from, token)
             if text is not None:
                 tool, _ = params.tool_format.split(text)
-                call = Interception(key, now, tool=tool, call_text=text, expected_duration=params.call_duration)
+                call = Interception(key, now, tool=tool, call_text=text, expected_duration=params.call_duration,
+                                    segment_tokens=request.tokens_since_resume)
         if call is not None:
             self.scheduler.pause(request, call, now)
             if request.pause_mode is PauseMode.DISCARD:

@@ -81,7 +81,7 @@ class LLM:
             num_blocks = max(2, int(config.kv_cache_memory_gb * 2**30) // bytes_per_block)
         estimator = make_estimator(config.estimator)
         profile = self._profile(config, spec, bytes_per_block // config.block_size)
-        policy = make_policy(config.policy, profile, estimator, config.heuristic)
+        policy = make_policy(config.policy, profile, estimator, config.heuristic, config.lamps_options(), config.seed)
         num_host_blocks = 0
         if policy.uses_host_pool:
             num_host_blocks = config.num_host_blocks
@@ -108,9 +108,9 @@ class LLM:
         if config.profile is not None:
             return load_profile(config.profile)
         global _warned_uncalibrated
-        if config.policy == "infercept" and not _warned_uncalibrated:
+        if config.policy in ("infercept", "lamps") and not _warned_uncalibrated:
             _warned_uncalibrated = True
-            log.warning("no hardware profile given: the infercept policy uses uncalibrated constants; "
+            log.warning(f"no hardware profile given: the {config.policy} policy uses uncalibrated constants; "
                         "run `infercept profile` on this machine and pass profile=<the JSON file>")
         return HardwareProfile(
             name="uncalibrated", fwd_ms_per_token=0.0463, fwd_base_ms=10.0,

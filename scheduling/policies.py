@@ -6,7 +6,10 @@ A policy answers, for the scheduler:
   * every step, the swap budget in blocks (`swap_budget`) and any change of mind about paused
     requests (`plan`); only InferCept re-decides per step;
   * which paused requests may give up device memory when a running or waiting request needs it
-    (`victims`), most wasteful first.
+    (`victims`), most wasteful first;
+  * in which order the swapped and waiting requests are served (`queue_order`): first come, first
+    served for all but LAMPS (`scheduling/lamps.py`), which ranks them and sees every arrival,
+    resume and finish (`on_arrival`, `on_resume`, `on_finish`).
 
 The baselines: `discard` (vLLM: free at pause, resume at the back of the queue), `improved-discard`
 (free at pause, keep arrival priority), `preserve`, `swap` (whole context out at pause, unbudgeted),
@@ -24,10 +27,11 @@ from scheduling.request import PauseMode, Request
 from scheduling.waste import chunked_discard_waste, preserve_waste, swap_budget
 
 if TYPE_CHECKING:
+    from scheduling.lamps import LampsOptions
     from scheduling.scheduler import Scheduler, SchedulerOutput
 
 UNLIMITED = sys.maxsize
-POLICIES = ("discard", "improved-discard", "preserve", "swap", "heuristic", "infercept")
+POLICIES = ("discard", "improved-discard", "preserve", "swap", "heuristic", "infercept", "lamps")
 HEURISTICS = {"H-S": (4.0, None), "H-D": (None, 7.0), "H-B": (4.0, 7.0)}  # (swap from, discard from) seconds
 
 
@@ -35,6 +39,16 @@ class Policy:
     name = "preserve"
     requeue_at_back = False
     uses_host_pool = False
+    ranks_queues = False    # False: a request that cannot get room blocks those behind it (FCFS)
+
+    def on_arrival(self, sched: Scheduler, request: Request, now: float) -> None:
+        """A request was added to the waiting queue."""
+
+    def on_resume(self, sched: Scheduler, request: Request, now: float) -> None:
+        """A paused request got its result and was queued again."""
+
+    def on_finish(self, request: Request) -> None:
+        """A request finished or was aborted."""
 
     def on_pause(self, request: Request, now: float) -> PauseMode:
         return PauseMode.PRESERVE
@@ -49,6 +63,16 @@ class Policy:
     def victims(self, sched: Scheduler, now: float) -> list[Request]:
         """Paused requests that may lose device blocks to make room, first victim first."""
         return []
+
+    def queue_order(self, sched: Scheduler) -> list[Request]:
+        """The queued requests in serving order, called once per step: swapped, then waiting,
+        each by arrival (spec 2.3)."""
+        by_priority = lambda r: r.priority_time  # noqa: E731
+        return sorted(sched.swapped, key=by_priority) + sorted(sched.waiting, key=by_priority)
+
+    def is_starving(self, request: Request) -> bool:
+        """Under a ranking policy: whether a blocked `request` stops the requests behind it."""
+        return False
 
 
 class DiscardPolicy(Policy):
@@ -193,7 +217,10 @@ class InferCeptPolicy(Policy):
 
 
 def make_policy(name: str, profile: HardwareProfile | None = None,
-                estimator: DurationEstimator | None = None, heuristic: str = "H-B") -> Policy:
+                estimator: DurationEstimator | None = None, heuristic: str = "H-B",
+                lamps: LampsOptions | None = None, seed: int = 0) -> Policy:
+    """A policy by its name; `lamps` are LAMPS's options (default: oracle predictions, the paper's
+    starvation threshold and quantum), `seed` its prediction noise."""
     if name == "discard":
         return DiscardPolicy()
     if name == "improved-discard":
@@ -204,8 +231,11 @@ def make_policy(name: str, profile: HardwareProfile | None = None,
         return SwapPolicy()
     if name == "heuristic":
         return HeuristicPolicy(estimator or OracleEstimator(), heuristic)
-    if name == "infercept":
+    if name in ("infercept", "lamps"):
         if profile is None:
-            raise ValueError("the infercept policy needs a HardwareProfile")
-        return InferCeptPolicy(profile, estimator)
+            raise ValueError(f"the {name} policy needs a HardwareProfile")
+        if name == "infercept":
+            return InferCeptPolicy(profile, estimator)
+        from scheduling.lamps import LampsPolicy   # lamps.py builds on this module
+        return LampsPolicy(profile, estimator, lamps, seed=seed)
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")

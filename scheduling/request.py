@@ -39,13 +39,30 @@ class Interception:
     call_text: str | None = None      # the call as the model wrote it
     expected_duration: float | None = None   # oracle duration in seconds (trace replay)
     end_time: float | None = None     # when the result came back
+    segment_tokens: int = 0           # tokens sampled in the segment that ended in this call
+    result_tokens: int | None = None  # tokens the result appended, once it came back
 
     @property
     def duration(self) -> float | None:
         return None if self.end_time is None else self.end_time - self.start_time
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class SegmentHint:
+    """What the caller says about a request's next segment, for LAMPS's oracle predictions.
+
+    The engine fills it from SamplingParams at arrival and at each resume. Trace replay knows all
+    of it; an interactive caller usually knows only the token limit and whether calls can happen.
+    """
+
+    max_output_tokens: int                # sampling budget left (max_tokens minus what was sampled)
+    ends_in_call: bool                    # a tool call may end the segment
+    call_after: int | None = None         # the call comes after exactly this many tokens (trace replay)
+    call_duration: float | None = None    # seconds the next call takes (trace replay)
+    result_tokens: int | None = None      # tokens the next call returns (trace replay)
+
+
+@dataclass(slots=True, eq=False)
 class Request:
     """A sequence being served.
 
@@ -56,6 +73,7 @@ class Request:
     a tool result and a recompute after a discard are all the same thing: in-flight tokens.
     `priority_time` orders the queues (FCFS): the arrival time, kept across pauses, except under
     vLLM's discard policy, which re-queues a resumed request as if it had just arrived.
+    Requests compare by identity: two requests are never the same one because their fields agree.
     """
 
     request_id: str
@@ -78,6 +96,7 @@ class Request:
     pause_mode: PauseMode | None = None    # while paused: where its KV is meant to be
     recompute_until: int = 0               # positions below this had KV before and are recomputed
     call_search_from: int = 0              # output text offset where the next tool call may start
+    hint: SegmentHint | None = None        # the caller's knowledge of the next segment
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -4,14 +4,17 @@ There is no prefill or decode mode. Each scheduled request gets `min(tokens with
 left)` query tokens (Sarathi-style chunking with a dynamic chunk size), so prompts, tool results
 and recomputed contexts are prefilled in chunks while the running requests keep decoding.
 
-Queues, each first-come first-served by `priority_time` (the original arrival time):
+Queues, each first-come first-served by `priority_time` (the original arrival time) unless the
+policy ranks them (LAMPS: swapped and waiting as one list by predicted memory over time):
   * running: holds its KV on the device and computes every step;
   * swapped: resumed, with part of its KV in the host pool; swapped in from the front within the
     step's swap-in budget, and it computes in the step its swap-in completes;
   * waiting: no KV (new, preempted or discarded); prefilled in chunks into the budget left;
   * paused: intercepted, waiting for a tool result; the policy decides where its KV stays.
 
-A step serves running, then swapped, then waiting (spec 2.3). When the device pool is short, the
+A step serves running, then swapped, then waiting (spec 2.3); under FCFS a queued request that
+cannot get room stops the ones behind it, under a ranking the next one is tried (unless the blocked
+one is starving). When the device pool is short, the
 policy's paused victims give up blocks first (swapped out within the budget, else discarded);
 then the newest running request is preempted and recomputed later.
 """
@@ -68,9 +71,10 @@ class Scheduler:
         self._swap_in_left = 0
         self._swap_out_left = 0
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, now: float = 0.0) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+        self.policy.on_arrival(self, request, now)
 
     def has_work(self) -> bool:
         """Anything a step can do (paused requests wait for their results and are not work)."""
@@ -94,27 +98,33 @@ class Scheduler:
             if n and self._make_room(request, request.num_computed_tokens + n, scheduled, out, now):
                 budget -= self._schedule(request, n, scheduled, out)
 
-        for request in sorted(self.swapped, key=by_priority):
-            if self._swap_in_left == 0 or not self._swap_in(request, out, now):
-                break
-            if request.status is RequestStatus.RUNNING and budget and len(scheduled) < self.config.max_num_seqs:
+        swaps_blocked = waiting_blocked = False
+        for request in self.policy.queue_order(self):
+            if request.status is RequestStatus.SWAPPED and not swaps_blocked:
+                if self._swap_in_left == 0 or not self._swap_in(request, out, now):
+                    swaps_blocked = True
+                    continue
+                if request.status is RequestStatus.RUNNING and budget and len(scheduled) < self.config.max_num_seqs:
+                    n = min(request.num_inflight_tokens, budget)
+                    if self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
+                                       preempt_running=False):
+                        budget -= self._schedule(request, n, scheduled, out)
+            elif request.status is RequestStatus.WAITING and not waiting_blocked:
+                if (not budget or len(scheduled) == self.config.max_num_seqs
+                        or len(self.running) >= self.config.max_num_seqs):
+                    waiting_blocked = True
+                    continue
                 n = min(request.num_inflight_tokens, budget)
-                if self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
-                                   preempt_running=False):
-                    budget -= self._schedule(request, n, scheduled, out)
-
-        self.waiting.sort(key=by_priority)
-        while (self.waiting and budget and len(scheduled) < self.config.max_num_seqs
-               and len(self.running) < self.config.max_num_seqs):
-            request = self.waiting[0]
-            n = min(request.num_inflight_tokens, budget)
-            if not self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
-                                   preempt_running=False):
+                if not self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
+                                       preempt_running=False):
+                    waiting_blocked = not self.policy.ranks_queues or self.policy.is_starving(request)
+                    continue
+                self.waiting.remove(request)
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                budget -= self._schedule(request, n, scheduled, out)
+            if swaps_blocked and waiting_blocked:
                 break
-            self.waiting.pop(0)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            budget -= self._schedule(request, n, scheduled, out)
         return out
 
     def _schedule(self, request: Request, n: int, scheduled: set[str], out: SchedulerOutput) -> int:
@@ -236,6 +246,7 @@ class Scheduler:
         else:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+        self.policy.on_resume(self, request, now)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Take a request out of every queue and free its blocks (finished or aborted)."""
@@ -246,3 +257,4 @@ class Scheduler:
         self.blocks.free(request.request_id)
         request.pause_mode = None
         request.status = status
+        self.policy.on_finish(request)

@@ -10,10 +10,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from helpers import FakeRunner
 from infercept_jax import SamplingParams
 from infercept_jax.engine import Engine
 from kvcache.block_manager import BlockManager
 from scheduling.estimators import OracleEstimator
+from scheduling.lamps import LampsOptions
 from scheduling.policies import POLICIES, make_policy
 from scheduling.profile import HardwareProfile
 from scheduling.request import PauseMode, RequestStatus
@@ -22,23 +24,18 @@ PROFILE = HardwareProfile(name="tiny", fwd_ms_per_token=20.0, fwd_base_ms=100.0,
                           swap_limit_tokens=20.0, kv_bytes_per_token=64, block_size=4)
 
 
-class FakeRunner:
-    """Samples token 3 + (length % 40) for every request that finishes its in-flight tokens."""
-
-    def execute(self, output):
-        sampled = [(s.request, 3 + s.request.num_tokens % 40) for s in output.scheduled
-                   if s.request.num_computed_tokens + s.num_query_tokens == s.request.num_tokens]
-        return sampled, 0.0
-
-
 class EngineMachine(RuleBasedStateMachine):
-    @initialize(policy=st.sampled_from(POLICIES), device_blocks=st.integers(6, 20), host_blocks=st.integers(2, 12))
-    def build(self, policy, device_blocks, host_blocks):
+    @initialize(policy=st.sampled_from(POLICIES), device_blocks=st.integers(6, 20), host_blocks=st.integers(2, 12),
+                threshold=st.integers(1, 6), rerank=st.integers(1, 3), error=st.sampled_from([0.0, 0.6]))
+    def build(self, policy, device_blocks, host_blocks, threshold, rerank, error):
         self.now = 0.0
         self.blocks = BlockManager(device_blocks, block_size=4, num_host_blocks=host_blocks)
+        # LAMPS with a short starvation threshold and quantum, so the queue jumps happen here too.
+        lamps = LampsOptions(prediction_error=error, starvation_threshold=threshold, starvation_quantum=3,
+                             rerank_interval=rerank)
         self.engine = Engine(FakeRunner(), self.blocks, max_model_len=48, vocab_size=64, eos_token_ids=(1,),
                              max_num_seqs=4, max_num_batched_tokens=12,
-                             policy=make_policy(policy, PROFILE, OracleEstimator()), clock=lambda: self.now)
+                             policy=make_policy(policy, PROFILE, OracleEstimator(), lamps=lamps), clock=lambda: self.now)
         self.live: set[str] = set()
 
     def paused(self) -> list[str]:
@@ -95,6 +92,9 @@ class EngineMachine(RuleBasedStateMachine):
         for r in sched.paused.values():
             if r.pause_mode is PauseMode.DISCARD:
                 assert self.blocks.num_blocks_of(r.request_id) == self.blocks.num_host_blocks_of(r.request_id) == 0
+        plans = getattr(sched.policy, "plans", None)
+        if plans is not None:
+            assert sorted(plans) == sorted(self.live), "LAMPS keeps a plan for exactly the live requests"
 
     def teardown(self):
         if not hasattr(self, "engine"):

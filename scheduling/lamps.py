@@ -1,0 +1,215 @@
+"""LAMPS / MARS: rank queued work by predicted memory over time (spec 6).
+
+InferCept decides how to hold a request during a tool call but serves the queues first come,
+first served. LAMPS adds three things on the same scheduler:
+
+  * **strategy in advance** (6.2): at arrival and at every resume, the next call's handling is
+    fixed by the least predicted waste among preserve, chunked discard and swap; at the pause the
+    request is discarded, swapped out (within the step's swap budget, over as many steps as it
+    takes) or kept;
+  * **ranking** (6.3): swapped and waiting requests form one list ordered by the predicted area
+    under their memory-over-time curve, smallest first (running requests keep FCFS order);
+  * **starvation prevention** (6.4): a request queued for `threshold` consecutive steps gets a
+    quantum of `quantum` steps at the front of the list.
+
+Where this deviates from the released code (spec 6.3), it is to keep every score in the same unit,
+token·seconds, from the machine's profile:
+  * `mt` uses the profile's a, c and S (the code hard-codes a = 0.1 ms, c = 10 ms);
+  * the swap cost is the memory held while the context is copied out and back in,
+    `2 * T_swap(C) * C` (the code adds `blocks**2 / 4` and `0.1 * T_api`, in other units);
+  * a segment that ends without a call scores its own generation only, `mt(C + L)` (the code's
+    "complete" branches add the after-call part of a call that does not happen);
+  * the remaining prediction shrinks as the request generates, so a preempted request is ranked
+    by what it has left, and fresh requests count towards starvation too (the code counts only
+    requests that ran before, so a new long request could wait forever).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from scheduling.estimators import DurationEstimator
+from scheduling.policies import InferCeptPolicy
+from scheduling.length_model import LengthModel
+from scheduling.predictors import DURATION_PREDICTORS, SegmentPrediction, SegmentPredictor
+from scheduling.profile import HardwareProfile
+from scheduling.request import PauseMode, Request
+from scheduling.waste import chunked_discard_waste, preserve_waste, swap_waste
+
+if TYPE_CHECKING:
+    from scheduling.scheduler import Scheduler, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class LampsOptions:
+    """LAMPS's settings; each is also an EngineConfig field and a replay option of the same name."""
+
+    length_predictor: str | None = None      # a model file from `infercept predictor`; None: the hint
+    duration_predictor: str = "oracle"       # oracle (the hint) or tool-mean
+    prediction_error: float = 0.0            # Gaussian relative error injected into oracle predictions
+    starvation_threshold: int | None = 100   # queued steps before a request jumps the line; None: off
+    starvation_quantum: int = 100_000        # steps it then stays at the front
+    rerank_interval: int = 1                 # recompute the scores every k steps (cached between)
+
+    def __post_init__(self) -> None:
+        if self.duration_predictor not in DURATION_PREDICTORS:
+            raise ValueError(f"duration_predictor must be one of {', '.join(DURATION_PREDICTORS)}, "
+                             f"got {self.duration_predictor!r}")
+        if not self.prediction_error >= 0:
+            raise ValueError(f"prediction_error must be >= 0, got {self.prediction_error}")
+        if self.starvation_threshold is not None and self.starvation_threshold < 1:
+            raise ValueError(f"starvation_threshold must be None or >= 1, got {self.starvation_threshold}")
+        if self.starvation_quantum < 1:
+            raise ValueError(f"starvation_quantum must be >= 1, got {self.starvation_quantum}")
+        if self.rerank_interval < 1:
+            raise ValueError(f"rerank_interval must be >= 1, got {self.rerank_interval}")
+
+
+@dataclass(slots=True)
+class Plan:
+    """LAMPS's per-request state: the segment's prediction, its strategy and its queue position."""
+
+    prediction: SegmentPrediction
+    mode: PauseMode = PauseMode.PRESERVE
+    waste: float = 0.0
+    score: float = 0.0
+    queued_since: int = 0                   # step from which the starvation counter counts
+    front_until: int = -1                   # holds a quantum (sits at the front) before this step
+    scored_for: tuple[int, int] | None = None   # (running query tokens, length) the score is for
+
+
+class LampsPolicy(InferCeptPolicy):
+    name = "lamps"
+    ranks_queues = True
+
+    def __init__(self, profile: HardwareProfile, estimator: DurationEstimator | None = None,
+                 options: LampsOptions | None = None, predictor: SegmentPredictor | None = None, seed: int = 0):
+        super().__init__(profile, estimator)
+        self.options = options = options or LampsOptions()
+        if predictor is None:
+            model = LengthModel.load(options.length_predictor) if options.length_predictor else None
+            predictor = SegmentPredictor(model, options.duration_predictor, options.prediction_error, seed)
+        self.predictor = predictor
+        self.plans: dict[str, Plan] = {}
+        self._step = 0
+        self._saturated_step_s = profile.fwd_seconds(profile.saturation_tokens)
+
+    # ----------------------------------------------------------------- strategy in advance
+    def on_arrival(self, sched: Scheduler, request: Request, now: float) -> None:
+        self._new_plan(sched, request)
+
+    def on_resume(self, sched: Scheduler, request: Request, now: float) -> None:
+        self.predictor.observe(request)
+        self._new_plan(sched, request)
+
+    def on_finish(self, request: Request) -> None:
+        self.plans.pop(request.request_id, None)
+
+    def _new_plan(self, sched: Scheduler, request: Request) -> None:
+        plan = Plan(self.predictor.predict(request), queued_since=self._step)
+        plan.mode, plan.waste = self.classify(sched, request, plan.prediction)
+        plan.score = self.score(request, plan, _running_sums(sched)[0], sched.blocks.block_size)
+        self.plans[request.request_id] = plan
+
+    def classify(self, sched: Scheduler, request: Request, prediction: SegmentPrediction) -> tuple[PauseMode, float]:
+        """The least wasteful way to hold the request during its next call (spec 6.2), judged on
+        the context it is predicted to have at the pause and the batch running now."""
+        if prediction.call_seconds is None:
+            return PauseMode.PRESERVE, 0.0
+        context = _round_up(request.num_tokens + prediction.output_tokens, sched.blocks.block_size)
+        running_query, running_context = _running_sums(sched)
+        wastes = {
+            PauseMode.PRESERVE: preserve_waste(prediction.call_seconds, context),
+            PauseMode.DISCARD: chunked_discard_waste(context, running_query, running_context, self.profile),
+            PauseMode.SWAP: swap_waste(context, running_context, self.profile),
+        }
+        mode = min(wastes, key=wastes.get)
+        return mode, wastes[mode]
+
+    def on_pause(self, request: Request, now: float) -> PauseMode:
+        return self.plans[request.request_id].mode
+
+    def plan(self, sched: Scheduler, out: SchedulerOutput, now: float) -> None:
+        """Carry out planned swaps within the step's swap-out budget (the rest wait for later
+        steps; a full host pool leaves the request preserved until room appears)."""
+        for request in sched.paused.values():
+            if request.pause_mode is PauseMode.SWAP:
+                held = sched.blocks.num_blocks_of(request.request_id)
+                if held:
+                    sched.swap_out(request, held, out, partial=True)
+
+    def victims(self, sched: Scheduler, now: float) -> list[Request]:
+        """Paused requests holding device blocks, the largest planned waste first."""
+        holding = [r for r in sched.paused.values() if sched.blocks.num_blocks_of(r.request_id)]
+        return sorted(holding, key=lambda r: (-self.plans[r.request_id].waste, r.priority_time))
+
+    # ----------------------------------------------------------------- ranking
+    def score(self, request: Request, plan: Plan, running_query: int, bs: int) -> float:
+        """Predicted area under the request's memory-over-time curve from now, in token·seconds
+        (spec 6.3): its generation up to the call, the call under the planned strategy, and the
+        generation after it. `running_query` is the running batch's query tokens, `bs` the block
+        size."""
+        c_h = max(self.profile.saturation_tokens - running_query, 1)
+        prediction = plan.prediction
+        left = max(prediction.output_tokens - request.tokens_since_resume, 1)
+        before_tokens = _round_up(request.num_tokens + left, bs)
+        before = self._memory_time(before_tokens, c_h)
+        if prediction.call_seconds is None:
+            return before
+        after_tokens = _round_up(left + prediction.result_tokens, bs)
+        after = self._memory_time(after_tokens, c_h)
+        if plan.mode is PauseMode.PRESERVE:
+            return before + before_tokens * prediction.call_seconds + after
+        if plan.mode is PauseMode.DISCARD:
+            return before + self._memory_time(before_tokens + after_tokens, c_h)
+        return before + 2 * self.profile.swap_seconds(before_tokens) * before_tokens + after
+
+    def _memory_time(self, tokens: int, c_h: int) -> float:
+        """Spec 6.3 `mt`: memory·time of building `tokens` of KV in saturated steps of c_h tokens,
+        c_h being what the running batch leaves of the budget S."""
+        n = max(-(-tokens // c_h), 1)
+        return self._saturated_step_s * (1 + n) * n / 2 * c_h
+
+    def queue_order(self, sched: Scheduler) -> list[Request]:
+        """Swapped and waiting requests in one list: quantum holders first (oldest first), then
+        the rest by score, smallest first. Also advances the starvation counters: a request's
+        counter runs while it is queued and restarts when it runs without a quantum."""
+        step, self._step = self._step, self._step + 1
+        threshold, quantum = self.options.starvation_threshold, self.options.starvation_quantum
+        rescore = step % self.options.rerank_interval == 0
+        # Scores depend on the batch only through c_h = max(S - running query, 1): clamp, so a
+        # saturated batch of any size reuses the cached scores.
+        running_query = min(_running_sums(sched)[0], self.profile.saturation_tokens - 1) if rescore else 0
+        for request in sched.running:
+            plan = self.plans[request.request_id]
+            if plan.front_until <= step:
+                plan.queued_since = step + 1
+        keyed = []
+        for request in (*sched.swapped, *sched.waiting):
+            plan = self.plans[request.request_id]
+            if threshold is not None and plan.front_until <= step and step - plan.queued_since >= threshold:
+                plan.front_until = step + quantum
+                plan.queued_since = plan.front_until
+            if rescore and plan.scored_for != (running_query, request.num_tokens):
+                plan.score = self.score(request, plan, running_query, sched.blocks.block_size)
+                plan.scored_for = (running_query, request.num_tokens)
+            if plan.front_until > step:
+                keyed.append(((0, request.priority_time, 0.0), request))
+            else:
+                keyed.append(((1, plan.score, request.priority_time), request))
+        keyed.sort(key=lambda item: item[0])
+        return [request for _, request in keyed]
+
+    def is_starving(self, request: Request) -> bool:
+        """Holds a quantum: nothing behind it may take the memory it waits for."""
+        return self.plans[request.request_id].front_until >= self._step
+
+
+def _running_sums(sched: Scheduler) -> tuple[int, int]:
+    """(query tokens, context tokens) of the running batch."""
+    return (sum(r.num_inflight_tokens for r in sched.running),
+            sum(r.num_computed_tokens for r in sched.running))
+
+
+def _round_up(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size) * block_size

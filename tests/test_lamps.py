@@ -1,0 +1,210 @@
+"""LAMPS: predictions, strategy in advance, the memory-over-time score, the ranking and starvation
+prevention, on the real scheduler with a fake runner (milliseconds)."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import FakeRunner
+from infercept_jax import SamplingParams
+from infercept_jax.engine import Engine
+from kvcache.block_manager import BlockManager
+from scheduling.lamps import LampsOptions, LampsPolicy, Plan
+from scheduling.predictors import SegmentPrediction, SegmentPredictor
+from scheduling.profile import HardwareProfile
+from scheduling.request import Interception, PauseMode, Request, RequestStatus, SegmentHint
+from scheduling.scheduler import Scheduler, SchedulerConfig
+
+# T_fwd(x) = (x + 10) ms, S = 12: a saturated step takes 22 ms. N(S) = 24 tokens per step, so one
+# token one way takes 22/24 ms.
+PROFILE = HardwareProfile(name="hand", fwd_ms_per_token=1.0, fwd_base_ms=10.0, saturation_tokens=12,
+                          swap_limit_tokens=24.0, kv_bytes_per_token=64, block_size=4)
+
+
+def make_request(rid: str, prompt: int, arrival: float = 0.0, *, call_after: int | None = None,
+                 max_tokens: int = 6, call_seconds: float | None = None, result: int | None = None) -> Request:
+    request = Request(rid, [5] * prompt, SamplingParams(max_tokens=max_tokens), arrival)
+    request.hint = SegmentHint(max_output_tokens=max_tokens, ends_in_call=call_after is not None,
+                               call_after=call_after, call_duration=call_seconds, result_tokens=result)
+    return request
+
+
+def scheduler(policy: LampsPolicy, device_blocks: int = 64, budget: int = 12, max_seqs: int = 8) -> Scheduler:
+    return Scheduler(SchedulerConfig(budget, max_seqs), BlockManager(device_blocks, 4, num_host_blocks=16), policy)
+
+
+# ------------------------------------------------------------------ the score, by hand
+# mt(t) = 0.022 s * c_h * n(n+1)/2 with n = ceil(t / c_h), c_h = S - running query tokens.
+# A 10-token prompt that generates 6 tokens, calls for 2 s and gets 5 back:
+#   before = 16 tokens (n = 2): 0.022 * 12 * 3 = 0.792;  after = 6 + 5 -> 12 tokens (n = 1): 0.264
+@pytest.mark.parametrize("mode, expected", [
+    (PauseMode.PRESERVE, 0.792 + 16 * 2.0 + 0.264),          # the context idles through the call
+    (PauseMode.DISCARD, 0.792 + 0.022 * 12 * 6),             # rebuilt with the rest: 28 tokens, n = 3
+    (PauseMode.SWAP, 0.792 + 2 * (16 * 0.022 / 24) * 16 + 0.264),   # held while copied out and in
+])
+def test_score_of_each_strategy_by_hand(mode, expected):
+    policy = LampsPolicy(PROFILE)
+    request = make_request("r", 10)
+    plan = Plan(SegmentPrediction(output_tokens=6, call_seconds=2.0, result_tokens=5), mode)
+    assert policy.score(request, plan, running_query=0, bs=4) == pytest.approx(expected)
+
+
+def test_score_without_a_call_and_as_the_request_progresses():
+    policy = LampsPolicy(PROFILE)
+    request = make_request("r", 10)
+    plan = Plan(SegmentPrediction(output_tokens=6, call_seconds=None, result_tokens=0))
+    assert policy.score(request, plan, running_query=0, bs=4) == pytest.approx(0.792)
+    # a running batch of 6 query tokens leaves chunks of 6: 16 tokens take n = 3 steps
+    assert policy.score(request, plan, running_query=6, bs=4) == pytest.approx(0.022 * 6 * 6)
+    # 4 of the 6 tokens generated: 2 left, 12 tokens in all, one chunk
+    request.tokens_since_resume = 4
+    assert policy.score(request, plan, running_query=0, bs=4) == pytest.approx(0.264)
+
+
+# ------------------------------------------------------------------ strategy in advance
+def test_classify_picks_the_least_waste():
+    policy = LampsPolicy(PROFILE)
+    sched = scheduler(policy)
+    no_call = SegmentPrediction(6, None, 0)
+    assert policy.classify(sched, make_request("a", 10), no_call) == (PauseMode.PRESERVE, 0.0)
+    instant = SegmentPrediction(6, 0.0, 5)
+    assert policy.classify(sched, make_request("b", 10), instant) == (PauseMode.PRESERVE, 0.0)
+    # a long call on an empty batch: recompute costs only the request's own chunks, swap nothing
+    mode, waste = policy.classify(sched, make_request("c", 10), SegmentPrediction(6, 60.0, 5))
+    assert mode is PauseMode.SWAP and waste == 0.0
+    # with a running batch to stall, the swap costs more than recomputing 16 tokens in chunks
+    running = make_request("d", 40)
+    sched.running.append(running)
+    running.num_computed_tokens = 40
+    mode, waste = policy.classify(sched, make_request("c", 10), SegmentPrediction(6, 60.0, 5))
+    assert mode is PauseMode.DISCARD and 0 < waste < 16 * 60.0
+
+
+def test_planned_strategy_is_applied_at_the_pause():
+    """Planned while a batch runs: a long call is to be discarded (cheaper than stalling the batch
+    for a swap) and frees its KV at the pause; a short one keeps it."""
+    policy = LampsPolicy(PROFILE, options=LampsOptions(starvation_threshold=None))
+    blocks = BlockManager(64, 4, num_host_blocks=16)
+    engine = Engine(FakeRunner(), blocks, max_model_len=64, vocab_size=64, eos_token_ids=(1,), max_num_seqs=4,
+                    max_num_batched_tokens=12, policy=policy, clock=lambda: 0.0)
+    engine.add_request([5] * 40, SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.0))   # a batch to stall
+    for _ in range(4):
+        engine.step()
+    long_call = engine.add_request([5] * 8, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0,
+                                                           intercept_after=2, call_duration=100.0))
+    short_call = engine.add_request([5] * 8, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0,
+                                                            intercept_after=2, call_duration=0.001))
+    for _ in range(6):
+        engine.step()
+    assert engine.requests[long_call].status is RequestStatus.PAUSED
+    assert engine.requests[short_call].status is RequestStatus.PAUSED
+    assert policy.plans[long_call].mode is PauseMode.DISCARD
+    assert blocks.num_blocks_of(long_call) == 0
+    assert policy.plans[short_call].mode is PauseMode.PRESERVE
+    assert blocks.num_blocks_of(short_call) > 0
+
+
+# ------------------------------------------------------------------ the ranking
+def test_smaller_memory_time_goes_first_whatever_the_arrival():
+    lamps = LampsPolicy(PROFILE)
+    sched = scheduler(lamps)
+    sched.add(make_request("long", 40, arrival=0.0, max_tokens=30))
+    sched.add(make_request("short", 4, arrival=1.0, max_tokens=2))
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_query_tokens) for s in out.scheduled] == [("short", 4), ("long", 8)]
+
+
+def test_swapped_and_waiting_form_one_ranked_list():
+    lamps = LampsPolicy(PROFILE)
+    sched = scheduler(lamps)
+    scores = {"swapped-big": 50.0, "waiting-small": 1.0, "swapped-small": 2.0, "waiting-big": 40.0}
+    for i, (rid, score) in enumerate(scores.items()):
+        request = make_request(rid, 4, arrival=float(i))
+        lamps.plans[rid] = Plan(SegmentPrediction(2, None, 0), score=score)
+        (sched.swapped if rid.startswith("swapped") else sched.waiting).append(request)
+    lamps.options = LampsOptions(rerank_interval=1000)     # keep the hand-set scores (step 0 rescores)
+    lamps._step = 1
+    order = [r.request_id for r in lamps.queue_order(sched)]
+    assert order == ["waiting-small", "swapped-small", "waiting-big", "swapped-big"]
+
+
+def test_fcfs_policies_keep_swapped_before_waiting_by_arrival():
+    from scheduling.policies import Policy
+    sched = Scheduler(SchedulerConfig(12, 8), BlockManager(64, 4), Policy())
+    for i, rid in enumerate(["w1", "s1", "w0"]):
+        (sched.swapped if rid.startswith("s") else sched.waiting).append(make_request(rid, 4, arrival=-i))
+    assert [r.request_id for r in Policy().queue_order(sched)] == ["s1", "w0", "w1"]
+
+
+# ------------------------------------------------------------------ starvation prevention
+def run_long_under_short_stream(threshold: int | None, steps: int = 200) -> tuple[int | None, int | None]:
+    """A 30-token request arrives with two 2-token ones; two new short ones arrive every step, and
+    two requests fit in a step. Returns the steps at which the long one got its first token and
+    finished (None if it did not)."""
+    options = LampsOptions(starvation_threshold=threshold, starvation_quantum=50)
+    policy = LampsPolicy(PROFILE, options=options)
+    blocks = BlockManager(256, 4, num_host_blocks=16)
+    engine = Engine(FakeRunner(), blocks, max_model_len=64, vocab_size=64, eos_token_ids=(1,), max_num_seqs=2,
+                    max_num_batched_tokens=12, policy=policy, clock=lambda: 0.0)
+    short = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
+    long_id = engine.add_request([5] * 30, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
+    first = None
+    for step in range(steps):
+        for _ in range(2):
+            engine.add_request([5] * 2, short)
+        engine.step()
+        long = engine.requests[long_id]
+        if first is None and long.first_token_time is not None:
+            first = step
+        if long.status.finished:
+            return first, step
+        for rid in [rid for rid, r in engine.requests.items() if r.status.finished]:
+            engine.pop_finished(rid)
+    return first, None
+
+
+def test_a_long_request_under_a_stream_of_short_ones_finishes_within_the_bound():
+    threshold = 20
+    first, finished = run_long_under_short_stream(threshold)
+    # It gets the quantum after `threshold` queued steps and a seat once a running short request
+    # finishes (2 steps); then 3 prefill chunks and 3 more decode steps. Bound: threshold + 10.
+    assert first is not None and finished is not None
+    assert threshold <= finished <= threshold + 10
+
+
+def test_without_starvation_prevention_the_long_request_waits_forever():
+    assert run_long_under_short_stream(None) == (None, None)
+
+
+# ------------------------------------------------------------------ predictions
+def test_oracle_predictions_and_injected_error():
+    request = make_request("r", 10, call_after=7, max_tokens=20, call_seconds=3.0, result=9)
+    exact = SegmentPredictor().predict(request)
+    assert exact == SegmentPrediction(output_tokens=7, call_seconds=3.0, result_tokens=9)
+    noisy = [SegmentPredictor(relative_error=0.6, seed=s).predict(request) for s in range(200)]
+    durations = [p.call_seconds for p in noisy]
+    assert min(durations) >= 0 and len(set(durations)) > 150
+    assert 2.5 < sum(durations) / len(durations) < 3.5        # unbiased around the truth
+    assert all(1 <= p.output_tokens <= 20 for p in noisy)     # clamped to the sampling budget
+
+
+def test_tool_mean_learns_durations_and_result_lengths_online():
+    predictor = SegmentPredictor(duration="tool-mean", prior_call_seconds=1.0, prior_result_tokens=16)
+    request = make_request("r", 10, call_after=4, max_tokens=20, call_seconds=99.0)
+    assert predictor.predict(request).call_seconds == 1.0
+    for duration, result in [(2.0, 10), (4.0, 20)]:
+        call = Interception(("r", len(request.interceptions)), 0.0, tool="search", end_time=duration,
+                            result_tokens=result)
+        request.interceptions.append(call)
+        predictor.observe(request)
+    prediction = predictor.predict(request)
+    assert prediction.call_seconds == 3.0                      # not the hint: the tool's mean
+    assert prediction.result_tokens == 15
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="starvation_threshold"):
+        LampsOptions(starvation_threshold=0)
+    with pytest.raises(ValueError, match="duration_predictor"):
+        LampsOptions(duration_predictor="psychic")
+    with pytest.raises(ValueError, match="prediction_error"):
+        LampsOptions(prediction_error=-0.1)
