@@ -3,6 +3,7 @@ engine or in the simulator, then print a table and draw the plots (`infercept re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Callable, Sequence
@@ -14,7 +15,9 @@ from infercept_jax.replay import replay, sample_arrivals
 from infercept_jax.simulator import simulated_engine
 from infercept_jax.workload import KINDS, TraceRequest, generate_workload, load_trace, scale_tokens
 from scheduling.estimators import ESTIMATORS, make_estimator
+from scheduling.lamps import LampsOptions
 from scheduling.policies import POLICIES, make_policy
+from scheduling.predictors import DURATION_PREDICTORS
 from scheduling.profile import HardwareProfile, load_profile
 
 DEFAULT_POLICIES = ("discard", "preserve", "swap", "infercept")
@@ -23,11 +26,14 @@ SMALL_SCALE = 1 / 8   # builtin:*-small: token counts for a small model on a CPU
 
 def builtin_trace(name: str) -> dict[str, TraceRequest]:
     """`mixed` or a kind of KINDS (400 generated requests, seed 0, contexts up to 2048 tokens, as
-    the paper's trace); a `-small` suffix scales every token count by 1/8."""
+    the paper's trace); a `-onecall` suffix gives every request exactly one call (the single-API
+    subset LAMPS is evaluated on), a `-small` suffix scales every token count by 1/8."""
     base = name.removesuffix("-small")
-    if base != "mixed" and base not in KINDS:
-        raise ValueError(f"unknown builtin trace {name!r}; known: mixed, {', '.join(KINDS)} (each also -small)")
-    trace = generate_workload(base, 400, seed=0)
+    kind = base.removesuffix("-onecall")
+    if kind != "mixed" and kind not in KINDS:
+        raise ValueError(f"unknown builtin trace {name!r}; known: mixed, {', '.join(KINDS)} "
+                         "(each also -onecall, -small, -onecall-small)")
+    trace = generate_workload(kind, 400, seed=0, single_call=base.endswith("-onecall"))
     return scale_tokens(trace, SMALL_SCALE) if name.endswith("-small") else trace
 
 
@@ -64,11 +70,12 @@ def measure_here(model: str, path: str, **engine_options) -> HardwareProfile:
     return profile
 
 
-def simulated_engines(profile: HardwareProfile, estimator: str = "oracle", **engine_options) -> Callable[[str], Engine]:
+def simulated_engines(profile: HardwareProfile, estimator: str = "oracle", lamps: LampsOptions | None = None,
+                      **engine_options) -> Callable[[str], Engine]:
     """A factory of fresh simulated engines, one per run, for `run_replays`."""
     def build(policy: str) -> Engine:
         est = make_estimator(estimator)
-        return simulated_engine(profile, make_policy(policy, profile, est), est, **engine_options)
+        return simulated_engine(profile, make_policy(policy, profile, est, lamps=lamps), est, **engine_options)
     return build
 
 
@@ -155,7 +162,7 @@ def plot_results(results: list[dict], out_dir: str) -> list[str]:
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="trace JSON file, or builtin:mixed, builtin:qa, "
-                        "builtin:mixed-small (token counts / 8), ...")
+                        "builtin:mixed-onecall (one call per request), builtin:mixed-small (token counts / 8), ...")
     parser.add_argument("--policy", action="append", choices=POLICIES,
                         help=f"repeat for several (default: {' '.join(DEFAULT_POLICIES)})")
     parser.add_argument("--qps", action="append", type=float, help="request rate; repeat for several (default 1)")
@@ -163,6 +170,18 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every tool-call duration")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="oracle", help="call-duration estimator")
+    defaults = LampsOptions()
+    parser.add_argument("--prediction-error", type=float, default=defaults.prediction_error,
+                        help="lamps: Gaussian relative error of the oracle predictions (0.2 = 20 %%)")
+    parser.add_argument("--length-predictor", help="lamps: output-length model from `infercept predictor` "
+                                                   "(default: the trace's true lengths)")
+    parser.add_argument("--duration-predictor", choices=DURATION_PREDICTORS, default=defaults.duration_predictor,
+                        help="lamps: call durations from the trace (oracle) or each tool's running mean")
+    parser.add_argument("--starvation-threshold", type=int, default=defaults.starvation_threshold,
+                        help=f"lamps: queued steps before a request jumps the line (default "
+                             f"{defaults.starvation_threshold}; 0 turns it off)")
+    parser.add_argument("--rerank-interval", type=int, default=defaults.rerank_interval,
+                        help="lamps: recompute the ranking every k steps (default 1)")
     parser.add_argument("--simulate", action="store_true", help="the simulator instead of the real engine")
     parser.add_argument("--profile", help="hardware profile: a name (a100-gptj-6b, a100x2-vicuna-13b) or "
                         "a JSON file from `infercept profile`; required with --simulate; for the real engine "
@@ -182,17 +201,20 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
     rates = args.qps or [1.0]
     options = {k: v for k, v in (("num_host_blocks", args.num_host_blocks), ("max_num_seqs", args.max_num_seqs))
                if v is not None}
+    lamps = LampsOptions(length_predictor=args.length_predictor, duration_predictor=args.duration_predictor,
+                         prediction_error=args.prediction_error,
+                         starvation_threshold=args.starvation_threshold or None, rerank_interval=args.rerank_interval)
     if args.simulate:
         if args.profile is None:
             raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")
         if args.num_kv_blocks is not None:
             options["num_device_blocks"] = args.num_kv_blocks
-        make_engine = simulated_engines(load_profile(args.profile), args.estimator, **options)
+        make_engine = simulated_engines(load_profile(args.profile), args.estimator, lamps, **options)
         trace = resolve_trace(args.trace)
     else:
         if args.num_kv_blocks is not None:
             options["num_kv_blocks"] = args.num_kv_blocks
-        if args.profile is None and {"infercept", "heuristic"} & set(policies):
+        if args.profile is None and {"infercept", "lamps"} & set(policies):
             os.makedirs(args.out, exist_ok=True)
             path = os.path.join(args.out, "profile.json")
             profile = measure_here(args.model, path, **options)
@@ -200,7 +222,7 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
             args.profile = path
         if args.profile is not None:
             options["profile"] = args.profile
-        make_engine = real_engines(args.model, args.estimator, **options)
+        make_engine = real_engines(args.model, args.estimator, **options, **dataclasses.asdict(lamps))
         trace = resolve_trace(args.trace, _tokenizer_for(args.trace, args.model))
     results = run_replays(trace, make_engine, policies, rates, args.window, seed=args.seed,
                           time_scale=args.time_scale, show_progress=not args.quiet)

@@ -47,7 +47,8 @@ def segment_params(request: TraceRequest, index: int, time_scale: float = 1.0) -
     return SamplingParams(
         max_tokens=generated_tokens(request), temperature=0.0, ignore_eos=True,
         intercept_after=max(1, segment.completion_tokens) if segment.has_call else None,
-        call_duration=segment.api_time * time_scale if segment.has_call else None)
+        call_duration=segment.api_time * time_scale if segment.has_call else None,
+        call_result_tokens=segment.api_token_length if segment.has_call else None)
 
 
 def generated_tokens(request: TraceRequest) -> int:
