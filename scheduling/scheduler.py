@@ -20,6 +20,7 @@ then the newest running request is preempted and recomputed later.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from kvcache.block_manager import BlockManager
@@ -99,6 +100,7 @@ class Scheduler:
                 budget -= self._schedule(request, n, scheduled, out)
 
         swaps_blocked = waiting_blocked = False
+        smallest_refused = sys.maxsize      # device blocks of the smallest waiting request refused room
         for request in self.policy.queue_order(self):
             if request.status is RequestStatus.SWAPPED and not swaps_blocked:
                 if self._swap_in_left == 0 or not self._swap_in(request, out, now):
@@ -115,9 +117,13 @@ class Scheduler:
                     waiting_blocked = True
                     continue
                 n = min(request.num_inflight_tokens, budget)
+                need = self.blocks.blocks_needed(request.request_id, request.num_computed_tokens + n)
+                if need >= smallest_refused:
+                    continue    # ranked queue: a request as big as one refused this step cannot fit
                 if not self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
                                        preempt_running=False):
                     waiting_blocked = not self.policy.ranks_queues or self.policy.is_starving(request)
+                    smallest_refused = need
                     continue
                 self.waiting.remove(request)
                 request.status = RequestStatus.RUNNING
