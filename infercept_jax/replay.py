@@ -144,9 +144,12 @@ def replay_metrics(requests: list[Request], t0: float, elapsed: float, engine: E
 
     A request unfinished when the run ends counts with end = run end (normalized latency) and is
     left out of the end-to-end latency; time in tool calls is clipped to [arrival, end].
+    `longest_wait_s` is the longest any request waited for its first token, counting those still
+    waiting at the end (a starved request has no TTFT to show in the percentiles).
     """
     normalized, ttft, e2e, time_per_token = [], [], [], []
     finished = tokens = 0
+    longest_wait = 0.0      # arrival to first token, or to the run's end for a request still without one
     for r in requests:
         start = r.arrival_time - t0
         end = (r.finish_time - t0) if r.finish_time is not None else elapsed
@@ -155,6 +158,7 @@ def replay_metrics(requests: list[Request], t0: float, elapsed: float, engine: E
         tokens += r.num_tokens
         if r.num_generated_tokens:
             normalized.append((end - start - api) / r.num_generated_tokens)
+        longest_wait = max(longest_wait, (r.first_token_time - t0 if r.first_token_time is not None else elapsed) - start)
         if r.first_token_time is not None:
             first = r.first_token_time - t0
             ttft.append(first - start)
@@ -167,7 +171,7 @@ def replay_metrics(requests: list[Request], t0: float, elapsed: float, engine: E
     return {
         "num_submitted": len(requests), "num_finished": finished, "elapsed_s": elapsed,
         "normalized_latency": _stats(normalized), "ttft": _stats(ttft), "e2e": _stats(e2e),
-        "tpot": _stats(time_per_token),
+        "tpot": _stats(time_per_token), "longest_wait_s": longest_wait,
         "completed_rps": finished / elapsed if elapsed > 0 else 0.0,
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "memory_waste_pct": waste["waste_total_pct"],

@@ -1,6 +1,7 @@
 """Trace replay in the simulator: metrics on a hand-made run, determinism, no lost request, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -38,6 +39,16 @@ def test_metrics_of_a_hand_made_two_request_run():
     # a holds 4 + 2 + 3 + 2 tokens at the end (the 3 returned are not generated), b 4 + 3
     assert m["tokens_per_s"] == pytest.approx(18 / 1.4)
     assert m["steps"] == 5
+    assert m["longest_wait_s"] == pytest.approx(0.1)
+
+
+def test_longest_wait_counts_requests_that_never_got_a_token():
+    big = TraceRequest("big", 200, (Segment(2),))        # 50 steps of prefill at 4 tokens per step
+    four_per_step = dataclasses.replace(FLAT, saturation_tokens=4)
+    engine = simulated_engine(four_per_step, make_policy("preserve"), OracleEstimator())
+    m = replay(engine, [(0.0, big), (0.5, big)], window=2.0)
+    assert m["ttft"]["mean"] is None                     # nobody got a first token in 2 s ...
+    assert m["longest_wait_s"] == pytest.approx(2.0)     # ... and the first waited the whole run
 
 
 def test_arrivals_follow_the_reference_sampler():
@@ -93,3 +104,27 @@ def test_prompts_the_engine_cannot_hold_are_counted_not_fatal():
     engine = simulated_engine(FLAT, make_policy("preserve"), OracleEstimator())
     m = replay(engine, [(0.0, big), (0.0, small)], window=10.0)
     assert m["num_rejected"] == 1 and m["num_submitted"] == m["num_finished"] == 1
+
+
+def test_lamps_replay_options_reach_the_policy(tmp_path):
+    """The robustness study is one command: --prediction-error changes LAMPS's decisions, and the
+    same command gives the same numbers again."""
+    def run(*extra):
+        out = tmp_path / "_".join(extra or ("oracle",))
+        assert main(["replay", "--trace", "builtin:mixed-onecall", "--simulate", "--profile", "a100-gptj-6b",
+                     "--policy", "lamps", "--qps", "8", "--window", "30", "--out", str(out), "--quiet", *extra]) == 0
+        return json.loads((out / "results.json").read_text())[0]
+
+    oracle, noisy = run(), run("--prediction-error", "0.6")
+    assert oracle["policy"] == "lamps" and oracle["num_finished"] > 0
+    assert noisy["ttft"] != oracle["ttft"]
+    assert run("--prediction-error", "0.6")["ttft"] == noisy["ttft"]
+    assert main(["replay", "--trace", "builtin:mixed", "--simulate", "--profile", "a100-gptj-6b", "--policy", "lamps",
+                 "--prediction-error", "-1", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+
+
+def test_onecall_builtin_traces_have_exactly_one_call_per_request():
+    trace = builtin_trace("mixed-onecall")
+    assert len(trace) == 400 and all(r.num_calls == 1 and len(r.segments) == 2 for r in trace.values())
+    with pytest.raises(ValueError, match="onecall"):
+        builtin_trace("nonsense-onecall")
