@@ -1,0 +1,139 @@
+"""LAMPS against InferCept in the simulator (spec 6.6): mean and P99 end-to-end latency and TTFT on
+the single-call and the mixed workloads, around and above InferCept's saturation, with oracle
+predictions, with 20 % and 60 % Gaussian prediction error, with the learned length predictor and
+without starvation prevention.
+
+    .venv/bin/python scripts/lamps_study.py                      # 6B profile, 600 s windows, ~10 min
+    .venv/bin/python scripts/lamps_study.py --window 1800 --fraction 1.0
+
+* Rates: FRACTIONS of the profile's compute capacity for the workload (`capacity_rps` of
+  compare_hardware.py), so both workloads are swept from half load to overload.
+* The learned variant trains `LengthModel` on a different generated trace (seed 1, 2000 requests)
+  and predicts every segment's length from the request's shape; durations stay oracle.
+* Runs go to two worker processes; every variant of a (workload, rate) replays the same arrivals.
+
+Writes OUT/lamps.md (the table, with each variant's change against InferCept) and OUT/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from infercept_jax.benchmark import resolve_trace, simulated_engines
+from infercept_jax.replay import replay, sample_arrivals
+from infercept_jax.workload import generate_workload, segment_examples
+from scheduling.lamps import LampsOptions
+from scheduling.length_model import LengthModel
+from scheduling.profile import load_profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from compare_hardware import capacity_rps  # noqa: E402
+
+WORKLOADS = ("mixed-onecall", "mixed")
+FRACTIONS = (0.5, 0.75, 1.0, 1.25)
+# (label, policy, LAMPS options); "learned" gets the trained length model's path at run time.
+VARIANTS = (
+    ("infercept", "infercept", None),
+    ("lamps", "lamps", {}),
+    ("lamps 20% error", "lamps", {"prediction_error": 0.2}),
+    ("lamps 60% error", "lamps", {"prediction_error": 0.6}),
+    ("lamps learned lengths", "lamps", {"length_predictor": "learned"}),
+    ("lamps no starvation guard", "lamps", {"starvation_threshold": None}),
+)
+
+
+def run_one(task: tuple) -> dict:
+    profile_name, workload, qps, window, seed, label, policy, options = task
+    profile = load_profile(profile_name)
+    trace = resolve_trace(f"builtin:{workload}")
+    arrivals = sample_arrivals(trace, qps, window, seed)
+    lamps = LampsOptions(**options) if options is not None else None
+    engine = simulated_engines(profile, "oracle", lamps)(policy)
+    start = time.perf_counter()
+    metrics = replay(engine, arrivals, window)
+    return {"variant": label, "policy": policy, "workload": workload, "qps": qps, "profile": profile_name,
+            "window_s": window, "seed": seed, "lamps_options": options,
+            "sim_seconds": time.perf_counter() - start, **metrics}
+
+
+def train_length_model(path: str) -> dict:
+    """Fit the length model on a trace the study does not replay; returns its held-out accuracy."""
+    from scheduling.length_model import evaluate, split
+
+    trace = generate_workload("mixed", 2000, seed=1)
+    keys = list(trace)
+    train, test = split(len(keys), 0.2, seed=0)
+    model = LengthModel.fit(*segment_examples({keys[i]: trace[keys[i]] for i in train}))
+    model.save(path)
+    return evaluate(model, *segment_examples({keys[i]: trace[keys[i]] for i in test}))
+
+
+def change(value: float | None, base: float | None) -> str:
+    if value is None or base is None or base == 0:
+        return "–"
+    return f"{100 * (value - base) / base:+.0f}%"
+
+
+def format_table(results: list[dict]) -> str:
+    head = ("| workload | req/s | variant | finished | e2e mean s | vs infercept | e2e P99 s | vs infercept | "
+            "TTFT mean s | vs infercept | TTFT P99 s | longest wait s |")
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        base = next(b for b in results if b["variant"] == "infercept" and b["workload"] == r["workload"]
+                    and b["qps"] == r["qps"])
+        e2e, ttft, be2e, bttft = r["e2e"], r["ttft"], base["e2e"], base["ttft"]
+        lines.append(
+            f"| {r['workload']} | {r['qps']:.2f} | {r['variant']} | {r['num_finished']}/{r['num_submitted']} | "
+            f"{e2e['mean']:.1f} | {change(e2e['mean'], be2e['mean'])} | {e2e['p99']:.0f} | "
+            f"{change(e2e['p99'], be2e['p99'])} | {ttft['mean']:.2f} | {change(ttft['mean'], bttft['mean'])} | "
+            f"{ttft['p99']:.2f} | {r['longest_wait_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="a100-gptj-6b", help="profile name or JSON file (default a100-gptj-6b)")
+    parser.add_argument("--workload", action="append", choices=WORKLOADS, help="repeat for several (default both)")
+    parser.add_argument("--fraction", action="append", type=float,
+                        help=f"rate as a fraction of capacity; repeat for several (default {FRACTIONS})")
+    parser.add_argument("--window", type=float, default=600.0, help="seconds of arrivals per run (default 600)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default="results/lamps_study")
+    args = parser.parse_args(argv)
+
+    os.makedirs(args.out, exist_ok=True)
+    model_path = os.path.join(args.out, "length_model.json")
+    accuracy = train_length_model(model_path)
+    print(f"length model (trained on generated mixed, seed 1): held-out MAE {accuracy['mae_tokens']:.1f} tokens "
+          f"(constant mean: {accuracy['baseline_mae_tokens']:.1f}), exact bin {accuracy['bin_accuracy']:.0%}")
+    profile = load_profile(args.profile)
+    tasks = []
+    for workload in args.workload or WORKLOADS:
+        capacity = capacity_rps(profile, resolve_trace(f"builtin:{workload}"))
+        for fraction in args.fraction or FRACTIONS:
+            qps = round(capacity * fraction, 2)
+            for label, policy, options in VARIANTS:
+                if options is not None and options.get("length_predictor") == "learned":
+                    options = {**options, "length_predictor": model_path}
+                tasks.append((args.profile, workload, qps, args.window, args.seed, label, policy, options))
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        results = list(pool.map(run_one, tasks))
+    table = format_table(results)
+    print(table)
+    print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s")
+    with open(os.path.join(args.out, "lamps.md"), "w") as f:
+        f.write(f"profile {args.profile}, {args.window:g} s windows, seed {args.seed}\n\n{table}\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"length_model_accuracy": accuracy, "runs": results}, f, indent=2)
+    print(f"wrote {args.out}/lamps.md and {args.out}/results.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()
