@@ -3,8 +3,9 @@
 1. A few chats, to show the engine (warm-up, continuous batching, streaming).
 2. The policy comparison: a built-in mixed workload of the paper's six augmentations (math, QA,
    virtual environment, chat, image, TTS), token counts scaled by 1/8 and tool-call durations by
-   1/10 for a CPU, replayed for 30 s at 1 request/s under discard (vLLM), preserve, swap and
-   InferCept's min-waste policy, on a small KV pool so that memory is contended. This machine's
+   1/10 for a CPU, replayed for 30 s at 1 request/s under discard (vLLM), preserve, swap,
+   InferCept's min-waste policy and LAMPS (InferCept's holding decisions made in advance plus a
+   queue ranked by predicted memory over time), on a small KV pool so that memory is contended. This machine's
    hardware profile is measured first (quick). Prints the table; writes results/demo/.
 """
 import os
@@ -16,7 +17,7 @@ from infercept_jax.benchmark import (builtin_trace, format_table, measure_here, 
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain what a CPU cache is in two sentences.", "Name three planets of the solar system."]
-POLICIES = ["discard", "preserve", "swap", "infercept"]
+POLICIES = ["discard", "preserve", "swap", "infercept", "lamps"]
 POOLS = dict(max_model_len=2048, num_kv_blocks=160, num_host_blocks=512)   # 2,544 device tokens
 OUT = "results/demo"
 

@@ -11,6 +11,9 @@ without starvation prevention.
 * The learned variant trains `LengthModel` on a different generated trace (seed 1, 2000 requests)
   and predicts every segment's length from the request's shape; durations stay oracle.
 * Runs go to two worker processes; every variant of a (workload, rate) replays the same arrivals.
+* "host ms/step" is the simulator's wall time per step: the engine's Python (scheduler and
+  bookkeeping) with the model replaced by the cost model, so it bounds the scheduling overhead.
+  Do not run anything else meanwhile if you read it.
 
 Writes OUT/lamps.md (the table, with each variant's change against InferCept) and OUT/results.json.
 """
@@ -80,8 +83,8 @@ def change(value: float | None, base: float | None) -> str:
 
 def format_table(results: list[dict]) -> str:
     head = ("| workload | req/s | variant | finished | e2e mean s | vs infercept | e2e P99 s | vs infercept | "
-            "TTFT mean s | vs infercept | TTFT P99 s | longest wait s |")
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "TTFT mean s | vs infercept | TTFT P99 s | longest wait s | host ms/step |")
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         base = next(b for b in results if b["variant"] == "infercept" and b["workload"] == r["workload"]
                     and b["qps"] == r["qps"])
@@ -90,7 +93,7 @@ def format_table(results: list[dict]) -> str:
             f"| {r['workload']} | {r['qps']:.2f} | {r['variant']} | {r['num_finished']}/{r['num_submitted']} | "
             f"{e2e['mean']:.1f} | {change(e2e['mean'], be2e['mean'])} | {e2e['p99']:.0f} | "
             f"{change(e2e['p99'], be2e['p99'])} | {ttft['mean']:.2f} | {change(ttft['mean'], bttft['mean'])} | "
-            f"{ttft['p99']:.2f} | {r['longest_wait_s']:.0f} |")
+            f"{ttft['p99']:.2f} | {r['longest_wait_s']:.0f} | {1000 * r['sim_seconds'] / max(r['steps'], 1):.2f} |")
     return "\n".join(lines)
 
 
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help=f"rate as a fraction of capacity; repeat for several (default {FRACTIONS})")
     parser.add_argument("--window", type=float, default=600.0, help="seconds of arrivals per run (default 600)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rerank-interval", type=int, action="append", default=[],
+                        help="also run LAMPS re-scoring only every K steps; repeat for several")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="results/lamps_study")
     args = parser.parse_args(argv)
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         capacity = capacity_rps(profile, resolve_trace(f"builtin:{workload}"))
         for fraction in args.fraction or FRACTIONS:
             qps = round(capacity * fraction, 2)
-            for label, policy, options in VARIANTS:
+            reranked = [(f"lamps rerank every {k}", "lamps", {"rerank_interval": k}) for k in args.rerank_interval]
+            for label, policy, options in (*VARIANTS, *reranked):
                 if options is not None and options.get("length_predictor") == "learned":
                     options = {**options, "length_predictor": model_path}
                 tasks.append((args.profile, workload, qps, args.window, args.seed, label, policy, options))
