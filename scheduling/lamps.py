@@ -79,6 +79,11 @@ class Plan:
 
 
 class LampsPolicy(InferCeptPolicy):
+    """InferCept's swap budget and waste model, with the holding strategy fixed in advance and the
+    queues ranked (module docstring). Paused requests give up device memory largest planned waste
+    first. The call-duration estimator is not used: every decision rests on the predictions made at
+    arrival and at each resume."""
+
     name = "lamps"
     ranks_queues = True
 
