@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rerank-interval", type=int, action="append", default=[],
                         help="also run LAMPS re-scoring only every K steps; repeat for several")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--starvation-threshold", type=int, action="append", default=[],
+                        help="also run LAMPS with this starvation threshold (steps); repeat for several")
+    parser.add_argument("--workers", type=int, default=2, help="processes; 1 runs everything in this one")
     parser.add_argument("--out", default="results/lamps_study")
     args = parser.parse_args(argv)
 
@@ -122,14 +124,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         capacity = capacity_rps(profile, resolve_trace(f"builtin:{workload}"))
         for fraction in args.fraction or FRACTIONS:
             qps = round(capacity * fraction, 2)
-            reranked = [(f"lamps rerank every {k}", "lamps", {"rerank_interval": k}) for k in args.rerank_interval]
-            for label, policy, options in (*VARIANTS, *reranked):
+            extra = [(f"lamps rerank every {k}", "lamps", {"rerank_interval": k}) for k in args.rerank_interval]
+            extra += [(f"lamps starvation threshold {k}", "lamps", {"starvation_threshold": k})
+                      for k in args.starvation_threshold]
+            for label, policy, options in (*VARIANTS, *extra):
                 if options is not None and options.get("length_predictor") == "learned":
                     options = {**options, "length_predictor": model_path}
                 tasks.append((args.profile, workload, qps, args.window, args.seed, label, policy, options))
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
-        results = list(pool.map(run_one, tasks))
+    if args.workers == 1:
+        results = [run_one(task) for task in tasks]
+    else:
+        with ProcessPoolExecutor(args.workers) as pool:
+            results = list(pool.map(run_one, tasks))
     table = format_table(results)
     print(table)
     print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s")

@@ -1,0 +1,31 @@
+"""scripts/lamps_study.py: one tiny end-to-end run of every variant, and the table's arithmetic."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parent.parent / "scripts" / "lamps_study.py"
+_SPEC = importlib.util.spec_from_file_location("lamps_study", _PATH)
+study = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(study)
+
+
+def test_change_against_the_baseline():
+    assert study.change(50.0, 200.0) == "-75%"
+    assert study.change(3.0, 2.0) == "+50%"
+    assert study.change(None, 2.0) == study.change(1.0, 0.0) == "–"
+
+
+def test_a_tiny_study_runs_every_variant_on_the_same_arrivals(tmp_path):
+    results = study.main(["--workload", "mixed-onecall", "--fraction", "0.5", "--window", "8", "--workers", "1",
+                          "--starvation-threshold", "5", "--out", str(tmp_path)])
+    labels = [r["variant"] for r in results]
+    assert labels == [label for label, _, _ in study.VARIANTS] + ["lamps starvation threshold 5"]
+    assert len({r["num_submitted"] for r in results}) == 1          # the same arrivals for every variant
+    learned = next(r for r in results if r["variant"] == "lamps learned lengths")
+    assert learned["lamps_options"]["length_predictor"] == str(tmp_path / "length_model.json")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["length_model_accuracy"]["mae_tokens"] < saved["length_model_accuracy"]["baseline_mae_tokens"]
+    table = (tmp_path / "lamps.md").read_text()
+    assert table.count("| mixed-onecall |") == len(results) and "| infercept | " in table
