@@ -29,6 +29,7 @@ class SamplingParams:
     max_interceptions: int | None = None      # None: no limit
     call_duration: float | None = None        # oracle duration of the next call, seconds (trace replay)
     call_result_tokens: int | None = None     # oracle length of the next call's result (trace replay)
+    call_tool: str | None = None              # the next call's tool, for an intercept_after pause (replay: the kind)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +60,8 @@ class SamplingParams:
         if self.call_result_tokens is not None and (not isinstance(self.call_result_tokens, int)
                                                     or self.call_result_tokens < 0):
             raise ValueError(f"call_result_tokens must be None or an integer >= 0, got {self.call_result_tokens!r}")
+        if self.call_tool is not None and not isinstance(self.call_tool, str):
+            raise ValueError(f"call_tool must be None or a string, got {self.call_tool!r}")
         if self.call_duration is not None and not (isinstance(self.call_duration, (int, float))
                                                    and self.call_duration >= 0):
             raise ValueError(f"call_duration must be None or a number >= 0, got {self.call_duration!r}")

@@ -142,7 +142,7 @@ class Engine:
         return SegmentHint(
             max_output_tokens=max(params.max_tokens - request.num_generated_tokens, 1),
             ends_in_call=calls_left and (params.intercept_after is not None or params.tool_format is not None),
-            call_after=params.intercept_after, call_duration=params.call_duration,
+            call_after=params.intercept_after, call_duration=params.call_duration, call_tool=params.call_tool,
             result_tokens=params.call_result_tokens)
 
     def _get(self, request_id: str) -> Request:
@@ -215,7 +215,7 @@ class Engine:
         key = (request.request_id, len(request.interceptions))
         call = None
         if params.intercept_after is not None and request.tokens_since_resume >= params.intercept_after:
-            call = Interception(key, now, expected_duration=params.call_duration,
+            call = Interception(key, now, tool=params.call_tool, expected_duration=params.call_duration,
                                 segment_tokens=request.tokens_since_resume)
         elif params.tool_format is not None:
             text = params.tool_format.find_call(request.output_text, request.call_search_from, token)

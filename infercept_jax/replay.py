@@ -48,7 +48,8 @@ def segment_params(request: TraceRequest, index: int, time_scale: float = 1.0) -
         max_tokens=generated_tokens(request), temperature=0.0, ignore_eos=True,
         intercept_after=max(1, segment.completion_tokens) if segment.has_call else None,
         call_duration=segment.api_time * time_scale if segment.has_call else None,
-        call_result_tokens=segment.api_token_length if segment.has_call else None)
+        call_result_tokens=segment.api_token_length if segment.has_call else None,
+        call_tool=request.kind if segment.has_call else None)
 
 
 def generated_tokens(request: TraceRequest) -> int:

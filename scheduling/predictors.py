@@ -8,7 +8,8 @@ benchmark does, and a learned fallback:
 
   * output length: the hint, or a `LengthModel` trained on the user's traces
     (`infercept predictor`); without either, the sampling budget left (an upper bound);
-  * call duration: the hint, or the running mean of the tool's past calls (`tool-mean`);
+  * call duration: the hint, or the running mean of the tool's past calls (`tool-mean`; the
+    tool is the hint's, else the one the request called last, else all calls count);
   * result length: the hint, or the running mean of past results.
 
 Whether a call ends the segment is read from the request's trigger (`SegmentHint.ends_in_call`).
@@ -71,15 +72,15 @@ class SegmentPredictor:
         output = self._output_tokens(request)
         if not hint.ends_in_call:
             return SegmentPrediction(output, None, 0)
-        last_tool = request.interceptions[-1].tool if request.interceptions else None
+        tool = hint.call_tool or (request.interceptions[-1].tool if request.interceptions else None)
         if self.duration == "oracle" and hint.call_duration is not None:
             seconds = self._noisy(hint.call_duration)
         else:
-            seconds = self._call_seconds.mean(last_tool)
+            seconds = self._call_seconds.mean(tool)
         if hint.result_tokens is not None:
             result = round(self._noisy(hint.result_tokens))
         else:
-            result = round(self._result_tokens.mean(last_tool))
+            result = round(self._result_tokens.mean(tool))
         return SegmentPrediction(output, seconds, result)
 
     def _output_tokens(self, request: Request) -> int:

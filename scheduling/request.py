@@ -59,6 +59,7 @@ class SegmentHint:
     ends_in_call: bool                    # a tool call may end the segment
     call_after: int | None = None         # the call comes after exactly this many tokens (trace replay)
     call_duration: float | None = None    # seconds the next call takes (trace replay)
+    call_tool: str | None = None          # the tool the next call goes to, when known
     result_tokens: int | None = None      # tokens the next call returns (trace replay)
 
 

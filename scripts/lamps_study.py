@@ -9,7 +9,9 @@ without starvation prevention.
 * Rates: FRACTIONS of the profile's compute capacity for the workload (`capacity_rps` of
   compare_hardware.py), so both workloads are swept from half load to overload.
 * The learned variant trains `LengthModel` on a different generated trace (seed 1, 2000 requests)
-  and predicts every segment's length from the request's shape; durations stay oracle.
+  and predicts every segment's length from the request's shape; durations stay oracle. The
+  tool-mean variant predicts each call's duration (and result size) as the running mean of the
+  calls seen so far to the same tool; replay names the tool after the request's workload kind.
 * Runs go to two worker processes; every variant of a (workload, rate) replays the same arrivals.
 * "host ms/step" is the simulator's wall time per step: the engine's Python (scheduler and
   bookkeeping) with the model replaced by the cost model, so it bounds the scheduling overhead.
@@ -45,6 +47,7 @@ VARIANTS = (
     ("lamps 20% error", "lamps", {"prediction_error": 0.2}),
     ("lamps 60% error", "lamps", {"prediction_error": 0.6}),
     ("lamps learned lengths", "lamps", {"length_predictor": "learned"}),
+    ("lamps tool-mean durations", "lamps", {"duration_predictor": "tool-mean"}),
     ("lamps no starvation guard", "lamps", {"starvation_threshold": None}),
 )
 

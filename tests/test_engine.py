@@ -133,6 +133,8 @@ def test_bad_prompt_is_rejected_and_engine_keeps_serving(model, bad, message):
     (dict(top_k=-2), "top_k"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(stop=[""]), "stop"),
+    (dict(call_result_tokens=-1), "call_result_tokens"),
+    (dict(call_tool=3), "call_tool"),
 ])
 def test_invalid_sampling_values_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

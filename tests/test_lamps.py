@@ -2,6 +2,8 @@
 prevention, on the real scheduler with a fake runner (milliseconds)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from helpers import FakeRunner
@@ -199,6 +201,14 @@ def test_tool_mean_learns_durations_and_result_lengths_online():
     prediction = predictor.predict(request)
     assert prediction.call_seconds == 3.0                      # not the hint: the tool's mean
     assert prediction.result_tokens == 15
+    request.interceptions.append(Interception(("r", 2), 0.0, tool="calc", end_time=0.5, result_tokens=1))
+    predictor.observe(request)
+    request.hint = dataclasses.replace(request.hint, call_tool="search")   # the next call's tool, if known
+    assert predictor.predict(request).call_seconds == 3.0
+    request.hint = dataclasses.replace(request.hint, call_tool=None)       # else the last call's
+    assert predictor.predict(request).call_seconds == 0.5
+    request.hint = dataclasses.replace(request.hint, call_tool="never-seen")   # else every call's
+    assert predictor.predict(request).call_seconds == pytest.approx(6.5 / 3)
 
 
 def test_options_are_validated():
@@ -208,3 +218,21 @@ def test_options_are_validated():
         LampsOptions(duration_predictor="psychic")
     with pytest.raises(ValueError, match="prediction_error"):
         LampsOptions(prediction_error=-0.1)
+
+
+def test_engine_hints_carry_the_trace_oracle_and_the_tool_name():
+    policy = LampsPolicy(PROFILE)
+    engine = Engine(FakeRunner(), BlockManager(64, 4, num_host_blocks=16), max_model_len=64, vocab_size=64,
+                    eos_token_ids=(1,), max_num_seqs=4, max_num_batched_tokens=12, policy=policy, clock=lambda: 0.0)
+    params = SamplingParams(max_tokens=9, ignore_eos=True, temperature=0.0, intercept_after=3, call_duration=2.5,
+                            call_result_tokens=4, call_tool="qa")
+    rid = engine.add_request([5] * 6, params)
+    assert policy.plans[rid].prediction == SegmentPrediction(output_tokens=3, call_seconds=2.5, result_tokens=4)
+    while engine.requests[rid].status is not RequestStatus.PAUSED:
+        engine.step()
+    call = engine.requests[rid].interceptions[-1]
+    assert (call.tool, call.segment_tokens) == ("qa", 3)
+    engine.resume(rid, [7] * 4, dataclasses.replace(params, intercept_after=None, call_duration=None))
+    assert call.result_tokens == 4
+    # the last segment: no call, the 6 tokens of the budget left
+    assert policy.plans[rid].prediction == SegmentPrediction(output_tokens=6, call_seconds=None, result_tokens=0)
