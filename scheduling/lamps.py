@@ -113,7 +113,7 @@ class LampsPolicy(InferCeptPolicy):
     def _new_plan(self, sched: Scheduler, request: Request) -> None:
         plan = Plan(self.predictor.predict(request), queued_since=self._step)
         plan.mode, plan.waste = self.classify(sched, request, plan.prediction)
-        plan.score = self.score(request, plan, _running_sums(sched)[0], sched.blocks.block_size)
+        plan.score = self.score(request, plan, sched.running_tokens()[0], sched.blocks.block_size)
         self.plans[request.request_id] = plan
 
     def classify(self, sched: Scheduler, request: Request, prediction: SegmentPrediction) -> tuple[PauseMode, float]:
@@ -122,7 +122,7 @@ class LampsPolicy(InferCeptPolicy):
         if prediction.call_seconds is None:
             return PauseMode.PRESERVE, 0.0
         context = _round_up(request.num_tokens + prediction.output_tokens, sched.blocks.block_size)
-        running_query, running_context = _running_sums(sched)
+        running_query, running_context = sched.running_tokens()
         wastes = {
             PauseMode.PRESERVE: preserve_waste(prediction.call_seconds, context),
             PauseMode.DISCARD: chunked_discard_waste(context, running_query, running_context, self.profile),
@@ -184,7 +184,7 @@ class LampsPolicy(InferCeptPolicy):
         rescore = step % self.options.rerank_interval == 0
         # Scores depend on the batch only through c_h = max(S - running query, 1): clamp, so a
         # saturated batch of any size reuses the cached scores.
-        running_query = min(_running_sums(sched)[0], self.profile.saturation_tokens - 1) if rescore else 0
+        running_query = min(sched.running_tokens()[0], self.profile.saturation_tokens - 1) if rescore else 0
         for request in sched.running:
             plan = self.plans[request.request_id]
             if plan.front_until <= step:
@@ -208,12 +208,6 @@ class LampsPolicy(InferCeptPolicy):
     def is_starving(self, request: Request) -> bool:
         """Holds a quantum: nothing behind it may take the memory it waits for."""
         return self.plans[request.request_id].front_until >= self._step
-
-
-def _running_sums(sched: Scheduler) -> tuple[int, int]:
-    """(query tokens, context tokens) of the running batch."""
-    return (sum(r.num_inflight_tokens for r in sched.running),
-            sum(r.num_computed_tokens for r in sched.running))
 
 
 def _round_up(tokens: int, block_size: int) -> int:

@@ -179,8 +179,7 @@ class InferCeptPolicy(Policy):
         """(waste, preserve waste, discard waste, request) of paused requests holding device
         blocks, most wasteful first."""
         bs = sched.blocks.block_size
-        running_query = sum(r.num_inflight_tokens for r in sched.running)
-        running_context = sum(r.num_computed_tokens for r in sched.running)
+        running_query, running_context = sched.running_tokens()
         scored = []
         for request in sched.paused.values():
             held = sched.blocks.num_blocks_of(request.request_id)
@@ -207,7 +206,7 @@ class InferCeptPolicy(Policy):
         """
         if sched.waiting or not sched.swapped:
             return
-        if sum(r.num_inflight_tokens for r in sched.running) >= sched.config.max_num_batched_tokens:
+        if sched.running_tokens()[0] >= sched.config.max_num_batched_tokens:
             return
         oldest = min(sched.swapped, key=lambda r: r.priority_time)
         on_host = sched.blocks.num_host_blocks_of(oldest.request_id) * sched.blocks.block_size

@@ -81,6 +81,12 @@ class Scheduler:
         """Anything a step can do (paused requests wait for their results and are not work)."""
         return bool(self.waiting or self.running or self.swapped)
 
+    def running_tokens(self) -> tuple[int, int]:
+        """(query tokens, context tokens) of the running batch: what the chunk size left for a
+        recompute and the cost of stalling the batch depend on."""
+        return (sum(r.num_inflight_tokens for r in self.running),
+                sum(r.num_computed_tokens for r in self.running))
+
     # ----------------------------------------------------------------- the step
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
         out = SchedulerOutput()
