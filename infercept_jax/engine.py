@@ -212,21 +212,20 @@ class Engine:
         params: SamplingParams = request.sampling
         if params.max_interceptions is not None and len(request.interceptions) >= params.max_interceptions:
             return
-        key = (request.request_id, len(request.interceptions))
-        call = None
         if params.intercept_after is not None and request.tokens_since_resume >= params.intercept_after:
-            call = Interception(key, now, tool=params.call_tool, expected_duration=params.call_duration,
-                                segment_tokens=request.tokens_since_resume)
+            tool, text = params.call_tool, None
         elif params.tool_format is not None:
             text = params.tool_format.find_call(request.output_text, request.call_search_from, token)
-            if text is not None:
-                tool, _ = params.tool_format.split(text)
-                call = Interception(key, now, tool=tool, call_text=text, expected_duration=params.call_duration,
-                                    segment_tokens=request.tokens_since_resume)
-        if call is not None:
-            self.scheduler.pause(request, call, now)
-            if request.pause_mode is PauseMode.DISCARD:
-                self.waste.discards += 1
+            if text is None:
+                return
+            tool, _ = params.tool_format.split(text)
+        else:
+            return
+        call = Interception((request.request_id, len(request.interceptions)), now, tool=tool, call_text=text,
+                            expected_duration=params.call_duration, segment_tokens=request.tokens_since_resume)
+        self.scheduler.pause(request, call, now)
+        if request.pause_mode is PauseMode.DISCARD:
+            self.waste.discards += 1
 
     def _decode_output(self, request: Request) -> None:
         if self.tokenizer is not None:
