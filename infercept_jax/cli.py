@@ -106,8 +106,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _predictor(args: argparse.Namespace) -> int:
-    from infercept_jax.workload import load_trace, segment_examples
-    from scheduling.length_model import LengthModel, evaluate, split
+    from infercept_jax.workload import fit_length_model, load_trace, segment_examples
+    from scheduling.length_model import evaluate
 
     try:
         tokenizer = None
@@ -118,9 +118,7 @@ def _predictor(args: argparse.Namespace) -> int:
         trace = load_trace(args.trace, tokenizer)
         if len(trace) < 2:
             raise ValueError(f"has {len(trace)} request(s); need at least 2, to train on some and test on others")
-        keys = list(trace)
-        # Split by request, so that no request has segments on both sides.
-        train, test = split(len(keys), args.test_fraction, args.seed)
+        model, fitted, held_out = fit_length_model(trace, args.test_fraction, args.seed)
     except json.JSONDecodeError as e:
         print(f"error: {args.trace} is not JSON: {e}", file=sys.stderr)
         return 2
@@ -128,14 +126,13 @@ def _predictor(args: argparse.Namespace) -> int:
         hint = "; pass --model to measure its text with that model's tokenizer" if "tokenizer" in str(e) else ""
         print(f"error: {args.trace}: {e}{hint}", file=sys.stderr)
         return 2
-    train_features, train_lengths = segment_examples({keys[i]: trace[keys[i]] for i in train})
-    model = LengthModel.fit(train_features, train_lengths, seed=args.seed)
     by_kind: dict[str, dict] = defaultdict(dict)
-    for i in test:
-        by_kind[trace[keys[i]].kind or "unknown"][keys[i]] = trace[keys[i]]
+    for key, request in held_out.items():
+        by_kind[request.kind or "unknown"][key] = request
     rows = sorted(by_kind.items()) if len(by_kind) > 1 else []
-    rows.append(("all", {keys[i]: trace[keys[i]] for i in test}))
-    print(f"trained on {len(train_lengths)} segments of {len(train)} requests; held out {len(test)} requests")
+    rows.append(("all", held_out))
+    num_segments = sum(len(r.segments) for r in fitted.values())
+    print(f"trained on {num_segments} segments of {len(fitted)} requests; held out {len(held_out)} requests")
     print(f"{'kind':>8} {'MAE':>7} {'exact bin':>10} {'within 1 bin':>13} {'baseline MAE':>13} {'segments':>9}")
     for kind, requests in rows:
         stats = evaluate(model, *segment_examples(requests))

@@ -30,9 +30,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 from infercept_jax.benchmark import resolve_trace, simulated_engines
 from infercept_jax.replay import replay, sample_arrivals
-from infercept_jax.workload import generate_workload, segment_examples
+from infercept_jax.workload import fit_length_model, generate_workload, segment_examples
 from scheduling.lamps import LampsOptions
-from scheduling.length_model import LengthModel
+from scheduling.length_model import evaluate
 from scheduling.profile import load_profile
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -68,14 +68,9 @@ def run_one(task: tuple) -> dict:
 
 def train_length_model(path: str) -> dict:
     """Fit the length model on a trace the study does not replay; returns its held-out accuracy."""
-    from scheduling.length_model import evaluate, split
-
-    trace = generate_workload("mixed", 2000, seed=1)
-    keys = list(trace)
-    train, test = split(len(keys), 0.2, seed=0)
-    model = LengthModel.fit(*segment_examples({keys[i]: trace[keys[i]] for i in train}))
+    model, _, held_out = fit_length_model(generate_workload("mixed", 2000, seed=1))
     model.save(path)
-    return evaluate(model, *segment_examples({keys[i]: trace[keys[i]] for i in test}))
+    return evaluate(model, *segment_examples(held_out))
 
 
 def change(value: float | None, base: float | None) -> str:
