@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections import defaultdict
 
 
@@ -118,7 +119,9 @@ def _predictor(args: argparse.Namespace) -> int:
         trace = load_trace(args.trace, tokenizer)
         if len(trace) < 2:
             raise ValueError(f"has {len(trace)} request(s); need at least 2, to train on some and test on others")
+        started = time.perf_counter()
         model, fitted, held_out = fit_length_model(trace, args.test_fraction, args.seed)
+        fit_seconds = time.perf_counter() - started
     except json.JSONDecodeError as e:
         print(f"error: {args.trace} is not JSON: {e}", file=sys.stderr)
         return 2
@@ -139,6 +142,12 @@ def _predictor(args: argparse.Namespace) -> int:
         print(f"{kind:>8} {stats['mae_tokens']:7.1f} {stats['bin_accuracy']:10.1%} {stats['within_one_bin']:13.1%} "
               f"{stats['baseline_mae_tokens']:13.1f} {stats['num_examples']:9d}")
     print("MAE in tokens; baseline: always the mean length of the held-out segments")
+    features, _ = segment_examples(held_out)
+    started = time.perf_counter()
+    for f in features:
+        model.predict(f)
+    per_prediction_us = (time.perf_counter() - started) / max(len(features), 1) * 1e6
+    print(f"fitted in {fit_seconds:.1f} s; {per_prediction_us:.0f} µs per prediction")
     try:
         model.save(args.out)
     except OSError as e:
