@@ -16,7 +16,10 @@ A step serves running, then swapped, then waiting (spec 2.3); under FCFS a queue
 cannot get room stops the ones behind it, under a ranking the next one is tried (unless the blocked
 one is starving). When the device pool is short, the
 policy's paused victims give up blocks first (swapped out within the budget, else discarded);
-then the newest running request is preempted and recomputed later.
+then the newest running request is preempted and recomputed later. With nothing running, a
+swapped request that cannot come back takes the blocks of the newest other swapped request
+(recomputed later) and swaps in at least one block per step, so swapped requests never wait
+on each other forever.
 """
 from __future__ import annotations
 
@@ -91,6 +94,10 @@ class Scheduler:
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
         out = SchedulerOutput()
         self._swap_in_left, self._swap_out_left = self.policy.swap_budget(self)
+        if not self.running and self.swapped:
+            # No batch to hide the copy behind and none to free memory: a budget of 0 (little free
+            # device memory, N(S) < S) would leave the swapped requests waiting forever.
+            self._swap_in_left = max(self._swap_in_left, 1)
         self.policy.plan(self, out, now)
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
@@ -150,7 +157,9 @@ class Scheduler:
         rid = request.request_id
         n = min(self.blocks.num_host_blocks_of(rid), self._swap_in_left)
         while self.blocks.device.num_free < n:
-            if not self._evict_paused(n - self.blocks.device.num_free, out, now):
+            if self._evict_paused(n - self.blocks.device.num_free, out, now):
+                continue
+            if self.running or not self._preempt_swapped(request, out):
                 return False
         out.swap_in.extend(self.blocks.swap_in(rid, n))
         self._swap_in_left -= n
@@ -158,6 +167,19 @@ class Scheduler:
             self.swapped.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+        return True
+
+    def _preempt_swapped(self, request: Request, out: SchedulerOutput) -> bool:
+        """Nothing runs, so no device block will come free by itself: recompute the newest other
+        swapped request that holds device blocks (a budgeted swap-out leaves part of a request's
+        context on the device), so `request` can come back. False if there is none."""
+        holders = [r for r in self.swapped if r is not request and self.blocks.num_blocks_of(r.request_id)]
+        if not holders:
+            return False
+        victim = max(holders, key=lambda r: (r.priority_time, r.request_id))
+        self.recompute_swapped(victim)
+        victim.num_preemptions += 1
+        out.preempted.append(victim)
         return True
 
     def _make_room(self, request: Request, num_tokens: int, scheduled: set[str], out: SchedulerOutput,

@@ -6,6 +6,8 @@ keep each request in exactly the queue its status says, and finish or abort ever
 """
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -18,7 +20,8 @@ from scheduling.estimators import OracleEstimator
 from scheduling.lamps import LampsOptions
 from scheduling.policies import POLICIES, make_policy
 from scheduling.profile import HardwareProfile
-from scheduling.request import PauseMode, RequestStatus
+from scheduling.request import PauseMode, Request, RequestStatus
+from scheduling.scheduler import Scheduler, SchedulerConfig
 
 PROFILE = HardwareProfile(name="tiny", fwd_ms_per_token=20.0, fwd_base_ms=100.0, saturation_tokens=12,
                           swap_limit_tokens=20.0, kv_bytes_per_token=64, block_size=4)
@@ -117,3 +120,43 @@ class EngineMachine(RuleBasedStateMachine):
 EngineMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
 TestEngineUnderRandomInterceptions = EngineMachine.TestCase
+
+
+# ------------------------------------------------------------------ liveness cases hypothesis found
+def _swapped(sched: Scheduler, rid: str, prompt: int, on_host: int, arrival: float) -> Request:
+    """A resumed request with `prompt` tokens of KV, `on_host` blocks of it in the host pool."""
+    request = Request(rid, [5] * prompt, SamplingParams(max_tokens=4), arrival)
+    sched.blocks.ensure(rid, prompt)
+    request.num_computed_tokens = prompt
+    sched.blocks.swap_out(rid, on_host)
+    request.status = RequestStatus.SWAPPED
+    sched.swapped.append(request)
+    return request
+
+
+def test_partly_swapped_requests_filling_the_device_do_not_wait_forever():
+    """Budgeted swaps left two resumed requests each partly on the device, the device full and
+    nothing running (found by CI): the newer one is recomputed so the older can come back."""
+    sched = Scheduler(SchedulerConfig(12, 4), BlockManager(6, 4, num_host_blocks=3),
+                      make_policy("infercept", PROFILE))
+    old = _swapped(sched, "old", 12, on_host=2, arrival=0.0)
+    new = _swapped(sched, "new", 16, on_host=1, arrival=1.0)
+    sched.blocks.swap_in("old", 1)      # the block the newer one's swap-out freed
+    assert sched.blocks.num_free == 0 and sched.blocks.num_host_blocks_of("old") == 1
+    out = sched.schedule()
+    assert old.status is RequestStatus.RUNNING and [s.request for s in out.scheduled] == [old]
+    assert new.status is RequestStatus.WAITING and out.preempted == [new]
+    assert sched.blocks.num_blocks_of("new") == sched.blocks.num_host_blocks_of("new") == 0
+
+
+def test_a_zero_swap_in_budget_with_nothing_running_still_brings_a_request_back():
+    """N(S) < S and little free memory give a swap-in budget of 0 blocks; with no batch running
+    nothing would ever free memory, so at least one block comes in per step."""
+    slow_copies = dataclasses.replace(PROFILE, swap_limit_tokens=4.0)
+    sched = Scheduler(SchedulerConfig(12, 4), BlockManager(6, 4, num_host_blocks=6),
+                      make_policy("infercept", slow_copies))
+    request = _swapped(sched, "old", 20, on_host=1, arrival=0.0)   # copying 4 tokens beats recomputing 20
+    assert sched.policy.swap_budget(sched)[0] == 0
+    out = sched.schedule()
+    assert len(out.swap_in) == 1 and [s.request for s in out.scheduled] == [request]
+    assert request.status is RequestStatus.RUNNING and sched.blocks.num_blocks_of("old") == 5
