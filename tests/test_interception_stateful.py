@@ -117,7 +117,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert self.blocks.host.num_free == self.blocks.host.capacity
 
 
-EngineMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+EngineMachine.TestCase.settings = settings(stateful_step_count=40, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
 TestEngineUnderRandomInterceptions = EngineMachine.TestCase
 
