@@ -120,7 +120,7 @@ class Engine:
         room = self.context_limit - request.num_tokens
         request.token_ids.extend(token_ids[:room])
         call.result_tokens = min(len(token_ids), room)
-        self._decode_output(request)
+        self._decode_output(request, final=len(token_ids) >= room)
         request.call_search_from = len(request.output_text)
         request.hint = self._hint(request)
         self.scheduler.resume(request, now)
@@ -200,7 +200,7 @@ class Engine:
         elif request.num_generated_tokens >= params.max_tokens or request.num_tokens >= self.context_limit:
             status = RequestStatus.FINISHED_LENGTH
         previous = len(request.output_text)
-        self._decode_output(request)
+        self._decode_output(request, final=status is not None)
         if params.stop and self.tokenizer is not None and self._truncate_at_stop(request, previous):
             status = RequestStatus.FINISHED_STOPPED
         if status is not None:
@@ -227,9 +227,27 @@ class Engine:
         if request.pause_mode is PauseMode.DISCARD:
             self.waste.discards += 1
 
-    def _decode_output(self, request: Request) -> None:
-        if self.tokenizer is not None:
-            request.output_text = self.tokenizer.decode(request.output_token_ids)
+    def _decode_output(self, request: Request, final: bool = False) -> None:
+        """Append the text of the tokens added since the last call.
+
+        Decoding the whole output every token would make text quadratic in the output length.
+        Instead, as vLLM does, the tokens decoded last call are decoded again with the new ones
+        and only the difference is appended: exact at token boundaries, also for tokenizers that
+        strip a leading space. A character split across byte tokens (the text ends in U+FFFD)
+        waits for its last byte, unless this is the final decode.
+        """
+        if self.tokenizer is None:
+            return
+        start, read = request.text_offsets
+        ids = request.token_ids
+        if read == len(ids):
+            return
+        before = self.tokenizer.decode(ids[start:read])
+        after = self.tokenizer.decode(ids[start:])
+        if after.endswith("\ufffd") and not final:
+            return
+        request.output_text += after[len(before):]
+        request.text_offsets = (read, len(ids))
 
     @staticmethod
     def _truncate_at_stop(request: Request, previous_len: int) -> bool:

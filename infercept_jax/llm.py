@@ -232,7 +232,6 @@ class LLM:
         rid = self.engine.add_request(prompt, params)
         sent = ""
         for out in self._serve([rid], tools):
-            text = out.text if out.finished else out.text.rstrip("\ufffd")
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
+            if len(out.text) > len(sent):
+                yield out.text[len(sent):]
+                sent = out.text

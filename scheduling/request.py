@@ -97,11 +97,14 @@ class Request:
     pause_mode: PauseMode | None = None    # while paused: where its KV is meant to be
     recompute_until: int = 0               # positions below this had KV before and are recomputed
     call_search_from: int = 0              # output text offset where the next tool call may start
+    text_offsets: tuple[int, int] = (0, 0)  # token_ids[a:b] was decoded last; output_text covers [:b]
     hint: SegmentHint | None = None        # the caller's knowledge of the next segment
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.text_offsets == (0, 0):
+            self.text_offsets = (self.num_prompt_tokens, self.num_prompt_tokens)
         if self.priority_time is None:
             self.priority_time = self.arrival_time
 

@@ -6,7 +6,11 @@ import pytest
 
 from helpers import count_compiles, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
+from infercept_jax.engine import Engine
+from kvcache.block_manager import BlockManager
+from models import registry
 from models.llama import Llama
+from models.tokenizer import tokenizer_from_gguf
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -211,3 +215,59 @@ def test_stop_strings_truncate_the_text_and_streaming_yields_the_same_text(model
     assert kept.text == free.text[:cut + len(stop)]
     assert "".join(llm.stream("hello", GREEDY)) == free.text
     assert llm.engine.requests == {}
+
+
+# ------------------------------------------------------------------ incremental detokenization
+class ScriptedRunner:
+    """Samples the next token of each request's script, in no time (no model)."""
+
+    def __init__(self, scripts: dict[str, list[int]]):
+        self.scripts = scripts
+
+    def execute(self, output):
+        sampled = [(s.request, self.scripts[s.request.request_id][s.request.num_generated_tokens])
+                   for s in output.scheduled
+                   if s.request.num_computed_tokens + s.num_query_tokens == s.request.num_tokens]
+        return sampled, 0.0
+
+
+class PieceTokenizer:
+    """SentencePiece-like: pieces carry their leading space as '▁', and decode strips the space at
+    the start, so decoding a window is not a slice of the whole decode."""
+
+    pieces = ["▁the", "▁cat", "s", "▁sat", ".", "▁on", "▁a", "▁mat"]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ").lstrip(" ")
+
+
+def _texts_while_generating(tokenizer, scripts: dict[str, list[int]]) -> dict[str, list[str]]:
+    engine = Engine(ScriptedRunner(scripts), BlockManager(64, 4), max_model_len=256, vocab_size=50_000,
+                    eos_token_ids=(), tokenizer=tokenizer, max_num_seqs=4, max_num_batched_tokens=16)
+    for rid, script in scripts.items():
+        engine.add_request([0, 1, 2], SamplingParams(max_tokens=len(script), ignore_eos=True), request_id=rid)
+    texts: dict[str, list[str]] = {rid: [] for rid in scripts}
+    while engine.has_work():
+        for out in engine.step():
+            texts[out.request_id].append(out.text)
+    return texts
+
+
+def test_incremental_text_equals_decoding_the_whole_output():
+    """Every step's text is a prefix of the final one, and the final one is the whole output
+    decoded at once: on SmolLM2's byte-level tokenizer with characters split across byte tokens,
+    on random ids, and on a tokenizer that strips a leading space."""
+    try:
+        smollm2 = tokenizer_from_gguf(registry._smollm2_gguf())
+    except ValueError as error:
+        pytest.skip(str(error))
+    rng = np.random.default_rng(0)
+    split_chars = smollm2.encode("naïve café 世界 🙂🚀 ok")
+    assert any(smollm2.decode([i]).endswith("\ufffd") for i in split_chars)   # really split
+    cases = [(smollm2, {"chars": split_chars, "random": rng.integers(0, 49152, 40).tolist()}),
+             (PieceTokenizer(), {"pieces": rng.integers(0, 8, 30).tolist()})]
+    for tokenizer, scripts in cases:
+        for rid, texts in _texts_while_generating(tokenizer, scripts).items():
+            whole = tokenizer.decode(scripts[rid])
+            assert texts[-1] == whole, rid
+            assert all(whole.startswith(t) and not t.endswith("\ufffd") for t in texts[:-1]), rid
