@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from scheduling.estimators import DurationEstimator
 from scheduling.policies import InferCeptPolicy
 from scheduling.length_model import LengthModel
-from scheduling.predictors import DURATION_PREDICTORS, SegmentPrediction, SegmentPredictor
+from scheduling.predictors import SegmentPrediction, SegmentPredictor, check_predictor_options
 from scheduling.profile import HardwareProfile
 from scheduling.request import PauseMode, Request
 from scheduling.waste import chunked_discard_waste, preserve_waste, swap_waste
@@ -52,11 +52,7 @@ class LampsOptions:
     rerank_interval: int = 1                 # recompute the scores every k steps (cached between)
 
     def __post_init__(self) -> None:
-        if self.duration_predictor not in DURATION_PREDICTORS:
-            raise ValueError(f"duration_predictor must be one of {', '.join(DURATION_PREDICTORS)}, "
-                             f"got {self.duration_predictor!r}")
-        if not self.prediction_error >= 0:
-            raise ValueError(f"prediction_error must be >= 0, got {self.prediction_error}")
+        check_predictor_options(self.duration_predictor, self.prediction_error)
         if self.starvation_threshold is not None and self.starvation_threshold < 1:
             raise ValueError(f"starvation_threshold must be None or >= 1, got {self.starvation_threshold}")
         if self.starvation_quantum < 1:

@@ -50,14 +50,19 @@ class RunningMean:
         return total[0] / total[1] if total else self.prior
 
 
+def check_predictor_options(duration: str, relative_error: float) -> None:
+    """Raise ValueError on an unknown duration predictor or a negative (or NaN) error."""
+    if duration not in DURATION_PREDICTORS:
+        raise ValueError(f"duration_predictor must be one of {', '.join(DURATION_PREDICTORS)}, got {duration!r}")
+    if not relative_error >= 0:
+        raise ValueError(f"prediction_error must be >= 0, got {relative_error}")
+
+
 class SegmentPredictor:
     def __init__(self, length_model: LengthModel | None = None, duration: str = "oracle",
                  relative_error: float = 0.0, seed: int = 0, prior_call_seconds: float = 1.0,
                  prior_result_tokens: float = 16.0):
-        if duration not in DURATION_PREDICTORS:
-            raise ValueError(f"duration predictor must be one of {', '.join(DURATION_PREDICTORS)}, got {duration!r}")
-        if relative_error < 0:
-            raise ValueError(f"prediction error must be >= 0, got {relative_error}")
+        check_predictor_options(duration, relative_error)
         self.length_model = length_model
         self.duration = duration
         self.relative_error = relative_error

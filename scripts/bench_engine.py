@@ -15,12 +15,10 @@ For every (batch B, context ctx), with N = --decode-tokens:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,7 @@ import numpy as np
 
 from infercept_jax.config import EngineConfig, SamplingParams
 from infercept_jax.llm import LLM
+from infercept_jax.profiler import machine_record, write_result
 from models.registry import resolve_model
 from models.spec import ModelSpec
 
@@ -283,9 +282,7 @@ def engine_rows(args: argparse.Namespace, machine: dict) -> tuple[list[dict], di
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    load = os.getloadavg()[0]  # before this run does any work: other processes sharing the CPUs
-    print(f"JAX backend: {jax.default_backend()}; devices: {jax.devices()}; cpu_count: {os.cpu_count()}; "
-          f"1-minute load average at start: {load:.2f}")
+    record = machine_record()
     machine = measure_machine()
     print(f"measured read bandwidth: {machine['read_bytes_per_s'] / 1e9:.1f} GB/s; "
           f"f32 matmul: {machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
@@ -301,20 +298,15 @@ def main() -> None:
 
     print_tables(rows)
     print(f"\nmeasured read bandwidth {machine['read_bytes_per_s'] / 1e9:.1f} GB/s, f32 matmul "
-          f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; load average at start {load:.2f}")
+          f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; load average at start "
+          f"{record['load_average_at_start']:.2f}")
     params, _, _ = param_counts(spec)
     result = {
-        "model": MODEL, "dtype": "float32", "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-        "load_average_at_start": load,
-        "args": vars(args), "machine": machine, "param_count": params,
-        "kv_bytes_per_token": spec.kv_bytes_per_token(DTYPE_BYTES), **build,
-        "rows": rows, "total_s": time.perf_counter() - started,
+        "model": MODEL, "dtype": "float32", **record, "args": vars(args), "machine": machine,
+        "param_count": params, "kv_bytes_per_token": spec.kv_bytes_per_token(DTYPE_BYTES), **build,
+        "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} (total {result['total_s']:.0f} s)")
+    write_result(args.out, result, started)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
     args = p.parse_args()
     tokenizer = tokenizer_from_gguf(registry._smollm2_gguf())
-    print(f"| B | L | host ms/step, ids only | with text | text ms/step |\n|---|---|---|---|---|")
+    print("| B | L | host ms/step, ids only | with text | text ms/step |\n|---|---|---|---|---|")
     for length in args.length or [512, 2048]:
         ids, text = (statistics.median(host_ms_per_step(t, args.batch, length, tokenizer.vocab_size)
                                        for _ in range(args.repeats)) for t in (None, tokenizer))

@@ -25,19 +25,17 @@ the overlap swaps are then capped by the pools, which the table says.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from infercept_jax.config import EngineConfig
 from infercept_jax.llm import LLM
-from infercept_jax.profiler import measure_profile, median_seconds, swap_bandwidth, synthetic_request
+from infercept_jax.profiler import (machine_record, measure_profile, median_seconds, swap_bandwidth,
+                                    synthetic_request, write_result)
 from scheduling.scheduler import ScheduledRequest, SchedulerOutput
 
 MEMCPY_BYTES = 512 * 2**20
@@ -169,9 +167,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")   # warm-up and profiling progress
     started = time.perf_counter()
-    load = os.getloadavg()[0]
-    print(f"JAX backend: {jax.default_backend()}; devices: {jax.devices()}; cpu_count: {os.cpu_count()}; "
-          f"1-minute load average at start: {load:.2f}", flush=True)
+    machine = machine_record()
     memcpy = memcpy_bandwidth(args.repeats)
     print(f"memcpy: {memcpy:.2f} GB/s", flush=True)
     llm = LLM(args.model, dtype=args.dtype, policy="swap", max_num_seqs=max(EngineConfig().max_num_seqs, args.batch),
@@ -193,16 +189,11 @@ def main() -> None:
 
     print_tables(memcpy, pool.transfer, throughput, overlap)
     result = {
-        "model": args.model, "dtype": str(llm.runner.k_pool.dtype), "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-        "load_average_at_start": load, "args": vars(args), "transfer": pool.transfer,
-        "memcpy_gbps": memcpy, "profile": profile.to_dict(), "throughput": throughput, "overlap": overlap,
-        "total_s": time.perf_counter() - started,
+        "model": args.model, "dtype": str(llm.runner.k_pool.dtype), **machine, "args": vars(args),
+        "transfer": pool.transfer, "memcpy_gbps": memcpy, "profile": profile.to_dict(),
+        "throughput": throughput, "overlap": overlap,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} (total {result['total_s']:.0f} s)")
+    write_result(args.out, result, started)
 
 
 if __name__ == "__main__":

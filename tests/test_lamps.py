@@ -217,7 +217,9 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="duration_predictor"):
         LampsOptions(duration_predictor="psychic")
     with pytest.raises(ValueError, match="prediction_error"):
-        LampsOptions(prediction_error=-0.1)
+        LampsOptions(prediction_error=float("nan"))
+    with pytest.raises(ValueError, match="prediction_error"):        # a direct user of the predictor too
+        SegmentPredictor(relative_error=-0.1)
 
 
 def test_engine_hints_carry_the_trace_oracle_and_the_tool_name():
