@@ -171,6 +171,7 @@ class LLM:
 
         try:
             while unfinished:
+                steps = self.engine.num_steps
                 if self.engine.has_work():
                     for out in self.engine.step():
                         if out.request_id not in ours:
@@ -182,7 +183,7 @@ class LLM:
                         yield done(out)
                 for rid, text in calls.ready():
                     yield done(self.engine.resume(rid, text))   # finished if the result filled the context
-                if not self.engine.has_work():
+                if self.engine.num_steps == steps:   # nothing could run (e.g. memory held by paused calls)
                     calls.wait()
         finally:
             for rid in unfinished:

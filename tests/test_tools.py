@@ -9,6 +9,7 @@ only call k.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -198,3 +199,29 @@ def test_bad_tools_are_rejected_before_anything_is_queued(llm):
     with pytest.raises(ValueError, match="Tool objects"):
         llm.generate("go", calling(1), tools=[str])
     assert llm.engine.requests == {}
+
+
+def test_generate_waits_for_the_call_instead_of_spinning_when_nothing_can_run(model):
+    """The paused request keeps its KV (preserve) and the other, preempted, cannot get the memory
+    back: until the call returns, `generate` sleeps on it instead of scheduling empty steps."""
+    llm = LLM.from_model(model, ScriptTokenizer(), num_kv_blocks=24, block_size=4, max_num_seqs=4,
+                         max_num_batched_tokens=96, row_width=8, attn_chunk_tokens=8, max_model_len=96,
+                         warmup=False, strict_compile=False, policy="preserve")
+    llm.engine.runner = ScriptRunner(llm.engine.runner)
+    empty_steps = []
+    schedule = llm.engine.scheduler.schedule
+
+    def counted(now):
+        output = schedule(now)
+        empty_steps.append(output.is_empty)
+        return output
+
+    llm.engine.scheduler.schedule = counted
+    slow_echo = Tool("echo", lambda arguments: time.sleep(0.5) or arguments)
+    long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    try:
+        caller, blocked = llm.generate(["go", "x" * 80], [calling(1), long], tools=[slow_echo])
+    finally:
+        llm.close()
+    assert caller.text == answered(1, "hi") and blocked.finish_reason == "length"
+    assert 1 <= sum(empty_steps) <= 5   # spinning made thousands in the call's 0.5 s
