@@ -92,6 +92,7 @@ class LampsPolicy(InferCeptPolicy):
             predictor = SegmentPredictor(model, options.duration_predictor, options.prediction_error, seed)
         self.predictor = predictor
         self.plans: dict[str, Plan] = {}
+        self.quanta_granted = 0             # how often the starvation guard moved a request to the front
         self._step = 0
         self._saturated_step_s = profile.fwd_seconds(profile.saturation_tokens)
 
@@ -191,6 +192,7 @@ class LampsPolicy(InferCeptPolicy):
             if threshold is not None and plan.front_until <= step and step - plan.queued_since >= threshold:
                 plan.front_until = step + quantum
                 plan.queued_since = plan.front_until
+                self.quanta_granted += 1
             if rescore and plan.scored_for != (running_query, request.num_tokens):
                 plan.score = self.score(request, plan, running_query, sched.blocks.block_size)
                 plan.scored_for = (running_query, request.num_tokens)

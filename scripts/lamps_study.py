@@ -13,6 +13,7 @@ without starvation prevention.
   tool-mean variant predicts each call's duration (and result size) as the running mean of the
   calls seen so far to the same tool; replay names the tool after the request's workload kind.
 * Runs go to two worker processes; every variant of a (workload, rate) replays the same arrivals.
+* "quanta" is how often LAMPS's starvation guard moved a request to the front of the queue.
 * "host ms/step" is the simulator's wall time per step: the engine's Python (scheduler and
   bookkeeping) with the model replaced by the cost model, so it bounds the scheduling overhead.
   Do not run anything else meanwhile if you read it.
@@ -63,7 +64,8 @@ def run_one(task: tuple) -> dict:
     metrics = replay(engine, arrivals, window)
     return {"variant": label, "policy": policy, "workload": workload, "qps": qps, "profile": profile_name,
             "window_s": window, "seed": seed, "lamps_options": options,
-            "sim_seconds": time.perf_counter() - start, **metrics}
+            "sim_seconds": time.perf_counter() - start,
+            "starvation_quanta": getattr(engine.scheduler.policy, "quanta_granted", None), **metrics}
 
 
 def train_length_model(path: str) -> dict:
@@ -79,10 +81,14 @@ def change(value: float | None, base: float | None) -> str:
     return f"{100 * (value - base) / base:+.0f}%"
 
 
+def _count(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
 def format_table(results: list[dict]) -> str:
     head = ("| workload | req/s | variant | finished | e2e mean s | vs infercept | e2e P99 s | vs infercept | "
-            "TTFT mean s | vs infercept | TTFT P99 s | longest wait s | host ms/step |")
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "TTFT mean s | vs infercept | TTFT P99 s | longest wait s | quanta | host ms/step |")
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         base = next(b for b in results if b["variant"] == "infercept" and b["workload"] == r["workload"]
                     and b["qps"] == r["qps"])
@@ -91,7 +97,8 @@ def format_table(results: list[dict]) -> str:
             f"| {r['workload']} | {r['qps']:.2f} | {r['variant']} | {r['num_finished']}/{r['num_submitted']} | "
             f"{e2e['mean']:.1f} | {change(e2e['mean'], be2e['mean'])} | {e2e['p99']:.0f} | "
             f"{change(e2e['p99'], be2e['p99'])} | {ttft['mean']:.2f} | {change(ttft['mean'], bttft['mean'])} | "
-            f"{ttft['p99']:.2f} | {r['longest_wait_s']:.0f} | {1000 * r['sim_seconds'] / max(r['steps'], 1):.2f} |")
+            f"{ttft['p99']:.2f} | {r['longest_wait_s']:.0f} | {_count(r['starvation_quanta'])} | "
+            f"{1000 * r['sim_seconds'] / max(r['steps'], 1):.2f} |")
     return "\n".join(lines)
 
 

@@ -138,10 +138,10 @@ def test_fcfs_policies_keep_swapped_before_waiting_by_arrival():
 
 
 # ------------------------------------------------------------------ starvation prevention
-def run_long_under_short_stream(threshold: int | None, steps: int = 200) -> tuple[int | None, int | None]:
+def run_long_under_short_stream(threshold: int | None, steps: int = 200) -> tuple[int | None, int | None, int]:
     """A 30-token request arrives with two 2-token ones; two new short ones arrive every step, and
     two requests fit in a step. Returns the steps at which the long one got its first token and
-    finished (None if it did not)."""
+    finished (None if it did not), and how many quanta the guard granted."""
     options = LampsOptions(starvation_threshold=threshold, starvation_quantum=50)
     policy = LampsPolicy(PROFILE, options=options)
     blocks = BlockManager(256, 4, num_host_blocks=16)
@@ -158,23 +158,24 @@ def run_long_under_short_stream(threshold: int | None, steps: int = 200) -> tupl
         if first is None and long.first_token_time is not None:
             first = step
         if long.status.finished:
-            return first, step
+            return first, step, policy.quanta_granted
         for rid in [rid for rid, r in engine.requests.items() if r.status.finished]:
             engine.pop_finished(rid)
-    return first, None
+    return first, None, policy.quanta_granted
 
 
 def test_a_long_request_under_a_stream_of_short_ones_finishes_within_the_bound():
     threshold = 20
-    first, finished = run_long_under_short_stream(threshold)
+    first, finished, quanta = run_long_under_short_stream(threshold)
     # It gets the quantum after `threshold` queued steps and a seat once a running short request
     # finishes (2 steps); then 3 prefill chunks and 3 more decode steps. Bound: threshold + 10.
     assert first is not None and finished is not None
     assert threshold <= finished <= threshold + 10
+    assert quanta >= 1
 
 
 def test_without_starvation_prevention_the_long_request_waits_forever():
-    assert run_long_under_short_stream(None) == (None, None)
+    assert run_long_under_short_stream(None) == (None, None, 0)
 
 
 # ------------------------------------------------------------------ predictions

@@ -23,6 +23,7 @@ def test_a_tiny_study_runs_every_variant_on_the_same_arrivals(tmp_path):
     labels = [r["variant"] for r in results]
     assert labels == [label for label, _, _ in study.VARIANTS] + ["lamps starvation threshold 5"]
     assert len({r["num_submitted"] for r in results}) == 1          # the same arrivals for every variant
+    assert [r["starvation_quanta"] is None for r in results] == [r["policy"] == "infercept" for r in results]
     learned = next(r for r in results if r["variant"] == "lamps learned lengths")
     assert learned["lamps_options"]["length_predictor"] == str(tmp_path / "length_model.json")
     saved = json.loads((tmp_path / "results.json").read_text())
