@@ -182,6 +182,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{defaults.starvation_threshold}; 0 turns it off)")
     parser.add_argument("--rerank-interval", type=int, default=defaults.rerank_interval,
                         help="lamps: recompute the ranking every k steps (default 1)")
+    parser.add_argument("--swapped-first", action="store_true",
+                        help="lamps: serve swapped requests before waiting ones (the paper ranks them in one list)")
     parser.add_argument("--simulate", action="store_true", help="the simulator instead of the real engine")
     parser.add_argument("--profile", help="hardware profile: a name (a100-gptj-6b, a100x2-vicuna-13b) or "
                         "a JSON file from `infercept profile`; required with --simulate; for the real engine "
@@ -203,7 +205,8 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
                if v is not None}
     lamps = LampsOptions(length_predictor=args.length_predictor, duration_predictor=args.duration_predictor,
                          prediction_error=args.prediction_error,
-                         starvation_threshold=args.starvation_threshold or None, rerank_interval=args.rerank_interval)
+                         starvation_threshold=args.starvation_threshold or None, rerank_interval=args.rerank_interval,
+                         swapped_first=args.swapped_first)
     if args.simulate:
         if args.profile is None:
             raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")

@@ -98,6 +98,7 @@ class EngineConfig:
     starvation_threshold: int | None = 100   # queued steps before a request jumps the line; None: off
     starvation_quantum: int = 100_000    # steps it then stays at the front
     rerank_interval: int = 1             # recompute LAMPS scores every k steps
+    swapped_first: bool = False          # serve swapped requests before waiting ones (not in the paper)
 
     def __post_init__(self) -> None:
         positive = ["block_size", "max_num_seqs", "max_num_batched_tokens", "row_width", "attn_chunk_tokens"]

@@ -22,6 +22,12 @@ token·seconds, from the machine's profile:
   * the remaining prediction shrinks as the request generates, so a preempted request is ranked
     by what it has left, and fresh requests count towards starvation too (the code counts only
     requests that ran before, so a new long request could wait forever).
+
+One option goes beyond the paper. In one list, a resumed request whose KV sits in the host pool
+ranks by its size like any other, so under load large ones stay parked there while small new
+ones run; when the host pool fills, paused requests that should be swapped out are discarded
+instead and recomputed. `swapped_first=True` serves the swapped requests (ranked among
+themselves) before the waiting ones; the README has the measurements.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ class LampsOptions:
     starvation_threshold: int | None = 100   # queued steps before a request jumps the line; None: off
     starvation_quantum: int = 100_000        # steps it then stays at the front
     rerank_interval: int = 1                 # recompute the scores every k steps (cached between)
+    swapped_first: bool = False              # serve resumed, swapped requests before waiting ones
 
     def __post_init__(self) -> None:
         check_predictor_options(self.duration_predictor, self.prediction_error)
@@ -174,8 +181,9 @@ class LampsPolicy(InferCeptPolicy):
 
     def queue_order(self, sched: Scheduler) -> list[Request]:
         """Swapped and waiting requests in one list: quantum holders first (oldest first), then
-        the rest by score, smallest first. Also advances the starvation counters: a request's
-        counter runs while it is queued and restarts when it runs without a quantum."""
+        the rest by score, smallest first; with `swapped_first`, all swapped requests (so ranked)
+        come before all waiting ones. Also advances the starvation counters: a request's counter
+        runs while it is queued and restarts when it runs without a quantum."""
         step, self._step = self._step, self._step + 1
         threshold, quantum = self.options.starvation_threshold, self.options.starvation_quantum
         rescore = step % self.options.rerank_interval == 0
@@ -187,7 +195,8 @@ class LampsPolicy(InferCeptPolicy):
             if plan.front_until <= step:
                 plan.queued_since = step + 1
         keyed = []
-        for request in (*sched.swapped, *sched.waiting):
+        swapped_queue = 0 if self.options.swapped_first else 1
+        for queue, request in [*((swapped_queue, r) for r in sched.swapped), *((1, r) for r in sched.waiting)]:
             plan = self.plans[request.request_id]
             if threshold is not None and plan.front_until <= step and step - plan.queued_since >= threshold:
                 plan.front_until = step + quantum
@@ -197,9 +206,9 @@ class LampsPolicy(InferCeptPolicy):
                 plan.score = self.score(request, plan, running_query, sched.blocks.block_size)
                 plan.scored_for = (running_query, request.num_tokens)
             if plan.front_until > step:
-                keyed.append(((0, request.priority_time, 0.0), request))
+                keyed.append(((queue, 0, request.priority_time, 0.0), request))
             else:
-                keyed.append(((1, plan.score, request.priority_time), request))
+                keyed.append(((queue, 1, plan.score, request.priority_time), request))
         keyed.sort(key=lambda item: item[0])
         return [request for _, request in keyed]
 

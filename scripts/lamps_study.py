@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also run LAMPS re-scoring only every K steps; repeat for several")
     parser.add_argument("--starvation-threshold", type=int, action="append", default=[],
                         help="also run LAMPS with this starvation threshold (steps); repeat for several")
+    parser.add_argument("--swapped-first", action="store_true",
+                        help="also run LAMPS serving swapped requests before waiting ones")
     parser.add_argument("--workers", type=int, default=2, help="processes; 1 runs everything in this one")
     parser.add_argument("--out", default="results/lamps_study")
     args = parser.parse_args(argv)
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             extra = [(f"lamps rerank every {k}", "lamps", {"rerank_interval": k}) for k in args.rerank_interval]
             extra += [(f"lamps starvation threshold {k}", "lamps", {"starvation_threshold": k})
                       for k in args.starvation_threshold]
+            extra += [("lamps swapped first", "lamps", {"swapped_first": True})] if args.swapped_first else []
             for label, policy, options in (*VARIANTS, *extra):
                 if options is not None and options.get("length_predictor") == "learned":
                     options = {**options, "length_predictor": model_path}

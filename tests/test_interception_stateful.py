@@ -29,13 +29,14 @@ PROFILE = HardwareProfile(name="tiny", fwd_ms_per_token=20.0, fwd_base_ms=100.0,
 
 class EngineMachine(RuleBasedStateMachine):
     @initialize(policy=st.sampled_from(POLICIES), device_blocks=st.integers(6, 20), host_blocks=st.integers(2, 12),
-                threshold=st.integers(1, 6), rerank=st.integers(1, 3), error=st.sampled_from([0.0, 0.6]))
-    def build(self, policy, device_blocks, host_blocks, threshold, rerank, error):
+                threshold=st.integers(1, 6), rerank=st.integers(1, 3), error=st.sampled_from([0.0, 0.6]),
+                swapped_first=st.booleans())
+    def build(self, policy, device_blocks, host_blocks, threshold, rerank, error, swapped_first):
         self.now = 0.0
         self.blocks = BlockManager(device_blocks, block_size=4, num_host_blocks=host_blocks)
         # LAMPS with a short starvation threshold and quantum, so the queue jumps happen here too.
         lamps = LampsOptions(prediction_error=error, starvation_threshold=threshold, starvation_quantum=3,
-                             rerank_interval=rerank)
+                             rerank_interval=rerank, swapped_first=swapped_first)
         self.engine = Engine(FakeRunner(), self.blocks, max_model_len=48, vocab_size=64, eos_token_ids=(1,),
                              max_num_seqs=4, max_num_batched_tokens=12,
                              policy=make_policy(policy, PROFILE, OracleEstimator(), lamps=lamps), clock=lambda: self.now)

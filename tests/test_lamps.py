@@ -115,7 +115,11 @@ def test_smaller_memory_time_goes_first_whatever_the_arrival():
     assert [(s.request.request_id, s.num_query_tokens) for s in out.scheduled] == [("short", 4), ("long", 8)]
 
 
-def test_swapped_and_waiting_form_one_ranked_list():
+@pytest.mark.parametrize("swapped_first, expected", [
+    (False, ["waiting-small", "swapped-small", "waiting-big", "swapped-big"]),   # the paper: one list
+    (True, ["swapped-small", "swapped-big", "waiting-small", "waiting-big"]),    # each queue ranked
+])
+def test_swapped_and_waiting_form_one_ranked_list_unless_swapped_go_first(swapped_first, expected):
     lamps = LampsPolicy(PROFILE)
     sched = scheduler(lamps)
     scores = {"swapped-big": 50.0, "waiting-small": 1.0, "swapped-small": 2.0, "waiting-big": 40.0}
@@ -123,10 +127,10 @@ def test_swapped_and_waiting_form_one_ranked_list():
         request = make_request(rid, 4, arrival=float(i))
         lamps.plans[rid] = Plan(SegmentPrediction(2, None, 0), score=score)
         (sched.swapped if rid.startswith("swapped") else sched.waiting).append(request)
-    lamps.options = LampsOptions(rerank_interval=1000)     # keep the hand-set scores (step 0 rescores)
+    # keep the hand-set scores (step 0 rescores)
+    lamps.options = LampsOptions(rerank_interval=1000, swapped_first=swapped_first)
     lamps._step = 1
-    order = [r.request_id for r in lamps.queue_order(sched)]
-    assert order == ["waiting-small", "swapped-small", "waiting-big", "swapped-big"]
+    assert [r.request_id for r in lamps.queue_order(sched)] == expected
 
 
 def test_fcfs_policies_keep_swapped_before_waiting_by_arrival():
