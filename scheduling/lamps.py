@@ -181,7 +181,7 @@ class LampsPolicy(InferCeptPolicy):
 
     def queue_order(self, sched: Scheduler) -> list[Request]:
         """Swapped and waiting requests in one list: quantum holders first (oldest first), then
-        the rest by score, smallest first; with `swapped_first`, all swapped requests (so ranked)
+        the rest by score, smallest first; with `swapped_first`, all swapped requests (ranked so)
         come before all waiting ones. Also advances the starvation counters: a request's counter
         runs while it is queued and restarts when it runs without a quantum."""
         step, self._step = self._step, self._step + 1
