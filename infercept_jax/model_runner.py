@@ -199,12 +199,12 @@ class ModelRunner:
                 m = min(rows.width, n - row_start)
                 first = rows.add(t + row_start, pos[row_start:row_start + m], table)
                 token_row_index[t + row_start:t + row_start + m] = first + np.arange(m)
-            if start + n == req.num_tokens:
+            if item.samples:
                 i = len(sampled)
                 sp = req.sampling
                 sample_index[i] = t + n - 1
                 temperature[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
-                seeds[i], steps[i] = req.seed, len(req.output_token_ids)
+                seeds[i], steps[i] = req.seed, req.num_tokens - req.num_prompt_tokens   # no copy of the output
                 sampled.append(req)
             t += n
         groups = tuple(b.group(self.chunk_tokens) for b in (decode, chunk) if b.token_index.shape[0])

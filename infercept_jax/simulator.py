@@ -43,8 +43,7 @@ class SimulatedRunner:
         stall = max(0.0, self.profile.swap_seconds(copied) - compute) if copied else 0.0
         self.clock.advance(compute + stall)
         self.steps += 1
-        sampled = [(s.request, DUMMY_TOKEN) for s in output.scheduled
-                   if s.request.num_computed_tokens + s.num_query_tokens == s.request.num_tokens]
+        sampled = [(s.request, DUMMY_TOKEN) for s in output.scheduled if s.samples]
         return sampled, stall
 
 

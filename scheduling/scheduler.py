@@ -42,6 +42,11 @@ class ScheduledRequest:
     request: Request
     num_query_tokens: int
 
+    @property
+    def samples(self) -> bool:
+        """The step computes the request's last in-flight token, so the runner samples its next."""
+        return self.request.num_computed_tokens + self.num_query_tokens == self.request.num_tokens
+
 
 @dataclass(slots=True)
 class SchedulerOutput:

@@ -31,8 +31,7 @@ class RandomTokenRunner:
         self.vocab_size = vocab_size
 
     def execute(self, output):
-        done = [s.request for s in output.scheduled
-                if s.request.num_computed_tokens + s.num_query_tokens == s.request.num_tokens]
+        done = [s.request for s in output.scheduled if s.samples]
         return [(r, int(t)) for r, t in zip(done, self.rng.integers(3, self.vocab_size, len(done)))], 0.0
 
 

@@ -113,6 +113,5 @@ class FakeRunner:
     request that finishes its in-flight tokens, in no time."""
 
     def execute(self, output):
-        sampled = [(s.request, 3 + s.request.num_tokens % 40) for s in output.scheduled
-                   if s.request.num_computed_tokens + s.num_query_tokens == s.request.num_tokens]
+        sampled = [(s.request, 3 + s.request.num_tokens % 40) for s in output.scheduled if s.samples]
         return sampled, 0.0

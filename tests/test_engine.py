@@ -226,8 +226,7 @@ class ScriptedRunner:
 
     def execute(self, output):
         sampled = [(s.request, self.scripts[s.request.request_id][s.request.num_generated_tokens])
-                   for s in output.scheduled
-                   if s.request.num_computed_tokens + s.num_query_tokens == s.request.num_tokens]
+                   for s in output.scheduled if s.samples]
         return sampled, 0.0
 
 
