@@ -239,7 +239,6 @@ def _tokenizer_for(trace: str, model: str):
     """The served model's tokenizer, needed only for a text-form trace file (the weights are not read)."""
     if trace.startswith("builtin:"):
         return None
-    from models.registry import resolve_model
-    from models.tokenizer import Tokenizer
+    from models.registry import load_tokenizer
 
-    return Tokenizer.from_folder(resolve_model(model))
+    return load_tokenizer(model)

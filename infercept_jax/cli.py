@@ -113,9 +113,8 @@ def _predictor(args: argparse.Namespace) -> int:
     try:
         tokenizer = None
         if args.model is not None:
-            from models.registry import resolve_model
-            from models.tokenizer import Tokenizer
-            tokenizer = Tokenizer.from_folder(resolve_model(args.model))
+            from models.registry import load_tokenizer
+            tokenizer = load_tokenizer(args.model)
         trace = load_trace(args.trace, tokenizer)
         if len(trace) < 2:
             raise ValueError(f"has {len(trace)} request(s); need at least 2, to train on some and test on others")

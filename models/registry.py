@@ -56,6 +56,11 @@ def load_model(name_or_path: str) -> tuple[ModelSpec, dict[str, np.ndarray], Tok
     return spec, tensors, Tokenizer.from_folder(folder)
 
 
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """The tokenizer of a model name or path, without reading its weights."""
+    return Tokenizer.from_folder(resolve_model(name_or_path))
+
+
 def convert_gguf(gguf_path: Path, dest: Path) -> Path:
     """Write `gguf_path` as an HF folder at `dest`, unless already there.
 

@@ -19,8 +19,7 @@ import numpy as np
 from infercept_jax import SamplingParams
 from infercept_jax.engine import Engine
 from kvcache.block_manager import BlockManager
-from models import registry
-from models.tokenizer import tokenizer_from_gguf
+from models.registry import load_tokenizer
 
 
 class RandomTokenRunner:
@@ -56,7 +55,7 @@ def main() -> None:
     p.add_argument("--length", type=int, action="append", help="output tokens per request (repeatable)")
     p.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
     args = p.parse_args()
-    tokenizer = tokenizer_from_gguf(registry._smollm2_gguf())
+    tokenizer = load_tokenizer("smollm2-135m")
     print("| B | L | host ms/step, ids only | with text | text ms/step |\n|---|---|---|---|---|")
     for length in args.length or [512, 2048]:
         ids, text = (statistics.median(host_ms_per_step(t, args.batch, length, tokenizer.vocab_size)
