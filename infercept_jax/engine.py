@@ -138,12 +138,18 @@ class Engine:
     def _hint(request: Request) -> SegmentHint:
         """What the request's SamplingParams say about its next segment (LAMPS predicts from it)."""
         params: SamplingParams = request.sampling
-        calls_left = params.max_interceptions is None or len(request.interceptions) < params.max_interceptions
         return SegmentHint(
             max_output_tokens=max(params.max_tokens - request.num_generated_tokens, 1),
-            ends_in_call=calls_left and (params.intercept_after is not None or params.tool_format is not None),
+            ends_in_call=(Engine._may_call(request)
+                          and (params.intercept_after is not None or params.tool_format is not None)),
             call_after=params.intercept_after, call_duration=params.call_duration, call_tool=params.call_tool,
             result_tokens=params.call_result_tokens)
+
+    @staticmethod
+    def _may_call(request: Request) -> bool:
+        """Whether the request may still be intercepted (`max_interceptions` not reached)."""
+        limit = request.sampling.max_interceptions
+        return limit is None or len(request.interceptions) < limit
 
     def _get(self, request_id: str) -> Request:
         try:
@@ -210,7 +216,7 @@ class Engine:
     def _check_interception(self, request: Request, token: int, now: float) -> None:
         """Pause the request if its last token ended a tool call or its N-token segment."""
         params: SamplingParams = request.sampling
-        if params.max_interceptions is not None and len(request.interceptions) >= params.max_interceptions:
+        if not self._may_call(request):
             return
         if params.intercept_after is not None and request.tokens_since_resume >= params.intercept_after:
             tool, text = params.call_tool, None

@@ -128,7 +128,7 @@ def overlap_rows(llm: LLM, args: argparse.Namespace, profile) -> list[dict]:
     with_chunk = decode_set[:profile.saturation_tokens // 2]   # leaves the chunk at least half of S
     chunk = synthetic_request("bench-chunk", profile.saturation_tokens - len(with_chunk), 0, vocab, rng)
     min_gbps = min(profile.swap_out_gb_per_s, profile.swap_in_gb_per_s)
-    need = sum(-(-r.num_tokens // blocks.block_size) for r in decodes + [chunk])
+    need = sum(blocks.blocks_needed(r.request_id, r.num_tokens) for r in decodes + [chunk])
     if need > blocks.num_free:
         raise SystemExit(f"the overlap steps need {need} device blocks ({args.batch} x {args.ctx} tokens and a "
                          f"{chunk.num_tokens}-token chunk), the pool has {blocks.num_free} free: raise "
