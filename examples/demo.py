@@ -12,8 +12,8 @@ import os
 import time
 
 from infercept_jax import LLM, SamplingParams
-from infercept_jax.benchmark import (builtin_trace, format_table, measure_here, real_engines, run_replays,
-                                     write_results)
+from infercept_jax.experiments.sweeps import (builtin_trace, format_table, measure_here, real_engines, run_replays,
+                                             write_results)
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain what a CPU cache is in two sentences.", "Name three planets of the solar system."]
@@ -48,8 +48,7 @@ def compare_policies() -> None:
     print(f"this machine: T_fwd(x) = {profile.fwd_ms_per_token:.2f} x + {profile.fwd_base_ms:.0f} ms, "
           f"S = {profile.saturation_tokens}, swap {profile.swap_out_gb_per_s:.1f} GB/s out, "
           f"{profile.swap_in_gb_per_s:.1f} GB/s in (measured in {time.perf_counter() - start:.0f} s)\n")
-    engines = real_engines("smollm2-135m", profile=f"{OUT}/profile.json",
-                           max_num_batched_tokens=profile.saturation_tokens, **POOLS)
+    engines = real_engines("smollm2-135m", profile=f"{OUT}/profile.json", **POOLS)
     results = run_replays(builtin_trace("mixed-small"), engines, POLICIES, [1.0], window=30.0, time_scale=0.1)
     print(format_table(results))
     for path in write_results(results, OUT):

@@ -74,13 +74,13 @@ def _profile(args: argparse.Namespace) -> int:
         return 2
     profile.to_json(args.out)
     print(json.dumps(profile.to_dict(), indent=2))
-    print(f"wrote {args.out}; use it with LLM({args.model!r}, profile={args.out!r}, "
-          f"max_num_batched_tokens={profile.saturation_tokens}, ...)")
+    print(f"wrote {args.out}; use it with LLM({args.model!r}, profile={args.out!r}), which also sets the "
+          f"step budget to its S = {profile.saturation_tokens} tokens")
     return 0
 
 
 def _workload(args: argparse.Namespace) -> int:
-    from infercept_jax.workload import describe, generate_workload, save_trace
+    from infercept_jax.experiments.workload import describe, generate_workload, save_trace
 
     try:
         trace = generate_workload(args.kind, args.n, seed=args.seed, single_call=args.single_call,
@@ -96,7 +96,7 @@ def _workload(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from infercept_jax.benchmark import replay_command
+    from infercept_jax.experiments.sweeps import replay_command
 
     try:
         replay_command(args)
@@ -107,7 +107,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _predictor(args: argparse.Namespace) -> int:
-    from infercept_jax.workload import fit_length_model, load_trace, segment_examples
+    from infercept_jax.experiments.length_training import fit_length_model, segment_examples
+    from infercept_jax.experiments.workload import load_trace
     from scheduling.length_model import evaluate
 
     try:
@@ -192,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--swap-space-gb", type=float)
     prof.set_defaults(run=_profile)
 
-    from infercept_jax.benchmark import add_replay_arguments
-    from infercept_jax.workload import KINDS
+    from infercept_jax.experiments.sweeps import add_replay_arguments
+    from infercept_jax.experiments.workload import KINDS
 
     work = sub.add_parser("workload", help="generate a synthetic tool-calling trace (spec 1.2 distributions)")
     work.add_argument("--kind", choices=KINDS + ("mixed",), default="mixed")

@@ -8,6 +8,7 @@ from infercept_jax.tools import ToolFormat
 from scheduling.estimators import ESTIMATORS
 from scheduling.lamps import LampsOptions
 from scheduling.policies import HEURISTICS, POLICIES
+from scheduling.profile import HardwareProfile
 
 
 @dataclass(slots=True)
@@ -27,9 +28,6 @@ class SamplingParams:
     tool_format: ToolFormat | None = None
     intercept_after: int | None = None
     max_interceptions: int | None = None      # None: no limit
-    call_duration: float | None = None        # oracle duration of the next call, seconds (trace replay)
-    call_result_tokens: int | None = None     # oracle length of the next call's result (trace replay)
-    call_tool: str | None = None              # the next call's tool, for an intercept_after pause (replay: the kind)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,14 +55,6 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-        if self.call_result_tokens is not None and (not isinstance(self.call_result_tokens, int)
-                                                    or self.call_result_tokens < 0):
-            raise ValueError(f"call_result_tokens must be None or an integer >= 0, got {self.call_result_tokens!r}")
-        if self.call_tool is not None and not isinstance(self.call_tool, str):
-            raise ValueError(f"call_tool must be None or a string, got {self.call_tool!r}")
-        if self.call_duration is not None and not (isinstance(self.call_duration, (int, float))
-                                                   and self.call_duration >= 0):
-            raise ValueError(f"call_duration must be None or a number >= 0, got {self.call_duration!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +67,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None     # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 2.0
     max_num_seqs: int = 64               # requests holding KV at once
-    max_num_batched_tokens: int = 384    # S: query tokens per step (InferCept's saturation point)
+    max_num_batched_tokens: int | None = None   # S, query tokens per step; None: the profile's, else 384
     row_width: int = 32                  # query tokens per attention row in chunked steps
     attn_chunk_tokens: int = 128         # KV tokens the attention reads per loop iteration
     warmup: bool = True                  # compile every step shape at start
@@ -87,21 +77,16 @@ class EngineConfig:
     # Interception (InferCept): what happens to a paused request's KV.
     policy: str = "infercept"            # discard, improved-discard, preserve, swap, heuristic, infercept, lamps
     heuristic: str = "H-B"               # H-S, H-D or H-B, for policy="heuristic"
-    profile: str | None = None           # HardwareProfile JSON or paper profile name; None: estimated here
+    profile: str | HardwareProfile | None = None   # JSON file, paper profile name or profile; None: uncalibrated
     estimator: str = "dynamic"           # call durations: oracle, noisy-oracle, tool-mean, dynamic
     swap_space_gb: float = 1.0           # host KV pool for swapped-out blocks
     num_host_blocks: int | None = None   # None: sized from swap_space_gb
-    # LAMPS (policy="lamps"): predictions, starvation prevention, re-ranking (scheduling/lamps.py).
-    length_predictor: str | None = None  # model file from `infercept predictor`; None: SamplingParams hints
-    duration_predictor: str = "oracle"   # oracle (SamplingParams.call_duration) or tool-mean
-    prediction_error: float = 0.0        # Gaussian relative error injected into oracle predictions
-    starvation_threshold: int | None = 100   # queued steps before a request jumps the line; None: off
-    starvation_quantum: int = 100_000    # steps it then stays at the front
-    rerank_interval: int = 1             # recompute LAMPS scores every k steps
-    swapped_first: bool = False          # serve swapped requests before waiting ones (not in the paper)
+    lamps: LampsOptions = field(default_factory=LampsOptions)   # policy="lamps" (scheduling/lamps.py)
 
     def __post_init__(self) -> None:
-        positive = ["block_size", "max_num_seqs", "max_num_batched_tokens", "row_width", "attn_chunk_tokens"]
+        positive = ["block_size", "max_num_seqs", "row_width", "attn_chunk_tokens"]
+        if self.max_num_batched_tokens is not None:
+            positive.append("max_num_batched_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -122,15 +107,23 @@ class EngineConfig:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        self.lamps_options()     # validates the LAMPS fields
-
-    def lamps_options(self) -> LampsOptions:
-        return LampsOptions(**{f.name: getattr(self, f.name) for f in fields(LampsOptions)})
+        if self.profile is not None and not isinstance(self.profile, (str, HardwareProfile)):
+            raise ValueError(f"profile must be a file, a profile name or a HardwareProfile, got {self.profile!r}")
+        if not isinstance(self.lamps, LampsOptions):
+            raise ValueError(f"lamps must be LampsOptions, got {type(self.lamps).__name__}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """The config of `LLM(**kwargs)`: unknown options are refused by name, and `lamps` may be
+        a dict of LampsOptions fields."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        if isinstance(kwargs.get("lamps"), dict):
+            lamps_fields = {f.name for f in fields(LampsOptions)}
+            unknown = sorted(set(kwargs["lamps"]) - lamps_fields)
+            if unknown:
+                raise ValueError(f"unknown LAMPS option(s) {unknown}; known: {sorted(lamps_fields)}")
+            kwargs["lamps"] = LampsOptions(**kwargs["lamps"])
         return cls(**kwargs)

@@ -1,59 +1,64 @@
 """The engine loop: schedule, run one step, append tokens, pause or finish requests.
 
 `Engine.step()` is the whole flow: the scheduler fills the token budget and plans KV moves, the
-runner makes the swap copies and executes one jitted step, and the engine appends sampled tokens,
+runner makes the swap copies and executes one step, and the engine appends sampled tokens,
 checks stop conditions and interception triggers. A paused request waits for `Engine.resume()`,
-which appends the tool result as input tokens. The clock is injected so a simulator can drive the
-same code on virtual time.
+which appends the tool result as input tokens. The runner and the clock are injected, so the
+simulator drives the same code on virtual time; `infercept_jax.build.build_engine` assembles both.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
-from infercept_jax.config import SamplingParams
+from infercept_jax.config import EngineConfig, SamplingParams
+from infercept_jax.detokenizer import Detokenizer, truncate_at_stop
 from infercept_jax.outputs import RequestOutput
-from kvcache.block_manager import BlockManager
 from scheduling.accounting import WasteMeter
-from scheduling.estimators import DurationEstimator, DynamicEstimator
-from scheduling.policies import Policy
-from scheduling.request import Interception, PauseMode, Request, RequestStatus, SegmentHint
-from scheduling.scheduler import Scheduler, SchedulerConfig
+from scheduling.output import SchedulerOutput
+from scheduling.request import Interception, NextSegment, Request, RequestStatus, SegmentHint
+from scheduling.scheduler import Scheduler
+
+
+class Runner(Protocol):
+    def execute(self, output: SchedulerOutput) -> tuple[list[tuple[Request, int]], float]:
+        """Run one step: (the sampled (request, token) pairs, seconds stalled on swap copies)."""
 
 
 class Engine:
-    def __init__(self, runner, block_manager: BlockManager, *, max_model_len: int, vocab_size: int,
-                 eos_token_ids: tuple[int, ...], tokenizer=None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 384, seed: int = 0, policy: Policy | None = None,
-                 estimator: DurationEstimator | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, runner: Runner, scheduler: Scheduler, config: EngineConfig, *, vocab_size: int,
+                 eos_token_ids=(), tokenizer=None, clock: Callable[[], float] = time.monotonic):
         self.runner = runner
-        self.blocks = block_manager
+        self.scheduler = scheduler
+        self.blocks = scheduler.blocks
+        self.config = config
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        pool_tokens = block_manager.device.capacity * block_manager.block_size
+        self.detokenizer = Detokenizer(tokenizer)
+        self.max_model_len = config.max_model_len
+        pool_tokens = self.blocks.device.capacity * self.blocks.block_size
         # A sequence can never outgrow the device pool: it finishes with "length" there.
-        self.context_limit = min(max_model_len, pool_tokens)
+        self.context_limit = min(self.max_model_len, pool_tokens)
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock
-        self.estimator = estimator or DynamicEstimator()
-        self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs), block_manager, policy)
         self.waste = WasteMeter(pool_tokens)
         self.num_steps = 0                 # steps that ran (a step with nothing to do does not count)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self._seed_rng = np.random.default_rng(seed)
+        self._seed_rng = np.random.default_rng(config.seed)
 
     # ----------------------------------------------------------------- requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request; raises ValueError on bad input, leaving the engine as it was."""
+                    request_id: str | None = None, hint: SegmentHint | None = None) -> str:
+        """Validate and queue a request; raises ValueError on bad input, leaving the engine as it was.
+        `hint`: what the caller knows of the request's first tool call (trace replay)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        _check_hint(hint)
         text, token_ids = self._tokenize(prompt, "prompt")
         if not token_ids:
             raise ValueError("prompt is empty")
@@ -69,8 +74,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
         now = self.clock()
-        request = Request(request_id, token_ids, params, now, seed=seed, prompt=text)
-        request.hint = self._hint(request)
+        request = Request(request_id, token_ids, params, now, seed=seed, prompt=text, hint=hint)
+        request.next_segment = self._next_segment(request)
         self.requests[request_id] = request
         self.scheduler.add(request, now)
         return request_id
@@ -89,44 +94,50 @@ class Engine:
             return None, token_ids
         raise ValueError(f"a {what} is a string or a list of token ids, got {type(text_or_ids).__name__}")
 
-    def resume(self, request_id: str, result: str | list[int],
-               params: SamplingParams | None = None) -> RequestOutput:
+    def resume(self, request_id: str, result: str | list[int], params: SamplingParams | None = None,
+               hint: SegmentHint | None = None) -> RequestOutput:
         """Append a paused request's tool result as input tokens and queue it again.
 
         The result gets KV like a prefill chunk and does not count against `max_tokens`; the
-        request keeps its arrival priority (except under vLLM's discard policy). `params`, if
-        given, replace the request's SamplingParams (trace replay installs the next segment's
-        trigger this way). A result that does not fit the context is truncated and the request
-        finishes with reason "length": the returned output is then its final one (no step will
-        report it). Raises KeyError / ValueError, leaving the engine as it was.
+        request keeps its arrival priority (except under vLLM's discard policy). A text result is
+        rendered with the request's tool format. `params` and `hint`, if given, replace the
+        request's (trace replay installs the next segment's trigger and oracle this way). A result
+        that does not fit the context is truncated and the request finishes with reason "length":
+        the returned output is then its final one (no step will report it). Raises KeyError /
+        ValueError, leaving the engine as it was.
         """
         request = self._get(request_id)
         if request.status is not RequestStatus.PAUSED:
             raise ValueError(f"request {request_id!r} is not paused (it is {request.status.value})")
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(result, str) and self.tokenizer is not None:
-            format_ = request.sampling.tool_format
-            result = format_.render(result) if format_ is not None else result
-            token_ids = self.tokenizer.encode(result)
-        else:
-            token_ids = self._tokenize(result, "tool result")[1]
+        _check_hint(hint)
+        token_ids = self._result_tokens(request, result)
         if params is not None:
             request.sampling = params
+        if hint is not None:
+            request.hint = hint
         now = self.clock()
         call = request.interceptions[-1]
         call.end_time = now
-        self.estimator.observe(call)
         room = self.context_limit - request.num_tokens
+        truncated = len(token_ids) >= room
         request.token_ids.extend(token_ids[:room])
         call.result_tokens = min(len(token_ids), room)
-        self._decode_output(request, final=len(token_ids) >= room)
+        self.detokenizer.update(request, final=truncated)
         request.call_search_from = len(request.output_text)
-        request.hint = self._hint(request)
+        request.next_segment = self._next_segment(request)
         self.scheduler.resume(request, now)
-        if len(token_ids) >= room:
+        if truncated:
             self._finish(request, RequestStatus.FINISHED_LENGTH)
         return self._output(request, [])
+
+    def _result_tokens(self, request: Request, result: str | list[int]) -> list[int]:
+        """A tool result's tokens: text is rendered with the request's tool format, then encoded."""
+        if isinstance(result, str) and self.tokenizer is not None:
+            format_ = request.sampling.tool_format
+            return self.tokenizer.encode(format_.render(result) if format_ is not None else result)
+        return self._tokenize(result, "tool result")[1]
 
     def abort(self, request_id: str) -> RequestOutput:
         request = self._get(request_id)
@@ -135,15 +146,14 @@ class Engine:
         return self._output(request, [])
 
     @staticmethod
-    def _hint(request: Request) -> SegmentHint:
-        """What the request's SamplingParams say about its next segment (LAMPS predicts from it)."""
+    def _next_segment(request: Request) -> NextSegment:
+        """What the request's SamplingParams bound of its next segment (LAMPS predicts from it)."""
         params: SamplingParams = request.sampling
-        return SegmentHint(
+        return NextSegment(
             max_output_tokens=max(params.max_tokens - request.num_generated_tokens, 1),
             ends_in_call=(Engine._may_call(request)
                           and (params.intercept_after is not None or params.tool_format is not None)),
-            call_after=params.intercept_after, call_duration=params.call_duration, call_tool=params.call_tool,
-            result_tokens=params.call_result_tokens)
+            call_after=params.intercept_after)
 
     @staticmethod
     def _may_call(request: Request) -> bool:
@@ -206,8 +216,8 @@ class Engine:
         elif request.num_generated_tokens >= params.max_tokens or request.num_tokens >= self.context_limit:
             status = RequestStatus.FINISHED_LENGTH
         previous = len(request.output_text)
-        self._decode_output(request, final=status is not None)
-        if params.stop and self.tokenizer is not None and self._truncate_at_stop(request, previous):
+        self.detokenizer.update(request, final=status is not None)
+        if params.stop and self.tokenizer is not None and truncate_at_stop(request, previous):
             status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             self._finish(request, status)
@@ -218,8 +228,9 @@ class Engine:
         params: SamplingParams = request.sampling
         if not self._may_call(request):
             return
+        hint = request.hint or SegmentHint()
         if params.intercept_after is not None and request.tokens_since_resume >= params.intercept_after:
-            tool, text = params.call_tool, None
+            tool, text = hint.tool, None
         elif params.tool_format is not None:
             text = params.tool_format.find_call(request.output_text, request.call_search_from, token)
             if text is None:
@@ -228,46 +239,8 @@ class Engine:
         else:
             return
         call = Interception((request.request_id, len(request.interceptions)), now, tool=tool, call_text=text,
-                            expected_duration=params.call_duration, segment_tokens=request.tokens_since_resume)
+                            expected_duration=hint.call_duration, segment_tokens=request.tokens_since_resume)
         self.scheduler.pause(request, call, now)
-        if request.pause_mode is PauseMode.DISCARD:
-            self.waste.discards += 1
-
-    def _decode_output(self, request: Request, final: bool = False) -> None:
-        """Append the text of the tokens added since the last call.
-
-        Decoding the whole output every token would make text quadratic in the output length.
-        Instead, as vLLM does, the tokens decoded last call are decoded again with the new ones
-        and only the difference is appended: exact at token boundaries, also for tokenizers that
-        strip a leading space. A character split across byte tokens (the text ends in U+FFFD)
-        waits for its last byte, unless this is the final decode.
-        """
-        if self.tokenizer is None:
-            return
-        start, read = request.text_offsets
-        ids = request.token_ids
-        if read == len(ids):
-            return
-        before = self.tokenizer.decode(ids[start:read])
-        after = self.tokenizer.decode(ids[start:])
-        if after.endswith("\ufffd") and not final:
-            return
-        request.output_text += after[len(before):]
-        request.text_offsets = (read, len(ids))
-
-    @staticmethod
-    def _truncate_at_stop(request: Request, previous_len: int) -> bool:
-        params: SamplingParams = request.sampling
-        text = request.output_text
-        longest = max(len(s) for s in params.stop)
-        search_from = max(0, previous_len - longest + 1)
-        hits = [(text.find(s, search_from), s) for s in params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return False
-        index, stop = min(hits)
-        request.output_text = text[:index + len(stop)] if params.include_stop_str_in_output else text[:index]
-        return True
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
@@ -283,3 +256,8 @@ class Engine:
             finish_time=request.finish_time, paused=request.status is RequestStatus.PAUSED,
             interception=request.interception, num_generated_tokens=request.num_generated_tokens,
             num_interceptions=len(request.interceptions))
+
+
+def _check_hint(hint: SegmentHint | None) -> None:
+    if hint is not None and not isinstance(hint, SegmentHint):
+        raise ValueError(f"hint must be a SegmentHint, got {type(hint).__name__}")

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -14,20 +13,14 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from infercept_jax.build import build_engine
 from infercept_jax.config import EngineConfig, SamplingParams
-from infercept_jax.engine import Engine
 from infercept_jax.model_runner import ModelRunner
 from infercept_jax.outputs import RequestOutput
 from infercept_jax.tools import Tool, ToolCalls
 from kvcache.block_manager import BlockManager
 from models.llama import Llama
-from scheduling.estimators import make_estimator
-from scheduling.policies import make_policy
-from scheduling.profile import HardwareProfile, load_profile
 
-log = logging.getLogger(__name__)
-
-_warned_uncalibrated = False   # the missing-profile warning is given once per process
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -69,53 +62,27 @@ class LLM:
 
     def _build(self, model: Llama, tokenizer, config: EngineConfig) -> None:
         spec = model.spec
-        self.config = config
         self._tool_pool: ThreadPoolExecutor | None = None
         if config.compile_cache:
             enable_compile_cache()
         self.tokenizer = tokenizer
-        max_model_len = config.max_model_len or spec.max_position_embeddings
-        bytes_per_block = spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize) * config.block_size
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None:
-            num_blocks = max(2, int(config.kv_cache_memory_gb * 2**30) // bytes_per_block)
-        estimator = make_estimator(config.estimator)
-        profile = self._profile(config, spec, bytes_per_block // config.block_size)
-        policy = make_policy(config.policy, profile, estimator, config.heuristic, config.lamps_options(), config.seed)
-        num_host_blocks = 0
-        if policy.uses_host_pool:
-            num_host_blocks = config.num_host_blocks
-            if num_host_blocks is None:
-                num_host_blocks = int(config.swap_space_gb * 2**30) // bytes_per_block
-        blocks = BlockManager(num_blocks, config.block_size, num_host_blocks)
-        self.runner = ModelRunner(
-            model, blocks, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, row_width=config.row_width,
-            attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile)
-        self.warmup_shapes, self.warmup_seconds = self.runner.warmup() if config.warmup else (0, 0.0)
         eos = set(spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.engine = Engine(
-            self.runner, blocks, max_model_len=max_model_len, vocab_size=spec.vocab_size,
-            eos_token_ids=tuple(eos), tokenizer=tokenizer, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed, policy=policy,
-            estimator=estimator)
 
-    @staticmethod
-    def _profile(config: EngineConfig, spec, kv_bytes_per_token: int) -> HardwareProfile:
-        """The hardware profile the infercept policy decides with."""
-        if config.profile is not None:
-            return load_profile(config.profile)
-        global _warned_uncalibrated
-        if config.policy in ("infercept", "lamps") and not _warned_uncalibrated:
-            _warned_uncalibrated = True
-            log.warning(f"no hardware profile given: the {config.policy} policy uses uncalibrated constants; "
-                        "run `infercept profile` on this machine and pass profile=<the JSON file>")
-        return HardwareProfile(
-            name="uncalibrated", fwd_ms_per_token=0.0463, fwd_base_ms=10.0,
-            saturation_tokens=config.max_num_batched_tokens, swap_limit_tokens=config.max_num_batched_tokens,
-            kv_bytes_per_token=kv_bytes_per_token, block_size=config.block_size)
+        def make_runner(blocks: BlockManager, config: EngineConfig) -> ModelRunner:
+            return ModelRunner(
+                model, blocks, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens, row_width=config.row_width,
+                attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile)
+
+        self.engine = build_engine(
+            config, make_runner, kv_bytes_per_token=spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize),
+            vocab_size=spec.vocab_size, model_max_len=spec.max_position_embeddings, eos_token_ids=tuple(eos),
+            tokenizer=tokenizer)
+        self.config = self.engine.config       # resolved: max_model_len and the step budget S set
+        self.runner = self.engine.runner
+        self.warmup_shapes, self.warmup_seconds = self.runner.warmup() if config.warmup else (0, 0.0)
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -12,12 +12,9 @@ after an untimed one (compilation, first touch).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,7 +24,7 @@ from infercept_jax.config import SamplingParams
 from kvcache.swap import HostKVPool
 from scheduling.profile import HardwareProfile
 from scheduling.request import Request
-from scheduling.scheduler import ScheduledRequest, SchedulerOutput
+from scheduling.output import ScheduledRequest, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +32,6 @@ SATURATION_EFFICIENCY = 0.9   # S: the first step size reaching this share of th
 DECODE_SEQS = 8               # the decode set that shares every profiled step
 DECODE_CONTEXT = 256
 _GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
-
-
-def machine_record() -> dict:
-    """Where a benchmark runs, printed and returned for its JSON: backend, devices, CPUs, and the
-    1-minute load average, read before the benchmark does any work (other processes' share)."""
-    record = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-              "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()[0]}
-    print(f"JAX backend: {record['backend']}; devices: {record['devices']}; cpu_count: {record['cpu_count']}; "
-          f"1-minute load average at start: {record['load_average_at_start']:.2f}", flush=True)
-    return record
-
-
-def write_result(path: str | Path, result: dict, started: float) -> None:
-    """Write a benchmark's JSON with its total time since `started` (a perf_counter value)."""
-    result["total_s"] = time.perf_counter() - started
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} (total {result['total_s']:.0f} s)")
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduling.scheduler import Scheduler, SchedulerOutput
+from scheduling.output import SchedulerOutput
+from scheduling.scheduler import Scheduler
 
 
 @dataclass
@@ -28,7 +29,6 @@ class WasteMeter:
     swap_stall_seconds: float = 0.0
     swap_out_blocks: int = 0
     swap_in_blocks: int = 0
-    discards: int = 0
     preemptions: int = 0
 
     def record(self, sched: Scheduler, out: SchedulerOutput, seconds: float, stall_seconds: float) -> None:
@@ -49,7 +49,6 @@ class WasteMeter:
         self.swap_stall_token_s += stall_seconds * batch_tokens
         self.swap_out_blocks += len(out.swap_out)
         self.swap_in_blocks += len(out.swap_in)
-        self.discards += len(out.discarded)
         self.preemptions += len(out.preempted)
 
     def summary(self) -> dict[str, float]:
@@ -64,5 +63,5 @@ class WasteMeter:
             "seconds": self.seconds, "steps": self.steps,
             "recompute_tokens": self.recompute_tokens, "recompute_seconds": self.recompute_seconds,
             "swap_stall_seconds": self.swap_stall_seconds, "swap_out_blocks": self.swap_out_blocks,
-            "swap_in_blocks": self.swap_in_blocks, "discards": self.discards, "preemptions": self.preemptions,
+            "swap_in_blocks": self.swap_in_blocks, "preemptions": self.preemptions,
         }

@@ -31,32 +31,43 @@ themselves) before the waiting ones; the README has the measurements.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-from scheduling.estimators import DurationEstimator
-from scheduling.policies import InferCeptPolicy
+from scheduling.infercept import step_swap_budget
 from scheduling.length_model import LengthModel
-from scheduling.predictors import SegmentPrediction, SegmentPredictor, check_predictor_options
+from scheduling.policy import Policy
+from scheduling.predictors import DURATION_PREDICTORS, SegmentPrediction, SegmentPredictor, check_predictor_options
 from scheduling.profile import HardwareProfile
 from scheduling.request import PauseMode, Request
 from scheduling.waste import chunked_discard_waste, preserve_waste, swap_waste
 
-if TYPE_CHECKING:
-    from scheduling.scheduler import Scheduler, SchedulerOutput
+
+def _threshold(text: str) -> int | None:
+    """The command line's spelling of a starvation threshold: 0 turns the guard off."""
+    return int(text) or None
 
 
 @dataclass(frozen=True)
 class LampsOptions:
-    """LAMPS's settings; each is also an EngineConfig field and a replay option of the same name."""
+    """LAMPS's settings: `EngineConfig.lamps`, and one replay flag each (`--prediction-error`, ...),
+    made from these fields and their `help`."""
 
-    length_predictor: str | None = None      # a model file from `infercept predictor`; None: the hint
-    duration_predictor: str = "oracle"       # oracle (the hint) or tool-mean
-    prediction_error: float = 0.0            # Gaussian relative error injected into oracle predictions
-    starvation_threshold: int | None = 100   # queued steps before a request jumps the line; None: off
-    starvation_quantum: int = 100_000        # steps it then stays at the front
-    rerank_interval: int = 1                 # recompute the scores every k steps (cached between)
-    swapped_first: bool = False              # serve resumed, swapped requests before waiting ones
+    length_predictor: str | None = field(default=None, metadata={
+        "help": "output-length model from `infercept predictor` (default: the trace's true lengths)"})
+    duration_predictor: str = field(default="oracle", metadata={
+        "help": "call durations from the trace (oracle) or each tool's running mean",
+        "choices": DURATION_PREDICTORS})
+    prediction_error: float = field(default=0.0, metadata={
+        "help": "Gaussian relative error injected into the oracle predictions (0.2 is 20 percent)"})
+    starvation_threshold: int | None = field(default=100, metadata={
+        "help": "queued steps before a request jumps the line (default 100; 0 turns it off)",
+        "parse": _threshold})
+    starvation_quantum: int = field(default=100_000, metadata={
+        "help": "steps a starving request then stays at the front (default 100000)"})
+    rerank_interval: int = field(default=1, metadata={
+        "help": "recompute the ranking every k steps, scores cached between (default 1)"})
+    swapped_first: bool = field(default=False, metadata={
+        "help": "serve swapped requests before waiting ones (the paper ranks them in one list)"})
 
     def __post_init__(self) -> None:
         check_predictor_options(self.duration_predictor, self.prediction_error)
@@ -81,18 +92,19 @@ class Plan:
     scored_for: tuple[int, int] | None = None   # (running query tokens, length) the score is for
 
 
-class LampsPolicy(InferCeptPolicy):
+class LampsPolicy(Policy):
     """InferCept's swap budget and waste model, with the holding strategy fixed in advance and the
     queues ranked (module docstring). Paused requests give up device memory largest planned waste
-    first. The call-duration estimator is not used: every decision rests on the predictions made at
-    arrival and at each resume."""
+    first. No call-duration estimator: every decision rests on the predictions made at arrival and
+    at each resume."""
 
     name = "lamps"
+    uses_host_pool = True
     ranks_queues = True
 
-    def __init__(self, profile: HardwareProfile, estimator: DurationEstimator | None = None,
-                 options: LampsOptions | None = None, predictor: SegmentPredictor | None = None, seed: int = 0):
-        super().__init__(profile, estimator)
+    def __init__(self, profile: HardwareProfile, options: LampsOptions | None = None,
+                 predictor: SegmentPredictor | None = None, seed: int = 0):
+        self.profile = profile
         self.options = options = options or LampsOptions()
         if predictor is None:
             model = LengthModel.load(options.length_predictor) if options.length_predictor else None
@@ -100,33 +112,36 @@ class LampsPolicy(InferCeptPolicy):
         self.predictor = predictor
         self.plans: dict[str, Plan] = {}
         self.quanta_granted = 0             # how often the starvation guard moved a request to the front
-        self._step = 0
+        self._step = 0                      # steps advanced so far: the current one is _step - 1
         self._saturated_step_s = profile.fwd_seconds(profile.saturation_tokens)
 
-    # ----------------------------------------------------------------- strategy in advance
-    def on_arrival(self, sched: Scheduler, request: Request, now: float) -> None:
-        self._new_plan(sched, request)
+    def swap_budget(self) -> tuple[int, int]:
+        return step_swap_budget(self.view, self.profile)
 
-    def on_resume(self, sched: Scheduler, request: Request, now: float) -> None:
+    # ----------------------------------------------------------------- strategy in advance
+    def on_arrival(self, request: Request, now: float) -> None:
+        self._new_plan(request)
+
+    def on_resume(self, request: Request, now: float) -> None:
         self.predictor.observe(request)
-        self._new_plan(sched, request)
+        self._new_plan(request)
 
     def on_finish(self, request: Request) -> None:
         self.plans.pop(request.request_id, None)
 
-    def _new_plan(self, sched: Scheduler, request: Request) -> None:
+    def _new_plan(self, request: Request) -> None:
         plan = Plan(self.predictor.predict(request), queued_since=self._step)
-        plan.mode, plan.waste = self.classify(sched, request, plan.prediction)
-        plan.score = self.score(request, plan, sched.running_tokens()[0], sched.blocks.block_size)
+        plan.mode, plan.waste = self.classify(request, plan.prediction)
+        plan.score = self.score(request, plan, self.view.running_tokens()[0], self.view.block_size)
         self.plans[request.request_id] = plan
 
-    def classify(self, sched: Scheduler, request: Request, prediction: SegmentPrediction) -> tuple[PauseMode, float]:
+    def classify(self, request: Request, prediction: SegmentPrediction) -> tuple[PauseMode, float]:
         """The least wasteful way to hold the request during its next call (spec 6.2), judged on
         the context it is predicted to have at the pause and the batch running now."""
         if prediction.call_seconds is None:
             return PauseMode.PRESERVE, 0.0
-        context = _round_up(request.num_tokens + prediction.output_tokens, sched.blocks.block_size)
-        running_query, running_context = sched.running_tokens()
+        context = _round_up(request.num_tokens + prediction.output_tokens, self.view.block_size)
+        running_query, running_context = self.view.running_tokens()
         wastes = {
             PauseMode.PRESERVE: preserve_waste(prediction.call_seconds, context),
             PauseMode.DISCARD: chunked_discard_waste(context, running_query, running_context, self.profile),
@@ -138,18 +153,18 @@ class LampsPolicy(InferCeptPolicy):
     def on_pause(self, request: Request, now: float) -> PauseMode:
         return self.plans[request.request_id].mode
 
-    def plan(self, sched: Scheduler, out: SchedulerOutput, now: float) -> None:
+    def plan(self, now: float) -> None:
         """Carry out planned swaps within the step's swap-out budget (the rest wait for later
         steps; a full host pool leaves the request preserved until room appears)."""
-        for request in sched.paused.values():
+        for request in self.view.paused:
             if request.pause_mode is PauseMode.SWAP:
-                held = sched.blocks.num_blocks_of(request.request_id)
+                held = self.view.device_blocks(request)
                 if held:
-                    sched.swap_out(request, held, out, partial=True)
+                    self.view.swap_out(request, held, partial=True)
 
-    def victims(self, sched: Scheduler, now: float) -> list[Request]:
+    def victims(self, now: float) -> list[Request]:
         """Paused requests holding device blocks, the largest planned waste first."""
-        holding = [r for r in sched.paused.values() if sched.blocks.num_blocks_of(r.request_id)]
+        holding = [r for r in self.view.paused if self.view.device_blocks(r)]
         return sorted(holding, key=lambda r: (-self.plans[r.request_id].waste, r.priority_time))
 
     # ----------------------------------------------------------------- ranking
@@ -179,41 +194,48 @@ class LampsPolicy(InferCeptPolicy):
         n = max(-(-tokens // c_h), 1)
         return self._saturated_step_s * (1 + n) * n / 2 * c_h
 
-    def queue_order(self, sched: Scheduler) -> list[Request]:
-        """Swapped and waiting requests in one list: quantum holders first (oldest first), then
-        the rest by score, smallest first; with `swapped_first`, all swapped requests (ranked so)
-        come before all waiting ones. Also advances the starvation counters: a request's counter
-        runs while it is queued and restarts when it runs without a quantum."""
+    def on_running_scheduled(self) -> None:
+        """Advance the step: count starvation (a request's counter runs while it is queued and
+        restarts when it runs without a quantum), grant quanta, and re-score the queued requests
+        every `rerank_interval` steps (a score changes only with the running batch's query tokens
+        or the request's length, so unchanged ones are kept)."""
         step, self._step = self._step, self._step + 1
         threshold, quantum = self.options.starvation_threshold, self.options.starvation_quantum
         rescore = step % self.options.rerank_interval == 0
         # Scores depend on the batch only through c_h = max(S - running query, 1): clamp, so a
         # saturated batch of any size reuses the cached scores.
-        running_query = min(sched.running_tokens()[0], self.profile.saturation_tokens - 1) if rescore else 0
-        for request in sched.running:
+        running_query = min(self.view.running_tokens()[0], self.profile.saturation_tokens - 1) if rescore else 0
+        for request in self.view.running:
             plan = self.plans[request.request_id]
             if plan.front_until <= step:
                 plan.queued_since = step + 1
-        keyed = []
-        swapped_queue = 0 if self.options.swapped_first else 1
-        for queue, request in [*((swapped_queue, r) for r in sched.swapped), *((1, r) for r in sched.waiting)]:
+        for request in (*self.view.swapped, *self.view.waiting):
             plan = self.plans[request.request_id]
             if threshold is not None and plan.front_until <= step and step - plan.queued_since >= threshold:
                 plan.front_until = step + quantum
                 plan.queued_since = plan.front_until
                 self.quanta_granted += 1
             if rescore and plan.scored_for != (running_query, request.num_tokens):
-                plan.score = self.score(request, plan, running_query, sched.blocks.block_size)
+                plan.score = self.score(request, plan, running_query, self.view.block_size)
                 plan.scored_for = (running_query, request.num_tokens)
-            if plan.front_until > step:
+
+    def queue_order(self) -> list[Request]:
+        """Swapped and waiting requests in one list: quantum holders first (oldest first), then
+        the rest by score, smallest first; with `swapped_first`, all swapped requests (ranked so)
+        come before all waiting ones."""
+        swapped_queue = 0 if self.options.swapped_first else 1
+        keyed = []
+        for queue, request in [*((swapped_queue, r) for r in self.view.swapped), *((1, r) for r in self.view.waiting)]:
+            if self.is_starving(request):
                 keyed.append(((queue, 0, request.priority_time, 0.0), request))
             else:
-                keyed.append(((queue, 1, plan.score, request.priority_time), request))
+                keyed.append(((queue, 1, self.plans[request.request_id].score, request.priority_time), request))
         keyed.sort(key=lambda item: item[0])
         return [request for _, request in keyed]
 
     def is_starving(self, request: Request) -> bool:
-        """Holds a quantum: nothing behind it may take the memory it waits for."""
+        """Holds a quantum this step: it sits at the front, and nothing behind it may take the
+        memory it waits for."""
         return self.plans[request.request_id].front_until >= self._step
 
 

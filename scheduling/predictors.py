@@ -2,17 +2,18 @@
 its next tool call, how long that call takes and how many tokens it returns.
 
 Predictions are made once per segment, at arrival and at each resume, not every step (spec 6.5).
-Each quantity has an oracle (the caller's `SegmentHint`; trace replay knows the truth) with an
-optional injected Gaussian relative error, `true * max(0, 1 + N(0, error))` as the reference
-benchmark does, and a learned fallback:
+Each quantity has an oracle with an optional injected Gaussian relative error,
+`true * max(0, 1 + N(0, error))` as the reference benchmark does, and a learned fallback:
 
-  * output length: the hint, or a `LengthModel` trained on the user's traces
-    (`infercept predictor`); without either, the sampling budget left (an upper bound);
-  * call duration: the hint, or the running mean of the tool's past calls (`tool-mean`; the
-    tool is the hint's, else the one the request called last, else all calls count);
+  * output length: the trigger's exact count (`intercept_after`, `NextSegment.call_after`), or
+    a `LengthModel` trained on the user's traces (`infercept predictor`); without either, the
+    sampling budget left (an upper bound);
+  * call duration: the caller's `SegmentHint` (trace replay knows the truth), or the running mean
+    of the tool's past calls (`tool-mean`; the tool is the hint's, else the one the request called
+    last, else all calls count);
   * result length: the hint, or the running mean of past results.
 
-Whether a call ends the segment is read from the request's trigger (`SegmentHint.ends_in_call`).
+Whether a call ends the segment is read from the request's trigger (`NextSegment.ends_in_call`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from scheduling.length_model import LengthModel, SegmentFeatures
-from scheduling.request import Request
+from scheduling.request import NextSegment, Request, SegmentHint
 
 DURATION_PREDICTORS = ("oracle", "tool-mean")
 
@@ -71,13 +72,13 @@ class SegmentPredictor:
         self._result_tokens = RunningMean(prior_result_tokens)
 
     def predict(self, request: Request) -> SegmentPrediction:
-        hint = request.hint
-        if hint is None:
-            raise ValueError(f"request {request.request_id} has no segment hint to predict from")
-        output = self._output_tokens(request)
-        if not hint.ends_in_call:
+        segment, hint = request.next_segment, request.hint or SegmentHint()
+        if segment is None:
+            raise ValueError(f"request {request.request_id} has no next segment to predict")
+        output = self._output_tokens(request, segment)
+        if not segment.ends_in_call:
             return SegmentPrediction(output, None, 0)
-        tool = hint.call_tool or (request.interceptions[-1].tool if request.interceptions else None)
+        tool = hint.tool or (request.interceptions[-1].tool if request.interceptions else None)
         if self.duration == "oracle" and hint.call_duration is not None:
             seconds = self._noisy(hint.call_duration)
         else:
@@ -88,15 +89,14 @@ class SegmentPredictor:
             result = round(self._result_tokens.mean(tool))
         return SegmentPrediction(output, seconds, result)
 
-    def _output_tokens(self, request: Request) -> int:
-        hint = request.hint
+    def _output_tokens(self, request: Request, segment: NextSegment) -> int:
         if self.length_model is not None:
             predicted = self.length_model.predict(segment_features(request))
-        elif hint.call_after is not None:
-            predicted = round(self._noisy(hint.call_after))
+        elif segment.call_after is not None:
+            predicted = round(self._noisy(segment.call_after))
         else:
-            predicted = round(self._noisy(hint.max_output_tokens))
-        return max(1, min(predicted, hint.max_output_tokens))
+            predicted = round(self._noisy(segment.max_output_tokens))
+        return max(1, min(predicted, segment.max_output_tokens))
 
     def _noisy(self, value: float) -> float:
         if self.relative_error == 0:

@@ -49,18 +49,33 @@ class Interception:
 
 @dataclass(frozen=True, slots=True)
 class SegmentHint:
-    """What the caller says about a request's next segment, for LAMPS's oracle predictions.
+    """What the caller knows of a request's next tool call: the oracle that the `oracle` duration
+    estimator and LAMPS's oracle predictions read. Trace replay knows all of it and gives it at
+    arrival and with each result (`Engine.add_request` / `Engine.resume`); an interactive caller
+    usually gives none, and the estimators and predictors fall back to what they learn."""
 
-    The engine fills it from SamplingParams at arrival and at each resume. Trace replay knows all
-    of it; an interactive caller usually knows only the token limit and whether calls can happen.
-    """
+    call_duration: float | None = None    # seconds the next call takes
+    result_tokens: int | None = None      # tokens the next call returns
+    tool: str | None = None               # the tool the next call goes to (names an intercept_after pause)
+
+    def __post_init__(self) -> None:
+        if self.call_duration is not None and not (isinstance(self.call_duration, (int, float))
+                                                   and self.call_duration >= 0):
+            raise ValueError(f"call_duration must be None or a number >= 0, got {self.call_duration!r}")
+        if self.result_tokens is not None and (not isinstance(self.result_tokens, int) or self.result_tokens < 0):
+            raise ValueError(f"result_tokens must be None or an integer >= 0, got {self.result_tokens!r}")
+        if self.tool is not None and not isinstance(self.tool, str):
+            raise ValueError(f"tool must be None or a string, got {self.tool!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class NextSegment:
+    """What the request's own sampling parameters bound of its next segment, for LAMPS's
+    predictions; the engine sets it at arrival and at each resume."""
 
     max_output_tokens: int                # sampling budget left (max_tokens minus what was sampled)
     ends_in_call: bool                    # a tool call may end the segment
-    call_after: int | None = None         # the call comes after exactly this many tokens (trace replay)
-    call_duration: float | None = None    # seconds the next call takes (trace replay)
-    call_tool: str | None = None          # the tool the next call goes to, when known
-    result_tokens: int | None = None      # tokens the next call returns (trace replay)
+    call_after: int | None = None         # the call comes after exactly this many tokens (intercept_after)
 
 
 @dataclass(slots=True, eq=False)
@@ -98,7 +113,8 @@ class Request:
     recompute_until: int = 0               # positions below this had KV before and are recomputed
     call_search_from: int = 0              # output text offset where the next tool call may start
     text_offsets: tuple[int, int] = (0, 0)  # token_ids[a:b] was decoded last; output_text covers [:b]
-    hint: SegmentHint | None = None        # the caller's knowledge of the next segment
+    next_segment: NextSegment | None = None   # what its sampling parameters bound of the next segment
+    hint: SegmentHint | None = None        # the caller's oracle of the next call (trace replay)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

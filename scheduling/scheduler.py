@@ -14,20 +14,23 @@ policy ranks them (LAMPS: swapped and waiting as one list by predicted memory ov
 
 A step serves running, then swapped, then waiting (spec 2.3); under FCFS a queued request that
 cannot get room stops the ones behind it, under a ranking the next one is tried (unless the blocked
-one is starving). When the device pool is short, the
-policy's paused victims give up blocks first (swapped out within the budget, else discarded);
-then the newest running request is preempted and recomputed later. With nothing running, a
-swapped request that cannot come back takes the blocks of the newest other swapped request
-(recomputed later) and swaps in at least one block per step, so swapped requests never wait
-on each other forever.
+one is starving). When the device pool is short, the policy's paused victims give up blocks first
+(swapped out within the budget, else discarded); then the newest running request is preempted and
+recomputed later. With nothing running, a swapped request that cannot come back takes the blocks
+of the newest other swapped request (recomputed later) and swaps in at least one block per step,
+so swapped requests never wait on each other forever.
+
+The policy sees the scheduler through a `SchedulerView` (`scheduling/policy.py`); its moves
+(swap out, discard, recompute) land in the output of the step being scheduled.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvcache.block_manager import BlockManager
-from scheduling.policies import Policy
+from scheduling.output import ScheduledRequest, SchedulerOutput
+from scheduling.policy import Policy, SchedulerView
 from scheduling.request import Interception, PauseMode, Request, RequestStatus
 
 
@@ -37,53 +40,28 @@ class SchedulerConfig:
     max_num_seqs: int = 64              # requests computing in one step
 
 
-@dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
-    num_query_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """The step computes the request's last in-flight token, so the runner samples its next."""
-        return self.request.num_computed_tokens + self.num_query_tokens == self.request.num_tokens
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)     # running requests sent back to wait
-    discarded: list[Request] = field(default_factory=list)     # paused requests whose KV was freed
-    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device block, host block)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (host block, device block)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_query_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.scheduled or self.swap_out or self.swap_in)
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: Policy | None = None):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: Policy):
         self.config = config
         self.blocks = block_manager
-        self.policy = policy or Policy()
-        if self.policy.uses_host_pool and block_manager.host.capacity == 0:
-            raise ValueError(f"the {self.policy.name} policy swaps KV to host memory, but the host pool is "
+        self.policy = policy
+        if policy.uses_host_pool and block_manager.host.capacity == 0:
+            raise ValueError(f"the {policy.name} policy swaps KV to host memory, but the host pool is "
                              "empty; give the engine swap space (swap_space_gb or num_host_blocks)")
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.paused: dict[str, Request] = {}
+        self.num_discards = 0               # paused requests whose KV was freed, at the pause or later
+        self._out = SchedulerOutput()       # the step being scheduled
         self._swap_in_left = 0
         self._swap_out_left = 0
+        policy.attach(SchedulerView(self))
 
     def add(self, request: Request, now: float = 0.0) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
-        self.policy.on_arrival(self, request, now)
+        self.policy.on_arrival(request, now)
 
     def has_work(self) -> bool:
         """Anything a step can do (paused requests wait for their results and are not work)."""
@@ -97,13 +75,13 @@ class Scheduler:
 
     # ----------------------------------------------------------------- the step
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
-        out = SchedulerOutput()
-        self._swap_in_left, self._swap_out_left = self.policy.swap_budget(self)
+        out = self._out = SchedulerOutput()
+        self._swap_in_left, self._swap_out_left = self.policy.swap_budget()
         if not self.running and self.swapped:
             # No batch to hide the copy behind and none to free memory: a budget of 0 (little free
             # device memory, N(S) < S) would leave the swapped requests waiting forever.
             self._swap_in_left = max(self._swap_in_left, 1)
-        self.policy.plan(self, out, now)
+        self.policy.plan(now)
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
         by_priority = lambda r: r.priority_time  # noqa: E731
@@ -114,21 +92,22 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(request.num_inflight_tokens, budget)
-            if n and self._make_room(request, request.num_computed_tokens + n, scheduled, out, now):
-                budget -= self._schedule(request, n, scheduled, out)
+            if n and self._make_room(request, request.num_computed_tokens + n, scheduled, now):
+                budget -= self._schedule(request, n, scheduled)
 
+        self.policy.on_running_scheduled()
         swaps_blocked = waiting_blocked = False
         smallest_refused = sys.maxsize      # device blocks of the smallest waiting request refused room
-        for request in self.policy.queue_order(self):
+        for request in self.policy.queue_order():
             if request.status is RequestStatus.SWAPPED and not swaps_blocked:
-                if self._swap_in_left == 0 or not self._swap_in(request, out, now):
+                if self._swap_in_left == 0 or not self._swap_in(request, now):
                     swaps_blocked = True
                     continue
                 if request.status is RequestStatus.RUNNING and budget and len(scheduled) < self.config.max_num_seqs:
                     n = min(request.num_inflight_tokens, budget)
-                    if self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
+                    if self._make_room(request, request.num_computed_tokens + n, scheduled, now,
                                        preempt_running=False):
-                        budget -= self._schedule(request, n, scheduled, out)
+                        budget -= self._schedule(request, n, scheduled)
             elif request.status is RequestStatus.WAITING and not waiting_blocked:
                 if (not budget or len(scheduled) == self.config.max_num_seqs
                         or len(self.running) >= self.config.max_num_seqs):
@@ -138,7 +117,7 @@ class Scheduler:
                 need = self.blocks.blocks_needed(request.request_id, request.num_computed_tokens + n)
                 if need >= smallest_refused:
                     continue    # ranked queue: a request as big as one refused this step cannot fit
-                if not self._make_room(request, request.num_computed_tokens + n, scheduled, out, now,
+                if not self._make_room(request, request.num_computed_tokens + n, scheduled, now,
                                        preempt_running=False):
                     waiting_blocked = not self.policy.ranks_queues or self.policy.is_starving(request)
                     smallest_refused = need
@@ -146,27 +125,27 @@ class Scheduler:
                 self.waiting.remove(request)
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
-                budget -= self._schedule(request, n, scheduled, out)
+                budget -= self._schedule(request, n, scheduled)
             if swaps_blocked and waiting_blocked:
                 break
         return out
 
-    def _schedule(self, request: Request, n: int, scheduled: set[str], out: SchedulerOutput) -> int:
+    def _schedule(self, request: Request, n: int, scheduled: set[str]) -> int:
         self.blocks.ensure(request.request_id, request.num_computed_tokens + n)
-        out.scheduled.append(ScheduledRequest(request, n))
+        self._out.scheduled.append(ScheduledRequest(request, n))
         scheduled.add(request.request_id)
         return n
 
-    def _swap_in(self, request: Request, out: SchedulerOutput, now: float) -> bool:
+    def _swap_in(self, request: Request, now: float) -> bool:
         """Swap in as much of `request` as the budget allows; False if the device has no room."""
         rid = request.request_id
         n = min(self.blocks.num_host_blocks_of(rid), self._swap_in_left)
         while self.blocks.device.num_free < n:
-            if self._evict_paused(n - self.blocks.device.num_free, out, now):
+            if self._evict_paused(n - self.blocks.device.num_free, now):
                 continue
-            if self.running or not self._preempt_swapped(request, out):
+            if self.running or not self._preempt_swapped(request):
                 return False
-        out.swap_in.extend(self.blocks.swap_in(rid, n))
+        self._out.swap_in.extend(self.blocks.swap_in(rid, n))
         self._swap_in_left -= n
         if self.blocks.num_host_blocks_of(rid) == 0:
             self.swapped.remove(request)
@@ -174,7 +153,7 @@ class Scheduler:
             self.running.append(request)
         return True
 
-    def _preempt_swapped(self, request: Request, out: SchedulerOutput) -> bool:
+    def _preempt_swapped(self, request: Request) -> bool:
         """Nothing runs, so no device block will come free by itself: recompute the newest other
         swapped request that holds device blocks (a budgeted swap-out leaves part of a request's
         context on the device), so `request` can come back. False if there is none."""
@@ -184,59 +163,59 @@ class Scheduler:
         victim = max(holders, key=lambda r: (r.priority_time, r.request_id))
         self.recompute_swapped(victim)
         victim.num_preemptions += 1
-        out.preempted.append(victim)
+        self._out.preempted.append(victim)
         return True
 
-    def _make_room(self, request: Request, num_tokens: int, scheduled: set[str], out: SchedulerOutput,
-                   now: float, preempt_running: bool = True) -> bool:
+    def _make_room(self, request: Request, num_tokens: int, scheduled: set[str], now: float,
+                   preempt_running: bool = True) -> bool:
         """Free device blocks until `request` can hold `num_tokens`: paused victims first, then
         (if allowed) the newest unscheduled running request. False if `request` cannot run now
         (it may have preempted itself)."""
         rid = request.request_id
         while not self.blocks.can_ensure(rid, num_tokens):
-            if self._evict_paused(self.blocks.blocks_needed(rid, num_tokens) - self.blocks.num_free, out, now):
+            if self._evict_paused(self.blocks.blocks_needed(rid, num_tokens) - self.blocks.num_free, now):
                 continue
             if not preempt_running:
                 return False
             candidates = [r for r in self.running if r.request_id not in scheduled]
             victim = max(candidates, key=lambda r: (r.priority_time, r.request_id))
             self._preempt(victim)
-            out.preempted.append(victim)
+            self._out.preempted.append(victim)
             if victim is request:
                 return False
         return True
 
-    def _evict_paused(self, blocks_wanted: int, out: SchedulerOutput, now: float) -> bool:
+    def _evict_paused(self, blocks_wanted: int, now: float) -> bool:
         """Take device blocks from the policy's first paused victim: swap out up to
         `blocks_wanted` within the budget, or discard it. False if there is no victim."""
-        victims = self.policy.victims(self, now)
+        victims = self.policy.victims(now)
         if not victims:
             return False
         victim = victims[0]
         wanted = min(blocks_wanted, self.blocks.num_blocks_of(victim.request_id))
-        if self.swap_out(victim, wanted, out, partial=True):
+        if self.swap_out(victim, wanted, partial=True):
             victim.pause_mode = PauseMode.SWAP
         else:
-            self.discard_paused(victim, out)
+            self.discard_paused(victim)
         return True
 
-    # ----------------------------------------------------------------- KV moves (policies use these)
-    def swap_out(self, request: Request, num_blocks: int, out: SchedulerOutput, partial: bool = False) -> bool:
+    # ----------------------------------------------------------------- KV moves (the policy's too)
+    def swap_out(self, request: Request, num_blocks: int, partial: bool = False) -> bool:
         """Move `num_blocks` of a paused request's device blocks (from the back) to the host pool,
         charged to the step's swap-out budget. With `partial`, move as many as the budget and the
         host room allow (at least one). False if nothing moved."""
         n = min(num_blocks, self._swap_out_left, self.blocks.host.num_free)
         if n == 0 or (n < num_blocks and not partial):
             return False
-        out.swap_out.extend(self.blocks.swap_out(request.request_id, n))
+        self._out.swap_out.extend(self.blocks.swap_out(request.request_id, n))
         self._swap_out_left -= n
         return True
 
-    def discard_paused(self, request: Request, out: SchedulerOutput) -> None:
+    def discard_paused(self, request: Request) -> None:
         """Free a paused request's KV in both pools; it is recomputed in chunks after the resume."""
         self._drop_kv(request)
         request.pause_mode = PauseMode.DISCARD
-        out.discarded.append(request)
+        self.num_discards += 1
 
     def recompute_swapped(self, request: Request) -> None:
         """Turn a swapped (resumed) request into a waiting one that recomputes its context."""
@@ -264,9 +243,11 @@ class Scheduler:
         self.running.remove(request)
         request.status = RequestStatus.PAUSED
         request.interceptions.append(call)
-        request.pause_mode = self.policy.on_pause(request, now)
-        if request.pause_mode is PauseMode.DISCARD:
-            self._drop_kv(request)
+        mode = self.policy.on_pause(request, now)
+        if mode is PauseMode.DISCARD:
+            self.discard_paused(request)
+        else:
+            request.pause_mode = mode
         self.paused[request.request_id] = request
 
     def resume(self, request: Request, now: float) -> None:
@@ -285,7 +266,7 @@ class Scheduler:
         else:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-        self.policy.on_resume(self, request, now)
+        self.policy.on_resume(request, now)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Take a request out of every queue and free its blocks (finished or aborted)."""

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infercept_jax.config import EngineConfig, SamplingParams
+from infercept_jax.build import DEFAULT_TOKEN_BUDGET
+from infercept_jax.config import SamplingParams
+from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.llm import LLM
-from infercept_jax.profiler import machine_record, write_result
 from models.registry import resolve_model
 from models.spec import ModelSpec
 
@@ -137,11 +138,11 @@ def prefill_steps_bound(batch: int, ctx: int, step_tokens: int) -> int:
 def build_llm(configs: list[tuple[int, int]], n: int) -> LLM:
     """One LLM for every (B, ctx): KV room for B sequences of ctx prompt tokens, the tokens decoded
     while the other prompts prefill, and N more; plus the reserved pad block and 16 spare blocks."""
-    step_tokens = EngineConfig().max_num_batched_tokens
+    step_tokens = DEFAULT_TOKEN_BUDGET
     longest = {(b, ctx): ctx + prefill_steps_bound(b, ctx, step_tokens) + n for b, ctx in configs}
     blocks = max(b * -(-(length + 1) // BLOCK_SIZE) for (b, _), length in longest.items())
     return LLM(MODEL, max_num_seqs=max(b for b, _ in configs), block_size=BLOCK_SIZE,
-               num_kv_blocks=blocks + 1 + 16, max_model_len=max(longest.values()) + 1)
+               max_num_batched_tokens=step_tokens, num_kv_blocks=blocks + 1 + 16, max_model_len=max(longest.values()) + 1)
 
 
 def engine_step_loop(llm: LLM, prompts: np.ndarray, n: int) -> dict:

@@ -16,9 +16,8 @@ import time
 
 import numpy as np
 
-from infercept_jax import SamplingParams
-from infercept_jax.engine import Engine
-from kvcache.block_manager import BlockManager
+from infercept_jax.build import build_engine
+from infercept_jax.config import EngineConfig, SamplingParams
 from models.registry import load_tokenizer
 
 
@@ -37,9 +36,10 @@ class RandomTokenRunner:
 def host_ms_per_step(tokenizer, batch: int, length: int, vocab_size: int) -> float:
     block_size = 16
     blocks = batch * (-(-(length + 32) // block_size)) + 1
-    engine = Engine(RandomTokenRunner(vocab_size), BlockManager(blocks, block_size), max_model_len=length + 32,
-                    vocab_size=vocab_size, eos_token_ids=(), tokenizer=tokenizer, max_num_seqs=batch,
-                    max_num_batched_tokens=max(batch, 32 * batch))
+    config = EngineConfig(policy="preserve", num_kv_blocks=blocks, block_size=block_size, max_model_len=length + 32,
+                          max_num_seqs=batch, max_num_batched_tokens=max(batch, 32 * batch))
+    engine = build_engine(config, lambda *_: RandomTokenRunner(vocab_size), kv_bytes_per_token=1,
+                          vocab_size=vocab_size, model_max_len=config.max_model_len, tokenizer=tokenizer)
     for _ in range(batch):
         engine.add_request(list(range(10, 42)), SamplingParams(max_tokens=length, ignore_eos=True))
     start, steps = time.perf_counter(), 0

@@ -34,9 +34,9 @@ import numpy as np
 
 from infercept_jax.config import EngineConfig
 from infercept_jax.llm import LLM
-from infercept_jax.profiler import (machine_record, measure_profile, median_seconds, swap_bandwidth,
-                                    synthetic_request, write_result)
-from scheduling.scheduler import ScheduledRequest, SchedulerOutput
+from infercept_jax.experiments.records import machine_record, write_result
+from infercept_jax.profiler import measure_profile, median_seconds, swap_bandwidth, synthetic_request
+from scheduling.output import ScheduledRequest, SchedulerOutput
 
 MEMCPY_BYTES = 512 * 2**20
 TARGET_BANDWIDTH = 0.5    # of memcpy

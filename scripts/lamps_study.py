@@ -6,8 +6,9 @@ without starvation prevention.
     .venv/bin/python scripts/lamps_study.py                      # 6B profile, 600 s windows, ~10 min
     .venv/bin/python scripts/lamps_study.py --window 1800 --fraction 1.0
 
-* Rates: FRACTIONS of the profile's compute capacity for the workload (`capacity_rps` of
-  compare_hardware.py), so both workloads are swept from half load to overload.
+* Rates: FRACTIONS of the profile's compute capacity for the workload
+  (`infercept_jax.experiments.capacity.capacity_rps`), so both workloads are swept from half load
+  to overload.
 * The learned variant trains `LengthModel` on a different generated trace (seed 1, 2000 requests)
   and predicts every segment's length from the request's shape; durations stay oracle. The
   tool-mean variant predicts each call's duration (and result size) as the running mean of the
@@ -25,19 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from infercept_jax.benchmark import resolve_trace, simulated_engines
-from infercept_jax.replay import replay, sample_arrivals
-from infercept_jax.workload import fit_length_model, generate_workload, segment_examples
+from infercept_jax.experiments.capacity import capacity_rps
+from infercept_jax.experiments.length_training import fit_length_model, segment_examples
+from infercept_jax.experiments.replay import replay, sample_arrivals
+from infercept_jax.experiments.simulator import simulated_engine
+from infercept_jax.experiments.sweeps import resolve_trace
+from infercept_jax.experiments.workload import generate_workload
 from scheduling.lamps import LampsOptions
 from scheduling.length_model import evaluate
 from scheduling.profile import load_profile
-
-sys.path.insert(0, os.path.dirname(__file__))
-from compare_hardware import capacity_rps  # noqa: E402
 
 WORKLOADS = ("mixed-onecall", "mixed")
 FRACTIONS = (0.5, 0.75, 1.0, 1.25)
@@ -58,8 +58,7 @@ def run_one(task: tuple) -> dict:
     profile = load_profile(profile_name)
     trace = resolve_trace(f"builtin:{workload}")
     arrivals = sample_arrivals(trace, qps, window, seed)
-    lamps = LampsOptions(**options) if options is not None else None
-    engine = simulated_engines(profile, "oracle", lamps)(policy)
+    engine = simulated_engine(profile, policy, lamps=LampsOptions(**(options or {})))
     start = time.perf_counter()
     metrics = replay(engine, arrivals, window)
     return {"variant": label, "policy": policy, "workload": workload, "qps": qps, "profile": profile_name,

@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from infercept_jax.benchmark import measure_here, real_engines, resolve_trace, run_replays, simulated_engines
+from infercept_jax.experiments.sweeps import measure_here, real_engines, resolve_trace, run_replays, simulated_engines
 from scheduling.policies import POLICIES
 
 MODEL = "smollm2-135m"
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"S = {profile.saturation_tokens} (measured in {time.perf_counter() - start:.0f} s)", flush=True)
 
     start = time.perf_counter()
-    engines = real_engines(MODEL, profile=profile_path, max_num_batched_tokens=profile.saturation_tokens,
-                           num_kv_blocks=DEVICE_BLOCKS, **POOLS)
+    engines = real_engines(MODEL, profile=profile_path, num_kv_blocks=DEVICE_BLOCKS, **POOLS)
     real = run_replays(trace, engines, policies, rates, **replay)
     real_seconds = time.perf_counter() - start
     start = time.perf_counter()

@@ -5,7 +5,7 @@
 """
 import argparse
 
-from infercept_jax.benchmark import add_replay_arguments, replay_command
+from infercept_jax.experiments.sweeps import add_replay_arguments, replay_command
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny random Llamas, a single-sequence paged forward, a compile counter."""
+"""Shared test helpers: tiny random Llamas, a single-sequence paged forward, a compile counter, and
+engines around stand-in runners."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infercept_jax.build import build_engine
+from infercept_jax.config import EngineConfig
+from infercept_jax.engine import Engine
 from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
 from models.llama import Llama
 from models.spec import ModelSpec, RopeScaling
@@ -115,3 +119,12 @@ class FakeRunner:
     def execute(self, output):
         sampled = [(s.request, 3 + s.request.num_tokens % 40) for s in output.scheduled if s.samples]
         return sampled, 0.0
+
+
+def engine_with(runner, policy: str = "preserve", *, num_kv_blocks: int, block_size: int = 4, max_model_len: int = 64,
+                vocab_size: int = 64, eos_token_ids=(1,), tokenizer=None, clock=lambda: 0.0, **options) -> Engine:
+    """An engine around a stand-in runner, built as `LLM` builds one; `options` are EngineConfig fields."""
+    config = EngineConfig.from_kwargs(policy=policy, num_kv_blocks=num_kv_blocks, block_size=block_size,
+                                      max_model_len=max_model_len, warmup=False, compile_cache=False, **options)
+    return build_engine(config, lambda *_: runner, kv_bytes_per_token=64, vocab_size=vocab_size,
+                        model_max_len=max_model_len, eos_token_ids=eos_token_ids, tokenizer=tokenizer, clock=clock)

@@ -4,13 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import count_compiles, random_hf_tensors, tiny_spec
+from helpers import FakeRunner, count_compiles, engine_with, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
-from infercept_jax.engine import Engine
-from kvcache.block_manager import BlockManager
 from models import registry
 from models.llama import Llama
 from models.tokenizer import tokenizer_from_gguf
+from scheduling.request import SegmentHint
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -137,12 +136,27 @@ def test_bad_prompt_is_rejected_and_engine_keeps_serving(model, bad, message):
     (dict(top_k=-2), "top_k"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(stop=[""]), "stop"),
-    (dict(call_result_tokens=-1), "call_result_tokens"),
-    (dict(call_tool=3), "call_tool"),
 ])
 def test_invalid_sampling_values_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(call_duration=-1.0), "call_duration"),
+    (dict(result_tokens=-1), "result_tokens"),
+    (dict(tool=3), "tool"),
+])
+def test_invalid_segment_hints_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SegmentHint(**kwargs)
+
+
+def test_a_hint_that_is_not_a_segment_hint_is_rejected_and_nothing_queued():
+    engine = engine_with(FakeRunner(), num_kv_blocks=16)
+    with pytest.raises(ValueError, match="SegmentHint"):
+        engine.add_request([5, 6], SamplingParams(max_tokens=2), hint={"call_duration": 1.0})
+    assert not engine.requests and not engine.has_work()
 
 
 def test_unknown_engine_option_is_rejected(model):
@@ -241,8 +255,8 @@ class PieceTokenizer:
 
 
 def _texts_while_generating(tokenizer, scripts: dict[str, list[int]]) -> dict[str, list[str]]:
-    engine = Engine(ScriptedRunner(scripts), BlockManager(64, 4), max_model_len=256, vocab_size=50_000,
-                    eos_token_ids=(), tokenizer=tokenizer, max_num_seqs=4, max_num_batched_tokens=16)
+    engine = engine_with(ScriptedRunner(scripts), num_kv_blocks=64, max_model_len=256, vocab_size=50_000,
+                         eos_token_ids=(), tokenizer=tokenizer, max_num_seqs=4, max_num_batched_tokens=16)
     for rid, script in scripts.items():
         engine.add_request([0, 1, 2], SamplingParams(max_tokens=len(script), ignore_eos=True), request_id=rid)
     texts: dict[str, list[str]] = {rid: [] for rid in scripts}

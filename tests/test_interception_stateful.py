@@ -12,15 +12,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from helpers import FakeRunner
+from helpers import FakeRunner, engine_with
 from infercept_jax import SamplingParams
-from infercept_jax.engine import Engine
 from kvcache.block_manager import BlockManager
-from scheduling.estimators import OracleEstimator
 from scheduling.lamps import LampsOptions
 from scheduling.policies import POLICIES, make_policy
 from scheduling.profile import HardwareProfile
-from scheduling.request import PauseMode, Request, RequestStatus
+from scheduling.request import PauseMode, Request, RequestStatus, SegmentHint
 from scheduling.scheduler import Scheduler, SchedulerConfig
 
 PROFILE = HardwareProfile(name="tiny", fwd_ms_per_token=20.0, fwd_base_ms=100.0, saturation_tokens=12,
@@ -33,13 +31,13 @@ class EngineMachine(RuleBasedStateMachine):
                 swapped_first=st.booleans())
     def build(self, policy, device_blocks, host_blocks, threshold, rerank, error, swapped_first):
         self.now = 0.0
-        self.blocks = BlockManager(device_blocks, block_size=4, num_host_blocks=host_blocks)
         # LAMPS with a short starvation threshold and quantum, so the queue jumps happen here too.
         lamps = LampsOptions(prediction_error=error, starvation_threshold=threshold, starvation_quantum=3,
                              rerank_interval=rerank, swapped_first=swapped_first)
-        self.engine = Engine(FakeRunner(), self.blocks, max_model_len=48, vocab_size=64, eos_token_ids=(1,),
-                             max_num_seqs=4, max_num_batched_tokens=12,
-                             policy=make_policy(policy, PROFILE, OracleEstimator(), lamps=lamps), clock=lambda: self.now)
+        self.engine = engine_with(FakeRunner(), policy, profile=PROFILE, estimator="oracle", lamps=lamps,
+                                  num_kv_blocks=device_blocks, num_host_blocks=host_blocks, max_model_len=48,
+                                  max_num_seqs=4, clock=lambda: self.now)
+        self.blocks = self.engine.blocks
         self.live: set[str] = set()
 
     def paused(self) -> list[str]:
@@ -48,10 +46,9 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(prompt_len=st.integers(1, 20), max_tokens=st.integers(1, 16), every=st.none() | st.integers(1, 5),
           duration=st.floats(0, 5))
     def add(self, prompt_len, max_tokens, every, duration):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, intercept_after=every,
-                                call_duration=duration)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, intercept_after=every)
         try:
-            self.live.add(self.engine.add_request([5] * prompt_len, params))
+            self.live.add(self.engine.add_request([5] * prompt_len, params, hint=SegmentHint(call_duration=duration)))
         except ValueError as error:       # a prompt the tiny pool cannot hold is refused up front
             assert "KV blocks" in str(error)
 
@@ -157,7 +154,7 @@ def test_a_zero_swap_in_budget_with_nothing_running_still_brings_a_request_back(
     sched = Scheduler(SchedulerConfig(12, 4), BlockManager(6, 4, num_host_blocks=6),
                       make_policy("infercept", slow_copies))
     request = _swapped(sched, "old", 20, on_host=1, arrival=0.0)   # copying 4 tokens beats recomputing 20
-    assert sched.policy.swap_budget(sched)[0] == 0
+    assert sched.policy.swap_budget()[0] == 0
     out = sched.schedule()
     assert len(out.swap_in) == 1 and [s.request for s in out.scheduled] == [request]
     assert request.status is RequestStatus.RUNNING and sched.blocks.num_blocks_of("old") == 5

@@ -6,14 +6,14 @@ import dataclasses
 
 import pytest
 
-from helpers import FakeRunner
+from helpers import FakeRunner, engine_with
 from infercept_jax import SamplingParams
-from infercept_jax.engine import Engine
 from kvcache.block_manager import BlockManager
 from scheduling.lamps import LampsOptions, LampsPolicy, Plan
+from scheduling.policies import PreservePolicy
 from scheduling.predictors import SegmentPrediction, SegmentPredictor
 from scheduling.profile import HardwareProfile
-from scheduling.request import Interception, PauseMode, Request, RequestStatus, SegmentHint
+from scheduling.request import Interception, NextSegment, PauseMode, Request, RequestStatus, SegmentHint
 from scheduling.scheduler import Scheduler, SchedulerConfig
 
 # T_fwd(x) = (x + 10) ms, S = 12: a saturated step takes 22 ms. N(S) = 24 tokens per step, so one
@@ -25,13 +25,21 @@ PROFILE = HardwareProfile(name="hand", fwd_ms_per_token=1.0, fwd_base_ms=10.0, s
 def make_request(rid: str, prompt: int, arrival: float = 0.0, *, call_after: int | None = None,
                  max_tokens: int = 6, call_seconds: float | None = None, result: int | None = None) -> Request:
     request = Request(rid, [5] * prompt, SamplingParams(max_tokens=max_tokens), arrival)
-    request.hint = SegmentHint(max_output_tokens=max_tokens, ends_in_call=call_after is not None,
-                               call_after=call_after, call_duration=call_seconds, result_tokens=result)
+    request.next_segment = NextSegment(max_output_tokens=max_tokens, ends_in_call=call_after is not None,
+                                       call_after=call_after)
+    request.hint = SegmentHint(call_duration=call_seconds, result_tokens=result)
     return request
 
 
-def scheduler(policy: LampsPolicy, device_blocks: int = 64, budget: int = 12, max_seqs: int = 8) -> Scheduler:
+def scheduler(policy, device_blocks: int = 64, budget: int = 12, max_seqs: int = 8) -> Scheduler:
     return Scheduler(SchedulerConfig(budget, max_seqs), BlockManager(device_blocks, 4, num_host_blocks=16), policy)
+
+
+def lamps_engine(num_kv_blocks: int = 64, max_num_seqs: int = 4, **options):
+    """An engine around the fake runner under LAMPS with the hand profile (S = 12); `options` are
+    LampsOptions fields."""
+    return engine_with(FakeRunner(), "lamps", profile=PROFILE, num_kv_blocks=num_kv_blocks, num_host_blocks=16,
+                       max_num_seqs=max_num_seqs, lamps=LampsOptions(**options))
 
 
 # ------------------------------------------------------------------ the score, by hand
@@ -67,34 +75,31 @@ def test_classify_picks_the_least_waste():
     policy = LampsPolicy(PROFILE)
     sched = scheduler(policy)
     no_call = SegmentPrediction(6, None, 0)
-    assert policy.classify(sched, make_request("a", 10), no_call) == (PauseMode.PRESERVE, 0.0)
+    assert policy.classify(make_request("a", 10), no_call) == (PauseMode.PRESERVE, 0.0)
     instant = SegmentPrediction(6, 0.0, 5)
-    assert policy.classify(sched, make_request("b", 10), instant) == (PauseMode.PRESERVE, 0.0)
+    assert policy.classify(make_request("b", 10), instant) == (PauseMode.PRESERVE, 0.0)
     # a long call on an empty batch: recompute costs only the request's own chunks, swap nothing
-    mode, waste = policy.classify(sched, make_request("c", 10), SegmentPrediction(6, 60.0, 5))
+    mode, waste = policy.classify(make_request("c", 10), SegmentPrediction(6, 60.0, 5))
     assert mode is PauseMode.SWAP and waste == 0.0
     # with a running batch to stall, the swap costs more than recomputing 16 tokens in chunks
     running = make_request("d", 40)
     sched.running.append(running)
     running.num_computed_tokens = 40
-    mode, waste = policy.classify(sched, make_request("c", 10), SegmentPrediction(6, 60.0, 5))
+    mode, waste = policy.classify(make_request("c", 10), SegmentPrediction(6, 60.0, 5))
     assert mode is PauseMode.DISCARD and 0 < waste < 16 * 60.0
 
 
 def test_planned_strategy_is_applied_at_the_pause():
     """Planned while a batch runs: a long call is to be discarded (cheaper than stalling the batch
     for a swap) and frees its KV at the pause; a short one keeps it."""
-    policy = LampsPolicy(PROFILE, options=LampsOptions(starvation_threshold=None))
-    blocks = BlockManager(64, 4, num_host_blocks=16)
-    engine = Engine(FakeRunner(), blocks, max_model_len=64, vocab_size=64, eos_token_ids=(1,), max_num_seqs=4,
-                    max_num_batched_tokens=12, policy=policy, clock=lambda: 0.0)
+    engine = lamps_engine(starvation_threshold=None)
+    policy, blocks = engine.scheduler.policy, engine.blocks
     engine.add_request([5] * 40, SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.0))   # a batch to stall
     for _ in range(4):
         engine.step()
-    long_call = engine.add_request([5] * 8, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0,
-                                                           intercept_after=2, call_duration=100.0))
-    short_call = engine.add_request([5] * 8, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0,
-                                                            intercept_after=2, call_duration=0.001))
+    calls = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0, intercept_after=2)
+    long_call = engine.add_request([5] * 8, calls, hint=SegmentHint(call_duration=100.0))
+    short_call = engine.add_request([5] * 8, calls, hint=SegmentHint(call_duration=0.001))
     for _ in range(6):
         engine.step()
     assert engine.requests[long_call].status is RequestStatus.PAUSED
@@ -130,15 +135,14 @@ def test_swapped_and_waiting_form_one_ranked_list_unless_swapped_go_first(swappe
     # keep the hand-set scores (step 0 rescores)
     lamps.options = LampsOptions(rerank_interval=1000, swapped_first=swapped_first)
     lamps._step = 1
-    assert [r.request_id for r in lamps.queue_order(sched)] == expected
+    assert [r.request_id for r in lamps.queue_order()] == expected
 
 
 def test_fcfs_policies_keep_swapped_before_waiting_by_arrival():
-    from scheduling.policies import Policy
-    sched = Scheduler(SchedulerConfig(12, 8), BlockManager(64, 4), Policy())
+    sched = Scheduler(SchedulerConfig(12, 8), BlockManager(64, 4), PreservePolicy())
     for i, rid in enumerate(["w1", "s1", "w0"]):
         (sched.swapped if rid.startswith("s") else sched.waiting).append(make_request(rid, 4, arrival=-i))
-    assert [r.request_id for r in Policy().queue_order(sched)] == ["s1", "w0", "w1"]
+    assert [r.request_id for r in sched.policy.queue_order()] == ["s1", "w0", "w1"]
 
 
 # ------------------------------------------------------------------ starvation prevention
@@ -146,11 +150,8 @@ def run_long_under_short_stream(threshold: int | None, steps: int = 200) -> tupl
     """A 30-token request arrives with two 2-token ones; two new short ones arrive every step, and
     two requests fit in a step. Returns the steps at which the long one got its first token and
     finished (None if it did not), and how many quanta the guard granted."""
-    options = LampsOptions(starvation_threshold=threshold, starvation_quantum=50)
-    policy = LampsPolicy(PROFILE, options=options)
-    blocks = BlockManager(256, 4, num_host_blocks=16)
-    engine = Engine(FakeRunner(), blocks, max_model_len=64, vocab_size=64, eos_token_ids=(1,), max_num_seqs=2,
-                    max_num_batched_tokens=12, policy=policy, clock=lambda: 0.0)
+    engine = lamps_engine(num_kv_blocks=256, max_num_seqs=2, starvation_threshold=threshold, starvation_quantum=50)
+    policy = engine.scheduler.policy
     short = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
     long_id = engine.add_request([5] * 30, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
     first = None
@@ -208,11 +209,11 @@ def test_tool_mean_learns_durations_and_result_lengths_online():
     assert prediction.result_tokens == 15
     request.interceptions.append(Interception(("r", 2), 0.0, tool="calc", end_time=0.5, result_tokens=1))
     predictor.observe(request)
-    request.hint = dataclasses.replace(request.hint, call_tool="search")   # the next call's tool, if known
+    request.hint = dataclasses.replace(request.hint, tool="search")   # the next call's tool, if known
     assert predictor.predict(request).call_seconds == 3.0
-    request.hint = dataclasses.replace(request.hint, call_tool=None)       # else the last call's
+    request.hint = dataclasses.replace(request.hint, tool=None)       # else the last call's
     assert predictor.predict(request).call_seconds == 0.5
-    request.hint = dataclasses.replace(request.hint, call_tool="never-seen")   # else every call's
+    request.hint = dataclasses.replace(request.hint, tool="never-seen")   # else every call's
     assert predictor.predict(request).call_seconds == pytest.approx(6.5 / 3)
 
 
@@ -228,18 +229,36 @@ def test_options_are_validated():
 
 
 def test_engine_hints_carry_the_trace_oracle_and_the_tool_name():
-    policy = LampsPolicy(PROFILE)
-    engine = Engine(FakeRunner(), BlockManager(64, 4, num_host_blocks=16), max_model_len=64, vocab_size=64,
-                    eos_token_ids=(1,), max_num_seqs=4, max_num_batched_tokens=12, policy=policy, clock=lambda: 0.0)
-    params = SamplingParams(max_tokens=9, ignore_eos=True, temperature=0.0, intercept_after=3, call_duration=2.5,
-                            call_result_tokens=4, call_tool="qa")
-    rid = engine.add_request([5] * 6, params)
+    engine = lamps_engine()
+    policy = engine.scheduler.policy
+    params = SamplingParams(max_tokens=9, ignore_eos=True, temperature=0.0, intercept_after=3)
+    rid = engine.add_request([5] * 6, params, hint=SegmentHint(call_duration=2.5, result_tokens=4, tool="qa"))
     assert policy.plans[rid].prediction == SegmentPrediction(output_tokens=3, call_seconds=2.5, result_tokens=4)
     while engine.requests[rid].status is not RequestStatus.PAUSED:
         engine.step()
     call = engine.requests[rid].interceptions[-1]
     assert (call.tool, call.segment_tokens) == ("qa", 3)
-    engine.resume(rid, [7] * 4, dataclasses.replace(params, intercept_after=None, call_duration=None))
+    engine.resume(rid, [7] * 4, dataclasses.replace(params, intercept_after=None), SegmentHint())
     assert call.result_tokens == 4
     # the last segment: no call, the 6 tokens of the budget left
     assert policy.plans[rid].prediction == SegmentPrediction(output_tokens=6, call_seconds=None, result_tokens=0)
+
+
+def test_queue_order_only_reads_and_the_step_advances_once_per_schedule():
+    """Counting starvation and granting quanta happen once per step, in `on_running_scheduled`; asking
+    for the order again changes nothing."""
+    engine = lamps_engine(num_kv_blocks=256, max_num_seqs=1, starvation_threshold=2, starvation_quantum=50)
+    lamps = engine.scheduler.policy
+    for _ in range(3):
+        engine.add_request([5] * 4, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
+    for _ in range(4):
+        engine.step()
+    def state():
+        return lamps._step, lamps.quanta_granted, {rid: (p.front_until, p.queued_since, p.score)
+                                                   for rid, p in lamps.plans.items()}
+
+    before = state()
+    orders = [[r.request_id for r in lamps.queue_order()] for _ in range(3)]
+    assert orders[0] == orders[1] == orders[2]
+    assert state() == before
+    assert lamps._step == engine.num_steps == 4 and lamps.quanta_granted >= 1

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from infercept_jax.cli import main
-from infercept_jax.workload import Segment, TraceRequest, generate_workload, save_trace, segment_examples
+from infercept_jax.experiments.length_training import segment_examples
+from infercept_jax.experiments.workload import Segment, TraceRequest, generate_workload, save_trace
 from scheduling.length_model import (NUM_BINS, NUM_FEATURES, LengthModel, SegmentFeatures, evaluate,
                                      length_bin, split)
 

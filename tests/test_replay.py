@@ -6,13 +6,12 @@ import json
 
 import pytest
 
-from infercept_jax.benchmark import builtin_trace, format_table, run_replays, simulated_engines
-from infercept_jax.cli import main
-from infercept_jax.replay import replay, sample_arrivals
-from infercept_jax.simulator import simulated_engine
-from infercept_jax.workload import Segment, TraceRequest, generate_workload
-from scheduling.estimators import OracleEstimator
-from scheduling.policies import make_policy
+from infercept_jax.cli import build_parser, main
+from infercept_jax.experiments.replay import replay, sample_arrivals
+from infercept_jax.experiments.simulator import simulated_engine
+from infercept_jax.experiments.sweeps import builtin_trace, format_table, lamps_options, run_replays, simulated_engines
+from infercept_jax.experiments.workload import Segment, TraceRequest, generate_workload
+from scheduling.lamps import LampsOptions
 from scheduling.profile import PAPER_PROFILES, HardwareProfile
 
 # Every step takes 0.1 s whatever its size; plenty of memory.
@@ -24,7 +23,7 @@ FLAT = HardwareProfile(name="flat", fwd_ms_per_token=0.0, fwd_base_ms=100.0, sat
 def test_metrics_of_a_hand_made_two_request_run():
     a = TraceRequest("a", 4, (Segment(2, api_time=1.0, api_token_length=3), Segment(2)))
     b = TraceRequest("b", 4, (Segment(3),))
-    engine = simulated_engine(FLAT, make_policy("preserve"), OracleEstimator())
+    engine = simulated_engine(FLAT, "preserve")
     m = replay(engine, [(0.0, a), (0.0, b)], window=100.0)
     # step 1 (0 -> 0.1): both prompts, first tokens; step 2 (-> 0.2): a pauses after 2 tokens;
     # step 3 (-> 0.3): b's third token, b finishes; the clock jumps to a's result at 1.2;
@@ -45,7 +44,7 @@ def test_metrics_of_a_hand_made_two_request_run():
 def test_longest_wait_counts_requests_that_never_got_a_token():
     big = TraceRequest("big", 200, (Segment(2),))        # 50 steps of prefill at 4 tokens per step
     four_per_step = dataclasses.replace(FLAT, saturation_tokens=4)
-    engine = simulated_engine(four_per_step, make_policy("preserve"), OracleEstimator())
+    engine = simulated_engine(four_per_step, "preserve")
     m = replay(engine, [(0.0, big), (0.5, big)], window=2.0)
     assert m["ttft"]["mean"] is None                     # nobody got a first token in 2 s ...
     assert m["longest_wait_s"] == pytest.approx(2.0)     # ... and the first waited the whole run
@@ -101,7 +100,7 @@ def test_replay_cli_writes_results_and_plots(tmp_path):
 def test_prompts_the_engine_cannot_hold_are_counted_not_fatal():
     big = TraceRequest("big", 500, (Segment(2),))        # 500 tokens: more than the 64 blocks of 4
     small = TraceRequest("small", 4, (Segment(2),))
-    engine = simulated_engine(FLAT, make_policy("preserve"), OracleEstimator())
+    engine = simulated_engine(FLAT, "preserve")
     m = replay(engine, [(0.0, big), (0.0, small)], window=10.0)
     assert m["num_rejected"] == 1 and m["num_submitted"] == m["num_finished"] == 1
 
@@ -128,3 +127,17 @@ def test_onecall_builtin_traces_have_exactly_one_call_per_request():
     assert len(trace) == 400 and all(r.num_calls == 1 and len(r.segments) == 2 for r in trace.values())
     with pytest.raises(ValueError, match="onecall"):
         builtin_trace("nonsense-onecall")
+
+
+def test_every_lamps_option_is_a_replay_flag_with_its_default():
+    parser = build_parser()
+    base = ["replay", "--trace", "builtin:mixed", "--out", "x"]
+    assert lamps_options(parser.parse_args(base)) == LampsOptions()
+    args = parser.parse_args([*base, "--length-predictor", "m.json", "--duration-predictor", "tool-mean",
+                              "--prediction-error", "0.2", "--starvation-threshold", "0", "--starvation-quantum", "5",
+                              "--rerank-interval", "3", "--swapped-first"])
+    assert lamps_options(args) == LampsOptions(length_predictor="m.json", duration_predictor="tool-mean",
+                                               prediction_error=0.2, starvation_threshold=None, starvation_quantum=5,
+                                               rerank_interval=3, swapped_first=True)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--duration-predictor", "psychic"])

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from infercept_jax.workload import (KINDS, Segment, TraceRequest, describe, generate_workload, scale_tokens,
+from infercept_jax.experiments.workload import (KINDS, Segment, TraceRequest, describe, generate_workload, scale_tokens,
                                     load_trace, save_trace)
 
 # Measured in the released trace (spec 1.2): calls per request and mean api_time (s).

@@ -3,21 +3,20 @@ engine or in the simulator, then print a table and draw the plots (`infercept re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+from dataclasses import fields
 from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from infercept_jax.engine import Engine
-from infercept_jax.replay import replay, sample_arrivals
-from infercept_jax.simulator import simulated_engine
-from infercept_jax.workload import KINDS, TraceRequest, generate_workload, load_trace, scale_tokens
-from scheduling.estimators import ESTIMATORS, make_estimator
+from infercept_jax.experiments.replay import replay, sample_arrivals
+from infercept_jax.experiments.simulator import simulated_engine
+from infercept_jax.experiments.workload import KINDS, TraceRequest, generate_workload, load_trace, scale_tokens
+from scheduling.estimators import ESTIMATORS
 from scheduling.lamps import LampsOptions
-from scheduling.policies import POLICIES, make_policy
-from scheduling.predictors import DURATION_PREDICTORS
+from scheduling.policies import POLICIES
 from scheduling.profile import HardwareProfile, load_profile
 
 DEFAULT_POLICIES = ("discard", "preserve", "swap", "infercept")
@@ -70,12 +69,11 @@ def measure_here(model: str, path: str, **engine_options) -> HardwareProfile:
     return profile
 
 
-def simulated_engines(profile: HardwareProfile, estimator: str = "oracle", lamps: LampsOptions | None = None,
-                      **engine_options) -> Callable[[str], Engine]:
-    """A factory of fresh simulated engines, one per run, for `run_replays`."""
+def simulated_engines(profile: HardwareProfile, **options) -> Callable[[str], Engine]:
+    """A factory of fresh simulated engines, one per run, for `run_replays`; `options` go to
+    `simulated_engine` (EngineConfig fields such as estimator or lamps, and pool sizes)."""
     def build(policy: str) -> Engine:
-        est = make_estimator(estimator)
-        return simulated_engine(profile, make_policy(policy, profile, est, lamps=lamps), est, **engine_options)
+        return simulated_engine(profile, policy, **options)
     return build
 
 
@@ -170,20 +168,7 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every tool-call duration")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="oracle", help="call-duration estimator")
-    defaults = LampsOptions()
-    parser.add_argument("--prediction-error", type=float, default=defaults.prediction_error,
-                        help="lamps: Gaussian relative error of the oracle predictions (0.2 = 20 %%)")
-    parser.add_argument("--length-predictor", help="lamps: output-length model from `infercept predictor` "
-                                                   "(default: the trace's true lengths)")
-    parser.add_argument("--duration-predictor", choices=DURATION_PREDICTORS, default=defaults.duration_predictor,
-                        help="lamps: call durations from the trace (oracle) or each tool's running mean")
-    parser.add_argument("--starvation-threshold", type=int, default=defaults.starvation_threshold,
-                        help=f"lamps: queued steps before a request jumps the line (default "
-                             f"{defaults.starvation_threshold}; 0 turns it off)")
-    parser.add_argument("--rerank-interval", type=int, default=defaults.rerank_interval,
-                        help="lamps: recompute the ranking every k steps (default 1)")
-    parser.add_argument("--swapped-first", action="store_true",
-                        help="lamps: serve swapped requests before waiting ones (the paper ranks them in one list)")
+    add_lamps_arguments(parser)
     parser.add_argument("--simulate", action="store_true", help="the simulator instead of the real engine")
     parser.add_argument("--profile", help="hardware profile: a name (a100-gptj-6b, a100x2-vicuna-13b) or "
                         "a JSON file from `infercept profile`; required with --simulate; for the real engine "
@@ -197,22 +182,36 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_lamps_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per LampsOptions field (`--prediction-error`, ...), with the field's default and help."""
+    for option in fields(LampsOptions):
+        flag, help_ = "--" + option.name.replace("_", "-"), "lamps: " + option.metadata["help"]
+        if option.default is False:
+            parser.add_argument(flag, action="store_true", help=help_)
+            continue
+        parse = option.metadata.get("parse", str if option.default is None else type(option.default))
+        parser.add_argument(flag, type=parse, default=option.default, choices=option.metadata.get("choices"),
+                            help=help_)
+
+
+def lamps_options(args: argparse.Namespace) -> LampsOptions:
+    """The LampsOptions that `add_lamps_arguments`' flags spell."""
+    return LampsOptions(**{option.name: getattr(args, option.name) for option in fields(LampsOptions)})
+
+
 def replay_command(args: argparse.Namespace) -> list[dict]:
     """Run `infercept replay` / scripts/replay_trace.py: replays, table, results.json, plots."""
     policies = args.policy or list(DEFAULT_POLICIES)
     rates = args.qps or [1.0]
     options = {k: v for k, v in (("num_host_blocks", args.num_host_blocks), ("max_num_seqs", args.max_num_seqs))
                if v is not None}
-    lamps = LampsOptions(length_predictor=args.length_predictor, duration_predictor=args.duration_predictor,
-                         prediction_error=args.prediction_error,
-                         starvation_threshold=args.starvation_threshold or None, rerank_interval=args.rerank_interval,
-                         swapped_first=args.swapped_first)
+    lamps = lamps_options(args)
     if args.simulate:
         if args.profile is None:
             raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")
         if args.num_kv_blocks is not None:
             options["num_device_blocks"] = args.num_kv_blocks
-        make_engine = simulated_engines(load_profile(args.profile), args.estimator, lamps, **options)
+        make_engine = simulated_engines(load_profile(args.profile), estimator=args.estimator, lamps=lamps, **options)
         trace = resolve_trace(args.trace)
     else:
         if args.num_kv_blocks is not None:
@@ -225,7 +224,7 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
             args.profile = path
         if args.profile is not None:
             options["profile"] = args.profile
-        make_engine = real_engines(args.model, args.estimator, **options, **dataclasses.asdict(lamps))
+        make_engine = real_engines(args.model, args.estimator, lamps=lamps, **options)
         trace = resolve_trace(args.trace, _tokenizer_for(args.trace, args.model))
     results = run_replays(trace, make_engine, policies, rates, args.window, seed=args.seed,
                           time_scale=args.time_scale, show_progress=not args.quiet)

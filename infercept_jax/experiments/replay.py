@@ -19,9 +19,9 @@ import numpy as np
 
 from infercept_jax.config import SamplingParams
 from infercept_jax.engine import Engine
-from infercept_jax.simulator import DUMMY_TOKEN, VirtualClock
-from infercept_jax.workload import TraceRequest
-from scheduling.request import Request
+from infercept_jax.experiments.simulator import DUMMY_TOKEN, VirtualClock
+from infercept_jax.experiments.workload import TraceRequest
+from scheduling.request import Request, SegmentHint
 
 
 def sample_arrivals(trace: dict[str, TraceRequest], qps: float, window: float,
@@ -41,15 +41,21 @@ def sample_arrivals(trace: dict[str, TraceRequest], qps: float, window: float,
     return arrivals
 
 
-def segment_params(request: TraceRequest, index: int, time_scale: float = 1.0) -> SamplingParams:
+def segment_params(request: TraceRequest, index: int) -> SamplingParams:
     """The trigger of segment `index`: pause after its completion tokens if it ends in a call."""
     segment = request.segments[index]
-    return SamplingParams(
-        max_tokens=generated_tokens(request), temperature=0.0, ignore_eos=True,
-        intercept_after=max(1, segment.completion_tokens) if segment.has_call else None,
-        call_duration=segment.api_time * time_scale if segment.has_call else None,
-        call_result_tokens=segment.api_token_length if segment.has_call else None,
-        call_tool=request.kind if segment.has_call else None)
+    return SamplingParams(max_tokens=generated_tokens(request), temperature=0.0, ignore_eos=True,
+                          intercept_after=max(1, segment.completion_tokens) if segment.has_call else None)
+
+
+def segment_hint(request: TraceRequest, index: int, time_scale: float = 1.0) -> SegmentHint:
+    """What the trace knows of segment `index`'s call (the oracle): its duration, its result's
+    length, and its tool, named after the request's workload kind; empty if it ends without one."""
+    segment = request.segments[index]
+    if not segment.has_call:
+        return SegmentHint()
+    return SegmentHint(call_duration=segment.api_time * time_scale, result_tokens=segment.api_token_length,
+                       tool=request.kind)
 
 
 def generated_tokens(request: TraceRequest) -> int:
@@ -85,7 +91,8 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
             _, trace_request = pending.pop()
             prompt = [token_id] * max(1, trace_request.prompt_tokens)
             try:
-                rid = engine.add_request(prompt, segment_params(trace_request, 0, time_scale))
+                rid = engine.add_request(prompt, segment_params(trace_request, 0),
+                                         hint=segment_hint(trace_request, 0, time_scale))
             except ValueError:          # a prompt this engine cannot hold (context or pool too small)
                 rejected += 1
                 if progress is not None:
@@ -98,9 +105,10 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
             entry = live[rid]
             segment = entry.trace_request.segments[entry.segment]
             entry.segment += 1
-            params = segment_params(entry.trace_request, min(entry.segment, len(entry.trace_request.segments) - 1),
-                                    time_scale)
-            out = engine.resume(rid, [token_id] * (segment.api_token_length or 0), params)
+            index = min(entry.segment, len(entry.trace_request.segments) - 1)
+            out = engine.resume(rid, [token_id] * (segment.api_token_length or 0),
+                                segment_params(entry.trace_request, index),
+                                segment_hint(entry.trace_request, index, time_scale))
             if out.finished:
                 _retire(engine, live, rid, progress)
         steps = engine.num_steps

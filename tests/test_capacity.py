@@ -1,5 +1,5 @@
-"""scripts/compare_hardware.py: the sustainable-rate rules on hand-made runs, the sweep's early stop,
-and one tiny end-to-end run."""
+"""The sustainable-rate measure (`infercept_jax.experiments.capacity`): its rules on hand-made runs,
+the sweep's early stop, and one tiny end-to-end run of scripts/compare_hardware.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from infercept_jax.workload import Segment, TraceRequest
+from infercept_jax.experiments import capacity as ch
+from infercept_jax.experiments.workload import Segment, TraceRequest
 from scheduling.profile import HardwareProfile
 
 _PATH = Path(__file__).resolve().parent.parent / "scripts" / "compare_hardware.py"
 _SPEC = importlib.util.spec_from_file_location("compare_hardware", _PATH)
-ch = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(ch)
+compare_hardware = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(compare_hardware)
 
 
 def run(policy: str, qps: float, latency: float | None, waste: float = 0.0) -> dict:
@@ -100,8 +101,8 @@ def test_sweep_stops_a_policy_after_its_first_miss_past_discards_rate(monkeypatc
     assert len(results) == len(calls)
 
 
-def test_main_writes_the_table_results_and_plot(tmp_path):
-    rows = ch.main(["--profile", "a100-gptj-6b", "--profile", "a100x2-vicuna-13b", "--policy", "infercept",
+def test_compare_hardware_writes_the_table_results_and_plot(tmp_path):
+    rows = compare_hardware.main(["--profile", "a100-gptj-6b", "--profile", "a100x2-vicuna-13b", "--policy", "infercept",
                     "--window", "4", "--out", str(tmp_path)])
     assert [(r["setup"], r["policy"]) for r in rows] == [
         ("a100-gptj-6b", "discard"), ("a100-gptj-6b", "infercept"),

@@ -1,0 +1,48 @@
+"""A request's output text, kept up to date token by token, and the stop strings cut from it."""
+from __future__ import annotations
+
+from scheduling.request import Request
+
+
+class Detokenizer:
+    """Appends the text of each request's new tokens to its `output_text`.
+
+    Decoding the whole output every token would make text quadratic in the output length.
+    Instead, as vLLM does, the tokens decoded last time are decoded again with the new ones and
+    only the difference is appended: exact at token boundaries, also for tokenizers that strip a
+    leading space. A character split across byte tokens (the text ends in U+FFFD) waits for its
+    last byte, unless this is the final decode.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def update(self, request: Request, final: bool = False) -> None:
+        if self.tokenizer is None:
+            return
+        start, read = request.text_offsets
+        ids = request.token_ids
+        if read == len(ids):
+            return
+        before = self.tokenizer.decode(ids[start:read])
+        after = self.tokenizer.decode(ids[start:])
+        if after.endswith("\ufffd") and not final:
+            return
+        request.output_text += after[len(before):]
+        request.text_offsets = (read, len(ids))
+
+
+def truncate_at_stop(request: Request, previous_len: int) -> bool:
+    """Cut the output text at the first of the request's stop strings that the text added after
+    `previous_len` characters completes (keeping it if `include_stop_str_in_output`); True if one did."""
+    params = request.sampling
+    text = request.output_text
+    longest = max(len(s) for s in params.stop)
+    search_from = max(0, previous_len - longest + 1)
+    hits = [(text.find(s, search_from), s) for s in params.stop]
+    hits = [(i, s) for i, s in hits if i >= 0]
+    if not hits:
+        return False
+    index, stop = min(hits)
+    request.output_text = text[:index + len(stop)] if params.include_stop_str_in_output else text[:index]
+    return True
