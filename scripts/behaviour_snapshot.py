@@ -81,8 +81,9 @@ def simulator_snapshot(out: str, workers: int) -> None:
         json.dump(SMALL_PROFILE, f, indent=2)
     cli("workload", "--kind", "mixed", "--n", "600", "--seed", "3", "-o", f"{out}/trace.json")
     printed = cli("predictor", "--trace", f"{out}/trace.json", "-o", f"{out}/length-model.json")
-    with open(f"{out}/predictor.txt", "w") as f:    # without the timing lines
-        f.write("".join(line + "\n" for line in printed.splitlines() if "µs" not in line))
+    with open(f"{out}/predictor.txt", "w") as f:    # without the timing line and the output path
+        f.write("".join(line + "\n" for line in printed.splitlines()
+                        if "µs" not in line and not line.startswith("wrote ")))
     commands = replay_commands(out)
     with ThreadPoolExecutor(workers) as pool:
         for done, _ in enumerate(pool.map(lambda args: cli(*args), commands), 1):
