@@ -1,0 +1,237 @@
+"""Decisions, not formulas: which mode InferCept and the heuristics pick, which paused request gives
+up memory first, which running request is preempted, who takes the step budget first, where a
+resumed discarded request queues, and from which end the block manager moves blocks (spec 2.1,
+2.3, 3). Each test is built so that inverting or shifting its rule makes it fail. Milliseconds, on
+the real scheduler and policies without a model."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import FakeRunner, engine_with
+from infercept_jax import SamplingParams
+from kvcache.block_manager import BlockManager
+from scheduling.estimators import OracleEstimator
+from scheduling.infercept import InferCeptPolicy
+from scheduling.policies import POLICIES, DiscardPolicy, HeuristicPolicy, ImprovedDiscardPolicy, PreservePolicy
+from scheduling.profile import HardwareProfile
+from scheduling.request import Interception, PauseMode, Request, RequestStatus, SegmentHint
+from scheduling.scheduler import Scheduler, SchedulerConfig
+
+# T_fwd(x) = (x + 10) ms, S = 12, N(S) = 24 tokens. With no running batch a chunked discard of C
+# tokens recomputes in chunks of c_h = 12: w_d = 0.022 * 12 * n(n+1)/2 + 0.001 * last**2 with
+# n = C // 12, last = C % 12, so w_d(8) = 0.064, w_d(16) = 0.264 + 0.016 = 0.28, w_d(24) = 0.792.
+HAND = HardwareProfile(name="hand", fwd_ms_per_token=1.0, fwd_base_ms=10.0, saturation_tokens=12,
+                       swap_limit_tokens=24.0, kv_bytes_per_token=64, block_size=4)
+
+
+def scheduler(policy, device_blocks: int = 64, host_blocks: int = 16, budget: int = 12, max_seqs: int = 8) -> Scheduler:
+    return Scheduler(SchedulerConfig(budget, max_seqs), BlockManager(device_blocks, 4, host_blocks), policy)
+
+
+def running(sched: Scheduler, rid: str, computed: int, inflight: int = 1, arrival: float = 0.0) -> Request:
+    """A running request holding `computed` tokens of KV with `inflight` tokens still to compute."""
+    request = Request(rid, [5] * (computed + inflight), SamplingParams(max_tokens=8), arrival)
+    request.num_computed_tokens = computed
+    sched.blocks.ensure(rid, computed)
+    request.status = RequestStatus.RUNNING
+    sched.running.append(request)
+    return request
+
+
+def paused(sched: Scheduler, rid: str, tokens: int, call_s: float, arrival: float = 0.0, start: float = 0.0) -> Request:
+    """A request with `tokens` of KV on the device, paused at `start` on a call of `call_s` seconds
+    (the oracle duration)."""
+    request = running(sched, rid, tokens, 0, arrival)
+    sched.pause(request, Interception((rid, 0), start, expected_duration=call_s), start)
+    return request
+
+
+def with_swap_out_budget(policy, blocks: int):
+    """Fix the step's swap budget (swap-out `blocks`, no swap-in), so a test chooses who fits."""
+    policy.swap_budget = lambda: (0, blocks)
+    return policy
+
+
+def where(sched: Scheduler, request: Request) -> tuple[int, int, PauseMode]:
+    rid = request.request_id
+    return sched.blocks.num_blocks_of(rid), sched.blocks.num_host_blocks_of(rid), request.pause_mode
+
+
+# ------------------------------------------------------------------ InferCept's per-step plan (spec 3.5.1 item 4)
+def test_infercept_swaps_the_most_wasteful_then_discards_only_when_discard_wastes_less():
+    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 6))
+    big = paused(sched, "big", 24, 10.0)        # w_p = 10 * 24 = 240, w_d = 0.792: score 0.792, the largest
+    mid = paused(sched, "mid", 16, 10.0)        # w_p = 160, w_d = 0.28 < w_p: score 0.28, discard
+    short = paused(sched, "short", 8, 0.001)    # w_p = 0.008 <= w_d = 0.064: score 0.008, preserve
+    sched.schedule(0.0)
+    assert where(sched, big) == (0, 6, PauseMode.SWAP)       # the budget's 6 blocks: all of big
+    assert where(sched, mid) == (0, 0, PauseMode.DISCARD)
+    assert where(sched, short) == (2, 0, PauseMode.PRESERVE)
+    assert sched.num_discards == 1
+
+
+def test_infercept_score_is_the_lesser_of_preserve_and_discard_waste():
+    """Spec 3.5.1 eq. 5: waste = min(w_p, w_d). Ranked by max(w_p, w_d) `long` would go first, by w_d
+    alone `blip` would (it ties `quick` and arrived first)."""
+    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 6))
+    quick = paused(sched, "quick", 24, 0.02, arrival=1.0)   # w_p = 0.48, w_d = 0.792: score 0.48
+    long = paused(sched, "long", 16, 10.0, arrival=2.0)     # w_p = 160, w_d = 0.28: score 0.28
+    blip = paused(sched, "blip", 24, 0.001, arrival=0.0)    # w_p = 0.024, w_d = 0.792: score 0.024
+    sched.schedule(0.0)
+    assert where(sched, quick) == (0, 6, PauseMode.SWAP)
+    assert where(sched, long) == (0, 0, PauseMode.DISCARD)
+    assert where(sched, blip) == (6, 0, PauseMode.PRESERVE)
+
+
+def test_infercept_preserves_when_discard_waste_equals_preserve_waste():
+    """Discard only when w_d < w_p strictly (spec 3.5.1 item 4: "preserve it otherwise")."""
+    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 0))
+    tie = paused(sched, "tie", 8, 0.008)        # w_p = 0.008 * 8 = 0.064 = w_d = 0.001 * 8**2
+    sched.schedule(0.0)
+    assert where(sched, tie) == (2, 0, PauseMode.PRESERVE)
+
+
+def test_infercept_leaves_a_call_that_is_over_preserved_never_swapped():
+    """Remaining time 0 (the oracle's 1 s call started 5 s ago): w_p = 0, so its score is 0; it is
+    neither swapped out, though the budget is ample, nor discarded."""
+    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 64))
+    over = paused(sched, "over", 16, 1.0, start=0.0)
+    sched.schedule(5.0)
+    assert where(sched, over) == (4, 0, PauseMode.PRESERVE)
+    assert sched.num_discards == 0
+
+
+def test_infercept_victims_most_wasteful_first_ties_by_priority_time():
+    policy = InferCeptPolicy(HAND)
+    sched = scheduler(policy)
+    late_twin = paused(sched, "late-twin", 16, 10.0, arrival=2.0)   # score 0.28
+    big = paused(sched, "big", 24, 10.0, arrival=3.0)               # score 0.792
+    early_twin = paused(sched, "early-twin", 16, 10.0, arrival=1.0)  # score 0.28
+    small = paused(sched, "small", 8, 0.001, arrival=0.0)            # score 0.008
+    gone = paused(sched, "gone", 8, 10.0)
+    sched.discard_paused(gone)                                       # holds nothing: not a victim
+    assert policy.victims(0.0) == [big, early_twin, late_twin, small]
+
+
+# ------------------------------------------------------------------ static heuristics (spec 3.4)
+@pytest.mark.parametrize("variant, modes", [
+    ("H-S", ["preserve", "swap", "swap", "swap"]),           # swap from 4 s
+    ("H-D", ["preserve", "preserve", "preserve", "discard"]),   # discard from 7 s
+    ("H-B", ["preserve", "swap", "swap", "discard"]),        # preserve < 4, swap [4, 7), discard >= 7
+])
+def test_heuristic_thresholds_at_exactly_4_and_7_seconds(variant, modes):
+    policy = HeuristicPolicy(OracleEstimator(), variant)
+    scheduler(policy)
+    decided = []
+    for seconds in (3.999, 4.0, 6.999, 7.0):
+        request = Request("r", [5] * 4, SamplingParams(max_tokens=4), 0.0)
+        request.interceptions.append(Interception(("r", 0), 1.0, expected_duration=seconds))
+        decided.append(policy.on_pause(request, 1.0).value)
+    assert decided == modes
+
+
+# ------------------------------------------------------------------ the scheduler's own choices (spec 2.3)
+def test_running_requests_take_the_budget_oldest_first():
+    sched = scheduler(PreservePolicy(), budget=12)
+    new = running(sched, "new", 0, 10, arrival=2.0)     # listed first, arrived last
+    old = running(sched, "old", 0, 10, arrival=0.0)
+    out = sched.schedule()
+    assert [(s.request, s.num_query_tokens) for s in out.scheduled] == [(old, 10), (new, 2)]
+
+
+def test_out_of_blocks_preempts_the_newest_running_request():
+    # 3 usable device blocks, all held; a's next token needs a 2nd block
+    sched = scheduler(PreservePolicy(), device_blocks=4)
+    a = running(sched, "a", 4, 1, arrival=0.0)
+    b = running(sched, "b", 3, 1, arrival=1.0)
+    c = running(sched, "c", 3, 1, arrival=1.0)          # ties b; the larger id is the newer
+    out = sched.schedule()
+    assert out.preempted == [c] and c.status is RequestStatus.WAITING
+    assert [s.request for s in out.scheduled] == [a, b]
+    assert sched.blocks.num_blocks_of("a") == 2
+
+
+def test_preemption_never_takes_a_request_already_scheduled_this_step():
+    """`z` and `y` tie on priority_time; `z` (listed first) is scheduled first. When `y` then needs a
+    block, the newest by (priority_time, id) is `z`, but it already has its tokens: `y` yields."""
+    sched = scheduler(PreservePolicy(), device_blocks=4)
+    paused(sched, "p", 4, 10.0)                          # preserved: holds the 3rd block, no victim
+    z = running(sched, "z", 3, 1)
+    y = running(sched, "y", 4, 1)
+    out = sched.schedule()
+    assert [s.request for s in out.scheduled] == [z] and out.preempted == [y]
+    assert z.status is RequestStatus.RUNNING and y.status is RequestStatus.WAITING
+
+
+@pytest.mark.parametrize("policy, resumed_first", [(DiscardPolicy(), False), (ImprovedDiscardPolicy(), True)])
+def test_vllm_discard_requeues_at_the_back_improved_discard_keeps_arrival_priority(policy, resumed_first):
+    """Spec 3.1: vLLM's discard appends the resumed request like a new one (priority = resume time);
+    ImprovedDiscard keeps its original arrival priority."""
+    sched = scheduler(policy)
+    resumed = running(sched, "resumed", 8, 0, arrival=0.0)
+    sched.pause(resumed, Interception(("resumed", 0), 1.0, expected_duration=4.0), 1.0)
+    assert where(sched, resumed) == (0, 0, PauseMode.DISCARD)
+    newer = Request("newer", [5] * 4, SamplingParams(max_tokens=4), 3.0)
+    sched.add(newer, 3.0)
+    resumed.token_ids.append(7)
+    sched.resume(resumed, 5.0)
+    assert resumed.priority_time == (0.0 if resumed_first else 5.0)
+    order = [resumed, newer] if resumed_first else [newer, resumed]
+    assert policy.queue_order() == order
+
+
+# ------------------------------------------------------------------ no step over its budget (spec 2.3)
+class RecordingRunner(FakeRunner):
+    def __init__(self):
+        self.steps: list[tuple[int, int]] = []
+
+    def execute(self, output):
+        self.steps.append((sum(s.num_query_tokens for s in output.scheduled), len(output.scheduled)))
+        return super().execute(output)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_no_step_exceeds_the_token_budget_or_the_request_limit(policy):
+    now = [0.0]
+    runner = RecordingRunner()
+    engine = engine_with(runner, policy, profile=HAND, num_kv_blocks=24, num_host_blocks=16, max_num_seqs=3,
+                         max_model_len=64, clock=lambda: now[0])
+    # three of every four requests call a tool after 2 tokens, for 0.5, 1 or 1.5 s
+    for i in range(12):
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, intercept_after=2 if i % 4 else None)
+        engine.add_request([5] * (5 + 2 * i), params, hint=SegmentHint(call_duration=0.5 * (1 + i % 3)))
+    most_running = 0
+    for _ in range(300):
+        if not (engine.has_work() or engine.scheduler.paused):
+            break
+        now[0] += 0.5
+        for rid, request in list(engine.scheduler.paused.items()):
+            call = request.interceptions[-1]
+            if now[0] >= call.start_time + call.expected_duration:
+                engine.resume(rid, [7] * 3)
+        most_running = max(most_running, len(engine.scheduler.running))
+        engine.step()
+    assert all(r.status.finished for r in engine.requests.values())
+    assert max(tokens for tokens, _ in runner.steps) == 12      # busy: some steps fill the budget ...
+    assert max(n for _, n in runner.steps) == 3                 # ... and the request limit
+    if policy in ("preserve", "heuristic", "lamps"):
+        assert most_running > 3         # preserved requests resumed while others ran: more than can compute
+    assert all(tokens <= 12 and n <= 3 for tokens, n in runner.steps)
+
+
+# ------------------------------------------------------------------ block manager ends (spec 2.1)
+def test_swap_out_moves_the_last_device_blocks_and_swap_in_the_first_host_blocks():
+    bm = BlockManager(8, 4, num_host_blocks=8)
+    table = list(bm.ensure("s", 16))                    # logical blocks L0..L3
+    l0, l1, l2, l3 = table
+    first = bm.swap_out("s", 1)                         # L3 leaves
+    assert [d for d, _ in first] == [l3] and bm.tables["s"] == [l0, l1, l2]
+    second = bm.swap_out("s", 2)                        # then L1, L2
+    assert [d for d, _ in second] == [l1, l2] and bm.tables["s"] == [l0]
+    h1, h2 = (h for _, h in second)
+    h3 = first[0][1]
+    assert bm.host_tables["s"] == [h1, h2, h3]          # host part in logical order L1, L2, L3
+    back = bm.swap_in("s", 1)                           # L1 comes back first, after L0
+    assert [h for h, _ in back] == [h1]
+    assert bm.tables["s"] == [l0, back[0][1]] and bm.host_tables["s"] == [h2, h3]
+    bm.check_invariants()
