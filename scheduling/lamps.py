@@ -211,7 +211,8 @@ class LampsPolicy(Policy):
                 plan.queued_since = step + 1
         for request in (*self.view.swapped, *self.view.waiting):
             plan = self.plans[request.request_id]
-            if threshold is not None and plan.front_until <= step and step - plan.queued_since >= threshold:
+            # steps queued, this one included: the counter goes up before the sort that checks it
+            if threshold is not None and plan.front_until <= step and step - plan.queued_since + 1 >= threshold:
                 plan.front_until = step + quantum
                 plan.queued_since = plan.front_until
                 self.quanta_granted += 1

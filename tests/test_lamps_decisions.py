@@ -1,0 +1,149 @@
+"""LAMPS's decisions (spec 6.2-6.4): the victim order, the starvation threshold to the step, the score
+cache and the re-ranking interval, quantum holders at the front, and which blocked request stops the
+queue. Directly on the policy, with a Scheduler built around it (milliseconds)."""
+from __future__ import annotations
+
+from test_lamps import PROFILE, make_request, scheduler
+
+from scheduling.lamps import LampsOptions, LampsPolicy, Plan
+from scheduling.predictors import SegmentPrediction
+from scheduling.request import Interception, RequestStatus
+
+
+def lamps(**options) -> LampsPolicy:
+    return LampsPolicy(PROFILE, LampsOptions(**options))
+
+
+def hand_plans(policy: LampsPolicy, scores: dict[str, float]) -> None:
+    """Replace the plans' scores by hand and keep them: no re-scoring until step 1000."""
+    for rid, score in scores.items():
+        policy.plans[rid] = Plan(SegmentPrediction(2, None, 0), score=score)
+    policy.options = LampsOptions(rerank_interval=1000, starvation_threshold=None)
+    policy._step = 1
+
+
+def blocked_behind_a_full_batch(policy: LampsPolicy):
+    """A scheduler whose one seat is taken by a running request with nothing to compute, so the
+    queued requests stay queued and every step looks the same."""
+    sched = scheduler(policy, max_seqs=1)
+    seat = make_request("seat", 4)
+    sched.add(seat)
+    sched.schedule()                        # step 0: the seat is taken
+    seat.num_computed_tokens = seat.num_tokens
+    return sched
+
+
+# ------------------------------------------------------------------ victims (spec 6.2)
+def test_victims_largest_planned_waste_first_ties_by_priority_time():
+    policy = lamps()
+    sched = scheduler(policy)
+    wastes = {"small": (1.0, 0.0), "late-twin": (5.0, 2.0), "big": (9.0, 3.0), "early-twin": (5.0, 1.0), "gone": (99.0, 0.0)}
+    requests = {}
+    for rid, (waste, arrival) in wastes.items():
+        request = requests[rid] = make_request(rid, 8, arrival)
+        sched.add(request)
+        sched.blocks.ensure(rid, 8)
+        request.num_computed_tokens = 8
+        sched.waiting.remove(request)
+        sched.running.append(request)
+        sched.pause(request, Interception((rid, 0), 0.0), 0.0)
+        policy.plans[rid].waste = waste
+    sched.discard_paused(requests["gone"])     # holds no device block: not a victim
+    assert [r.request_id for r in policy.victims(0.0)] == ["big", "early-twin", "late-twin", "small"]
+
+
+# ------------------------------------------------------------------ starvation (spec 6.4)
+def test_starvation_quantum_comes_in_the_thresholdth_queued_step():
+    """Each step a queued request counts one more step; in the step its count reaches the threshold
+    it gets the quantum and sits at the front of that step's order (spec 6.4)."""
+    threshold = 3
+    policy = lamps(starvation_threshold=threshold, starvation_quantum=50)
+    sched = blocked_behind_a_full_batch(policy)     # step 0 is done
+    late = make_request("late", 4)
+    sched.add(late)                                 # queued from step 1 on
+    granted = []
+    for _ in range(threshold + 1):                  # steps 1 .. threshold + 1
+        sched.schedule()
+        granted.append(policy.is_starving(late))
+    assert late.status is RequestStatus.WAITING
+    assert granted == [False] * (threshold - 1) + [True, True]   # queued steps 1, 2: no; 3rd: yes
+    assert policy.quanta_granted == 1
+
+
+def test_a_quantum_lasts_exactly_its_steps():
+    policy = lamps(starvation_threshold=2, starvation_quantum=2)
+    sched = blocked_behind_a_full_batch(policy)
+    late = make_request("late", 4)
+    sched.add(late)
+    front = []
+    for _ in range(6):
+        sched.schedule()
+        front.append(policy.is_starving(late))
+    # counts queued step 1, granted in the 2nd for 2 steps; then counts again from 1 and is
+    # granted in its 2nd step after the quantum
+    assert front == [False, True, True, False, True, True] and policy.quanta_granted == 2
+
+
+def test_quantum_holders_go_first_oldest_first_whatever_their_scores():
+    policy = lamps()
+    sched = scheduler(policy)
+    for i, rid in enumerate(["cheap", "starving-new", "mid", "starving-old"]):
+        sched.waiting.append(make_request(rid, 4, arrival={"starving-old": -5.0}.get(rid, float(i))))
+    hand_plans(policy, {"cheap": 1.0, "starving-new": 90.0, "mid": 5.0, "starving-old": 99.0})
+    for rid in ("starving-new", "starving-old"):
+        policy.plans[rid].front_until = 10
+    assert [r.request_id for r in policy.queue_order()] == ["starving-old", "starving-new", "cheap", "mid"]
+
+
+# ------------------------------------------------------------------ the score cache and re-ranking (spec 6.5)
+def test_rescored_when_the_length_changed_cached_otherwise():
+    policy = lamps(starvation_threshold=None)
+    sched = blocked_behind_a_full_batch(policy)
+    queued = make_request("queued", 10)
+    sched.add(queued)
+    plan = policy.plans["queued"]
+    sched.schedule()
+    plan.score = -1.0
+    sched.schedule()                                # same length, same batch: the cached score stays
+    assert plan.score == -1.0
+    queued.token_ids.append(7)                      # a result appended: 11 tokens
+    sched.schedule()
+    assert plan.score == policy.score(queued, plan, 0, 4) != -1.0
+
+
+def test_rerank_only_every_k_steps():
+    policy = lamps(starvation_threshold=None, rerank_interval=3)
+    sched = blocked_behind_a_full_batch(policy)     # step 0 done
+    queued = make_request("queued", 10)
+    sched.add(queued)
+    plan = policy.plans["queued"]
+    rescored = []
+    for step in range(1, 8):
+        queued.token_ids.extend([7] * 4)            # a new block every step: the score changes
+        plan.score = -1.0
+        sched.schedule()
+        rescored.append((step, plan.score != -1.0))
+    assert [step for step, yes in rescored if yes] == [3, 6]
+
+
+# ------------------------------------------------------------------ a blocked head (scheduler + ranking)
+def _head_too_big_for_the_device(starving: bool):
+    policy = lamps()
+    # 2 usable device blocks: `big` needs 3 for its first 12-token chunk, `small` 1
+    sched = scheduler(policy, device_blocks=3)
+    big, small = make_request("big", 40, 0.0), make_request("small", 4, 1.0)
+    sched.waiting.extend([big, small])
+    hand_plans(policy, {"big": 1.0, "small": 2.0})   # big ranks first
+    if starving:
+        policy.plans["big"].front_until = 10
+    out = sched.schedule()
+    return [s.request.request_id for s in out.scheduled], big.status, small.status
+
+
+def test_a_starving_head_that_cannot_get_room_blocks_the_queue():
+    assert _head_too_big_for_the_device(starving=True) == ([], RequestStatus.WAITING, RequestStatus.WAITING)
+
+
+def test_a_non_starving_head_that_cannot_get_room_is_skipped():
+    assert _head_too_big_for_the_device(starving=False) == (["small"], RequestStatus.WAITING, RequestStatus.RUNNING)
+
