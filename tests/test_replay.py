@@ -141,3 +141,28 @@ def test_every_lamps_option_is_a_replay_flag_with_its_default():
                                                rerank_interval=3, swapped_first=True)
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--duration-predictor", "psychic"])
+
+
+def test_tpot_counts_from_the_first_token_without_the_call_time():
+    """Spec 5.1: TPOT = (end - first token - time in calls) / generated tokens."""
+    a = TraceRequest("a", 4, (Segment(2, api_time=1.0, api_token_length=3), Segment(2)))
+    b = TraceRequest("b", 4, (Segment(3),))
+    m = replay(simulated_engine(FLAT, "preserve"), [(0.0, a), (0.0, b)], window=100.0)
+    # the run of test_metrics_of_a_hand_made_two_request_run: both first tokens at 0.1;
+    # a ends at 1.4 after 1.0 s in its call, 4 generated: (1.4 - 0.1 - 1.0) / 4 = 0.075
+    # b ends at 0.3, 3 generated: (0.3 - 0.1) / 3
+    assert m["tpot"]["mean"] == pytest.approx((0.075 + 0.2 / 3) / 2)
+    assert m["tpot"]["p50"] == pytest.approx((0.075 + 0.2 / 3) / 2)
+
+
+@pytest.mark.parametrize("qps, window", [(1.0, 10.0), (0.1, 20.0)])
+@pytest.mark.parametrize("seed", range(10))
+def test_the_sample_covers_the_window(seed, qps, window):
+    """4 * qps * window keys (spec 1.3) outlast the window: the same draw over a longer window adds
+    arrivals only after the first window's end (had the keys run out, it would add some inside).
+    At 0.1 qps for 20 s, 8 keys for about 3 arrivals: half as many keys run out for some seeds."""
+    trace = generate_workload("qa", 10, seed=0)
+    short = sample_arrivals(trace, qps=qps, window=window, seed=seed)
+    longer = sample_arrivals(trace, qps=qps, window=100 * window, seed=seed)
+    assert short == [(t, r) for t, r in longer if t < window]
+    assert len(longer) > len(short)
