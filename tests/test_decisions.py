@@ -235,3 +235,101 @@ def test_swap_out_moves_the_last_device_blocks_and_swap_in_the_first_host_blocks
     assert [h for h, _ in back] == [h1]
     assert bm.tables["s"] == [l0, back[0][1]] and bm.host_tables["s"] == [h2, h3]
     bm.check_invariants()
+
+
+# ------------------------------------------------------------------ the other rules of spec 3
+def test_swap_baseline_moves_the_whole_context_or_keeps_it_without_host_room():
+    """Spec 3.3: the whole context goes out (in the step after the pause); if the host cannot take
+    it all, the request stays preserved (the chunk-fill scheduler's fallback), nothing moved."""
+    from scheduling.policies import SwapPolicy
+    roomy = scheduler(SwapPolicy(), host_blocks=16)
+    out_whole = paused(roomy, "r", 16, 5.0)
+    assert out_whole.pause_mode is PauseMode.SWAP
+    roomy.schedule(0.0)
+    assert where(roomy, out_whole) == (0, 4, PauseMode.SWAP)
+    cramped = scheduler(SwapPolicy(), host_blocks=3)
+    kept = paused(cramped, "r", 16, 5.0)
+    cramped.schedule(0.0)
+    assert where(cramped, kept) == (4, 0, PauseMode.PRESERVE)
+
+
+@pytest.mark.parametrize("mode, queue, status", [
+    (PauseMode.PRESERVE, "running", RequestStatus.RUNNING),
+    (PauseMode.SWAP, "swapped", RequestStatus.SWAPPED),
+    (PauseMode.DISCARD, "waiting", RequestStatus.WAITING),
+])
+def test_resume_queues_by_where_the_kv_is(mode, queue, status):
+    """Spec 3.5.2 item 7: preserved -> running, swapped -> swapped, discarded -> waiting."""
+    sched = scheduler(PreservePolicy())
+    request = paused(sched, "r", 8, 5.0)
+    if mode is PauseMode.SWAP:
+        sched.blocks.swap_out("r", 1)
+    elif mode is PauseMode.DISCARD:
+        sched.discard_paused(request)
+    request.token_ids.extend([7, 7])
+    sched.resume(request, 5.0)
+    assert request.status is status and getattr(sched, queue) == [request]
+
+
+def test_swapped_request_comes_back_from_the_front_within_the_swap_in_budget_and_computes_when_whole():
+    """Spec 3.5.2 item 5: chunked swap-in, n = min(budget, host blocks); the returned tokens are
+    computed only in the step the swap-in completes."""
+    policy = PreservePolicy()
+    policy.uses_host_pool = True
+    policy.swap_budget = lambda: (2, 0)
+    sched = scheduler(policy)
+    request = paused(sched, "r", 16, 5.0)
+    sched.blocks.swap_out("r", 3)                        # 1 block on the device, 3 on the host
+    request.token_ids.extend([7, 7])
+    sched.resume(request, 5.0)
+    first = sched.schedule(5.0)
+    assert len(first.swap_in) == 2 and first.scheduled == []
+    assert request.status is RequestStatus.SWAPPED and sched.blocks.num_host_blocks_of("r") == 1
+    second = sched.schedule(5.0)
+    assert len(second.swap_in) == 1 and [(s.request, s.num_query_tokens) for s in second.scheduled] == [(request, 2)]
+
+
+def test_fcfs_queue_head_that_cannot_get_room_blocks_the_ones_behind():
+    """Spec 2.3 / 3.5.1 item 5: first come, first served; a ranking policy skips (tests/test_lamps_decisions.py)."""
+    sched = scheduler(PreservePolicy(), device_blocks=3)   # 2 usable blocks; big's 12-token chunk needs 3
+    big = Request("big", [5] * 40, SamplingParams(max_tokens=4), 0.0)
+    small = Request("small", [5] * 4, SamplingParams(max_tokens=4), 1.0)
+    sched.add(big)
+    sched.add(small)
+    assert sched.schedule().scheduled == [] and small.status is RequestStatus.WAITING
+
+
+def test_paused_victims_give_up_memory_before_a_running_request_is_preempted():
+    """Spec 3.5.2 item 4: the paused victim is swapped out within the budget, else discarded; the
+    running requests keep their KV. The victim's call is over (score 0), so the step's plan leaves
+    it preserved and only the shortage moves it."""
+    for budget, expected in ((1, (0, 1, PauseMode.SWAP)), (0, (0, 0, PauseMode.DISCARD))):
+        sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), budget), device_blocks=4)
+        victim = paused(sched, "victim", 4, 1.0, start=0.0)
+        a = running(sched, "a", 4, 1)
+        b = running(sched, "b", 3, 1, arrival=1.0)        # the newest running request
+        out = sched.schedule(5.0)
+        assert out.preempted == [] and [s.request for s in out.scheduled] == [a, b]
+        assert where(sched, victim) == expected
+
+
+@pytest.mark.parametrize("swap_limit, recomputed", [(24.0, False), (1.0, True)])
+def test_active_discard_recomputes_the_oldest_swapped_only_when_cheaper_than_swapping_in(swap_limit, recomputed):
+    """Spec 3.5.2 item 1, generalized (InferCept._active_discard docstring): with nothing waiting, the
+    oldest swapped request is recomputed if a_f * C is below the swap-in time of its host part.
+    C = 16 tokens: 1 ms/token * 16 = 16 ms. 8 tokens on the host: with N(S) = 24 tokens per
+    22 ms step, 8 * 22/24 = 7.3 ms (swap in); with N(S) = 1, 8 * 22 = 176 ms (recompute)."""
+    import dataclasses
+    sched = scheduler(InferCeptPolicy(dataclasses.replace(HAND, swap_limit_tokens=swap_limit)))
+    old = paused(sched, "old", 16, 1.0, arrival=0.0)
+    new = paused(sched, "new", 16, 1.0, arrival=1.0)
+    for request in (old, new):
+        sched.blocks.swap_out(request.request_id, 2)
+        sched.resume(request, 1.0)
+    assert sched.swapped == [old, new]
+    sched.policy._active_discard()
+    assert (old.status is RequestStatus.WAITING) is recomputed
+    assert new.status is RequestStatus.SWAPPED
+    sched.add(Request("w", [5] * 4, SamplingParams(max_tokens=4), 2.0))
+    sched.policy._active_discard()                       # something waits: never
+    assert new.status is RequestStatus.SWAPPED
