@@ -7,7 +7,7 @@ from test_lamps import PROFILE, make_request, scheduler
 
 from scheduling.lamps import LampsOptions, LampsPolicy, Plan
 from scheduling.predictors import SegmentPrediction
-from scheduling.request import Interception, RequestStatus
+from scheduling.request import Interception, PauseMode, RequestStatus
 
 
 def lamps(**options) -> LampsPolicy:
@@ -147,3 +147,47 @@ def test_a_starving_head_that_cannot_get_room_blocks_the_queue():
 def test_a_non_starving_head_that_cannot_get_room_is_skipped():
     assert _head_too_big_for_the_device(starving=False) == (["small"], RequestStatus.WAITING, RequestStatus.RUNNING)
 
+
+
+def test_running_without_a_quantum_restarts_the_count():
+    """Spec 6.4: a running request without a quantum has its counter reset."""
+    policy = lamps(starvation_threshold=3, starvation_quantum=50)
+    sched = blocked_behind_a_full_batch(policy)
+    late = make_request("late", 4)
+    sched.add(late)
+    sched.schedule()
+    sched.schedule()                                # queued 2 steps: one short of the threshold
+    sched.waiting.remove(late)                      # it runs one step ...
+    sched.running.append(late)
+    late.status = RequestStatus.RUNNING
+    sched.schedule()
+    sched.running.remove(late)                      # ... and is queued again (preempted)
+    sched.waiting.append(late)
+    late.status = RequestStatus.WAITING
+    granted = []
+    for _ in range(3):
+        sched.schedule()
+        granted.append(policy.is_starving(late))
+    assert granted == [False, False, True]
+
+
+def test_a_planned_swap_moves_blocks_within_each_steps_budget():
+    """Spec 6.2 (swap within the step's budget, lamps.py docstring): a request planned for SWAP is
+    swapped out over as many steps as the budget takes."""
+    policy = lamps()
+    policy.swap_budget = lambda: (0, 2)
+    sched = scheduler(policy)
+    request = make_request("r", 16)
+    sched.add(request)                              # planned at arrival
+    sched.waiting.remove(request)                   # then ran: 16 tokens of KV, 4 blocks
+    sched.running.append(request)
+    request.status = RequestStatus.RUNNING
+    sched.blocks.ensure("r", 16)
+    request.num_computed_tokens = 16
+    policy.plans["r"].mode = PauseMode.SWAP
+    sched.pause(request, Interception(("r", 0), 0.0), 0.0)
+    held = []
+    for _ in range(3):
+        sched.schedule()
+        held.append((sched.blocks.num_blocks_of("r"), sched.blocks.num_host_blocks_of("r")))
+    assert held == [(2, 2), (0, 4), (0, 4)]
