@@ -37,6 +37,16 @@ def test_noisy_oracle_factor_fixed_per_call_and_seeded():
     assert est.remaining(call(expected=None), now=11.0) == 0.0
 
 
+def test_noisy_oracle_default_seed_and_a_fresh_draw_after_the_call_ends():
+    est = NoisyOracleEstimator(relative_error=0.5)
+    draws = random.Random(0)                                        # the default seed is 0
+    c = call()
+    assert est.factor(c) == draws.uniform(0.5, 1.5)
+    est.observe(call(1))                                            # a call it never saw: no error
+    est.observe(c)                                                  # forgets c's factor ...
+    assert est.factor(c) == draws.uniform(0.5, 1.5)                 # ... so the next one is a new draw
+
+
 def test_noisy_oracle_bounds_and_clamping():
     est = NoisyOracleEstimator(relative_error=2.0, seed=0)   # factors from [-1, 3], clamped at 0
     factors = [est.factor(call(i)) for i in range(200)]
@@ -48,6 +58,7 @@ def test_noisy_oracle_bounds_and_clamping():
 
 
 def test_tool_mean_updates():
+    assert ToolMeanEstimator().mean("search") == 1.0                # the default prior
     est = ToolMeanEstimator(prior_s=2.0)
     assert est.remaining(call(), now=10.5) == pytest.approx(1.5)   # prior 2 - 0.5
     for i, duration in enumerate([4.0, 6.0]):

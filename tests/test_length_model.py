@@ -13,8 +13,10 @@ import pytest
 from infercept_jax.cli import main
 from infercept_jax.experiments.length_training import segment_examples
 from infercept_jax.experiments.workload import Segment, TraceRequest, generate_workload, save_trace
-from scheduling.length_model import (NUM_BINS, NUM_FEATURES, LengthModel, SegmentFeatures, evaluate,
-                                     length_bin, split)
+from scheduling.length_model import (NUM_BINS, NUM_FEATURES, LengthModel, SegmentFeatures, _active_columns,
+                                     evaluate, length_bin, split)
+from scheduling.predictors import segment_features
+from scheduling.request import Interception, Request
 
 
 def two_kinds(n: int, seed: int = 0) -> tuple[list[SegmentFeatures], list[int]]:
@@ -51,9 +53,81 @@ def test_learns_lengths_that_depend_on_context_on_held_out_examples():
     assert stats["bin_accuracy"] == stats["within_one_bin"] == 1.0 and stats["mae_tokens"] == 5.0
 
 
+def test_active_columns_of_hand_made_features():
+    # Group offsets 0, 32, 48, 80, 112, 368 (half-octaves of context, calls, half-octaves of the last
+    # output and of the last result, context octave x calls, last output octave x last result octave).
+    # 300 tokens: 2*log2(301) = 16.5 -> 16, octave 9; 6: 2*log2(7) = 5.6 -> 5, octave 3;
+    # 42: 2*log2(43) = 10.8 -> 10, octave 6; calls 2.
+    assert _active_columns(SegmentFeatures(300, 2, 6, 42)) == [16, 34, 53, 90, 112 + 9 * 16 + 2, 368 + 3 * 16 + 6]
+    # 1 token: 2*log2(2) = 2, octave 1; 0 tokens: 0, octave 0.
+    assert _active_columns(SegmentFeatures(1, 0, 1, 0)) == [2, 32, 50, 80, 112 + 16, 368 + 16]
+    # Past the last column every group clamps: half-octave 31, 15 calls, octave 15.
+    big = 10 ** 6
+    assert _active_columns(SegmentFeatures(big, 40, big, big)) == [31, 47, 79, 111, 112 + 15 * 16 + 15, 368 + 255]
+
+
+def reference_fit(features, lengths, seed=0, epochs=30, batch_size=256, learning_rate=0.02, l2=1e-4):
+    """The documented training rule written the plain way: dense one-hot inputs, matrix products and
+    the textbook Adam update (first and second moments with bias correction)."""
+    x = np.zeros((len(features), NUM_FEATURES))
+    for i, f in enumerate(features):
+        x[i, _active_columns(f)] = 1.0
+    y = np.minimum(np.array(lengths) // 10, NUM_BINS - 1)
+    counts = np.bincount(y, minlength=NUM_BINS) + 1.0
+    w, b = np.zeros((NUM_FEATURES, NUM_BINS)), np.log(counts / counts.sum())
+    moments = {"w": [np.zeros_like(w), np.zeros_like(w)], "b": [np.zeros_like(b), np.zeros_like(b)]}
+    rng, t = np.random.default_rng(seed), 0
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        for start in range(0, len(y), batch_size):
+            rows = order[start:start + batch_size]
+            z = x[rows] @ w + b
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            p[np.arange(len(rows)), y[rows]] -= 1.0
+            p /= len(rows)
+            t += 1
+            for name, param, g in (("w", w, x[rows].T @ p + l2 * w), ("b", b, p.sum(axis=0))):
+                m, v = moments[name]
+                m[:] = 0.9 * m + 0.1 * g
+                v[:] = 0.999 * v + 0.001 * g * g
+                param -= learning_rate * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    return w, b
+
+
+def test_fit_with_its_defaults_matches_a_plain_reference():
+    # 600 examples: batches of 256, 256 and 88; lengths of 0 (allowed) and past the last bin.
+    features, lengths = two_kinds(600, seed=5)
+    lengths = [0 if i % 50 == 0 else 1000 if i % 70 == 0 else n for i, n in enumerate(lengths)]
+    model = LengthModel.fit(features, lengths)
+    w, b = reference_fit(features, lengths)
+    assert np.allclose(model.weights, w, rtol=1e-9, atol=1e-12)
+    for f in features[:20]:
+        z = w[_active_columns(f)].sum(axis=0) + b
+        assert np.allclose(model.probabilities(f), np.exp(z - z.max()) / np.exp(z - z.max()).sum(),
+                           rtol=1e-9, atol=1e-15)
+
+
+def test_probabilities_do_not_overflow_on_large_logits():
+    bias = np.zeros(NUM_BINS)
+    bias[3] = 800.0                                       # exp(800) alone is inf
+    model = LengthModel(np.zeros((NUM_FEATURES, NUM_BINS)), bias)
+    probs = model.probabilities(SegmentFeatures(10, 0, 0, 0))
+    assert np.isfinite(probs).all() and probs[3] == pytest.approx(1.0)
+    assert model.predict(SegmentFeatures(10, 0, 0, 0)) == 35
+
+
+def test_model_shape_is_checked_for_weights_and_bias_alone():
+    with pytest.raises(ValueError, match="shape"):
+        LengthModel(np.zeros((3, NUM_BINS)), np.zeros(NUM_BINS))
+    with pytest.raises(ValueError, match="shape"):
+        LengthModel(np.zeros((NUM_FEATURES, NUM_BINS)), np.zeros(3))
+
+
 def test_predicts_the_median_bin_not_the_most_likely_one():
     model = constant_model({0: 0.4, 5: 0.35, 9: 0.25})
     assert model.predict(SegmentFeatures(100, 0, 0, 0)) == 55
+    assert type(model.predict(SegmentFeatures(100, 0, 0, 0))) is int
     assert model.probabilities(SegmentFeatures(100, 0, 0, 0))[[0, 5, 9]] == pytest.approx([0.4, 0.35, 0.25])
 
 
@@ -82,6 +156,7 @@ def test_save_and_load_give_the_same_predictions(tmp_path):
     model.save(path)
     data = json.loads(path.read_text())
     assert data["format"] == "infercept-length-model" and data["version"] == 1
+    assert data["num_bins"] == NUM_BINS == 50 and data["bin_tokens"] == 10
     loaded = LengthModel.load(path)
     assert np.array_equal(loaded.weights, model.weights) and np.array_equal(loaded.bias, model.bias)
     assert [loaded.predict(f) for f in features] == [model.predict(f) for f in features]
@@ -101,6 +176,14 @@ def test_load_rejects_a_file_that_is_not_a_model(tmp_path, content, message):
         LengthModel.load(path)
 
 
+def test_load_reads_integer_weights_as_floats(tmp_path):
+    path = tmp_path / "ints.json"
+    path.write_text(json.dumps({"format": "infercept-length-model", "version": 1,
+                                "weights": [[0] * NUM_BINS] * NUM_FEATURES, "bias": [0] * NUM_BINS}))
+    model = LengthModel.load(path)
+    assert model.weights.dtype == model.bias.dtype == np.float64
+
+
 def test_evaluate_on_a_hand_made_case():
     model = constant_model({2: 1.0})                      # always 25 tokens (bin 2)
     features = [SegmentFeatures(i, 0, 0, 0) for i in range(4)]
@@ -115,6 +198,37 @@ def test_split_is_a_deterministic_partition():
     assert (train, test) == split(100, test_fraction=0.2, seed=1) != split(100, test_fraction=0.2, seed=2)
     with pytest.raises(ValueError, match="test_fraction"):
         split(10, test_fraction=1.0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        split(10, test_fraction=0.0)
+    assert split(10) == split(10, test_fraction=0.2, seed=0)
+
+
+def test_split_keeps_one_item_on_each_side():
+    assert [len(part) for part in split(2)] == [1, 1]
+    assert [len(part) for part in split(3, test_fraction=0.1)] == [2, 1]    # rounds to 0, at least 1
+    assert [len(part) for part in split(3, test_fraction=0.9)] == [1, 2]    # rounds to 3, at most n - 1
+    assert [len(part) for part in split(2, test_fraction=0.9)] == [1, 1]
+    with pytest.raises(ValueError, match="at least 2"):
+        split(1)
+
+
+def test_evaluate_rejects_mismatched_or_empty_input():
+    model = constant_model({2: 1.0})
+    with pytest.raises(ValueError, match="as many lengths"):
+        evaluate(model, [SegmentFeatures(1, 0, 0, 0)], [1, 2])
+    with pytest.raises(ValueError, match="as many lengths"):
+        evaluate(model, [], [])
+
+
+def test_segment_features_of_a_request():
+    request = Request("r", list(range(7)), sampling=None, arrival_time=0.0)
+    assert segment_features(request) == SegmentFeatures(7, 0, 0, 0)
+    request.interceptions = [Interception(("r", i), float(i), segment_tokens=n, result_tokens=r)
+                             for i, (n, r) in enumerate([(5, 3), (6, 2), (9, None)])]
+    request.token_ids = list(range(30))
+    assert segment_features(request) == SegmentFeatures(30, 3, 9, 0)        # the last call; no result yet
+    request.interceptions[-1].result_tokens = 4
+    assert segment_features(request) == SegmentFeatures(30, 3, 9, 4)
 
 
 def test_segment_examples_of_a_hand_made_trace():
