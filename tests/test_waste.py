@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from scheduling.accounting import WasteMeter
 from scheduling.profile import PAPER_PROFILES, HardwareProfile, _paper_swap_limit, load_profile
 from scheduling.waste import (SwapBudget, chunked_discard_waste, discard_waste, preserve_waste,
                               swap_budget, swap_waste)
@@ -147,3 +148,23 @@ def test_swap_budget_host_room():
     assert swap_budget(0, 0, GPTJ, 64) == SwapBudget(in_blocks=1, out_blocks=1)
     # 13B, F = 0: in = 0; out = 318.7784 limited to 128 host tokens -> 2 blocks
     assert swap_budget(0, 128, VICUNA, 64) == SwapBudget(in_blocks=0, out_blocks=2)
+
+
+# --- accounting ------------------------------------------------------------------------------
+
+def test_waste_meter_summary_by_hand():
+    meter = WasteMeter(pool_tokens=100, seconds=2.0, steps=3, preserve_token_s=20.0, recompute_token_s=10.0,
+                       swap_stall_token_s=4.0, recompute_tokens=7, recompute_seconds=0.5,
+                       swap_stall_seconds=0.25, swap_out_blocks=2, swap_in_blocks=1, preemptions=1)
+    # the pool holds 100 tokens for 2 s = 200 token-seconds
+    assert meter.summary() == {
+        "waste_preserve_pct": 10.0, "waste_recompute_pct": 5.0, "waste_swap_stall_pct": 2.0,
+        "waste_total_pct": 17.0, "seconds": 2.0, "steps": 3, "recompute_tokens": 7,
+        "recompute_seconds": 0.5, "swap_stall_seconds": 0.25, "swap_out_blocks": 2, "swap_in_blocks": 1,
+        "preemptions": 1}
+
+
+def test_waste_meter_summary_before_any_step_is_zero():
+    summary = WasteMeter(pool_tokens=100).summary()
+    assert [summary[k] for k in ("waste_preserve_pct", "waste_recompute_pct", "waste_swap_stall_pct",
+                                 "waste_total_pct")] == [0.0] * 4
