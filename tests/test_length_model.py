@@ -108,6 +108,15 @@ def test_fit_with_its_defaults_matches_a_plain_reference():
                            rtol=1e-9, atol=1e-15)
 
 
+def test_fit_stays_finite_when_logits_grow_large():
+    # A learning rate of 500 moves weights by hundreds a step, so logits reach the hundreds and more:
+    # the softmax must subtract each row's maximum before exponentiating.
+    features, lengths = two_kinds(300)
+    model = LengthModel.fit(features, lengths, learning_rate=500.0, epochs=5, batch_size=64)
+    assert np.isfinite(model.weights).all() and np.isfinite(model.bias).all()
+    assert np.abs(model.weights).max() > 300
+
+
 def test_probabilities_do_not_overflow_on_large_logits():
     bias = np.zeros(NUM_BINS)
     bias[3] = 800.0                                       # exp(800) alone is inf
