@@ -58,3 +58,19 @@ def test_padding_block_is_never_handed_out():
     assert sorted(bm.ensure("a", 16)) == [1, 2, 3, 4]
     with pytest.raises(OutOfBlocks):
         bm.ensure("b", 1)
+
+
+def test_swap_of_zero_blocks_or_an_unknown_sequence_is_refused():
+    bm = BlockManager(8, 4, num_host_blocks=8)
+    bm.ensure("a", 12)                                   # 3 device blocks
+    for bad in (lambda: bm.swap_out("a", 0), lambda: bm.swap_out("a", 4), lambda: bm.swap_out("nobody", 1),
+                lambda: bm.swap_in("a", 1)):             # nothing of "a" on the host yet
+        with pytest.raises(ValueError, match="cannot swap"):
+            bad()
+    assert bm.num_blocks_of("a") == 3 and bm.num_host_blocks_of("a") == 0
+    bm.swap_out("a", 2)
+    for bad in (lambda: bm.swap_in("a", 0), lambda: bm.swap_in("a", 3), lambda: bm.swap_in("nobody", 1)):
+        with pytest.raises(ValueError, match="cannot swap"):
+            bad()
+    assert (bm.num_blocks_of("a"), bm.num_host_blocks_of("a")) == (1, 2)
+    bm.check_invariants()
