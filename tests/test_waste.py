@@ -26,14 +26,17 @@ def test_paper_profiles_constants():
     assert GPTJ.swap_limit_tokens == pytest.approx(605.5, abs=0.1)
     # 13B: N = (1 - 2*0.3297)*384 + 2*93.994 = 130.7904 + 187.988 = 318.7784
     assert VICUNA.swap_limit_tokens == pytest.approx(318.8, abs=0.1)
-    # The same rule called directly: PAPER_PROFILES is built at import, before a mutation test
-    # switches a mutant on, so only a call at test time sees a change to it.
-    assert _paper_swap_limit(0.00462, 108.99, 384) == pytest.approx(605.52816)
-    assert _paper_swap_limit(-0.3297, 93.994, 384) == pytest.approx(318.7784)
     assert GPTJ.kv_bytes_per_token == 458_752        # 2*28*4096*2
     assert VICUNA.kv_bytes_per_token == 819_200      # 2*40*5120*2
     assert (GPTJ.block_size, VICUNA.block_size) == (64, 64)
     assert all(name == p.name for name, p in PAPER_PROFILES.items())
+
+
+def test_paper_swap_limit_rule():
+    # The rule behind the two constants above, called at test time: PAPER_PROFILES is built at
+    # import, before mutation testing switches a mutant on, so only a call here sees a change.
+    assert _paper_swap_limit(0.00462, 108.99, 384) == pytest.approx(605.52816)
+    assert _paper_swap_limit(-0.3297, 93.994, 384) == pytest.approx(318.7784)
 
 
 def test_fwd_seconds():
