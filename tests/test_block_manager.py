@@ -74,3 +74,16 @@ def test_swap_of_zero_blocks_or_an_unknown_sequence_is_refused():
             bad()
     assert (bm.num_blocks_of("a"), bm.num_host_blocks_of("a")) == (1, 2)
     bm.check_invariants()
+
+
+def test_swap_returns_the_copies_in_order_and_a_whole_sequence_round_trips():
+    bm = BlockManager(8, 4, num_host_blocks=8)
+    assert bm.ensure("a", 12) == [1, 2, 3]
+    assert bm.swap_out("a", 1) == [(3, 0)]               # the last device block to the first host block
+    assert bm.swap_out("a", 2) == [(1, 1), (2, 2)]       # the rest goes in front of it on the host
+    assert bm.host_tables["a"] == [1, 2, 0] and bm.num_blocks_of("a") == 0
+    # the first host blocks come back first, to the oldest free device blocks (3, 1, 2 were freed last)
+    assert bm.swap_in("a", 2) == [(1, 4), (2, 5)]
+    assert bm.swap_in("a", 1) == [(0, 6)]
+    assert bm.tables["a"] == [4, 5, 6] and bm.num_host_blocks_of("a") == 0
+    bm.check_invariants()

@@ -171,3 +171,30 @@ def test_waste_meter_summary_before_any_step_is_zero():
     summary = WasteMeter(pool_tokens=100).summary()
     assert [summary[k] for k in ("waste_preserve_pct", "waste_recompute_pct", "waste_swap_stall_pct",
                                  "waste_total_pct")] == [0.0] * 4
+
+
+def test_waste_meter_record_by_hand():
+    from types import SimpleNamespace as NS
+
+    from kvcache.block_manager import BlockManager
+    blocks = BlockManager(16, 4)
+    blocks.ensure("p", 8)                                            # a paused request holds 2 blocks
+    sched = NS(blocks=blocks, paused={"p": NS(request_id="p")})
+    # two scheduled requests: 10 computed + 6 new tokens, 4 of them (10..13) recomputed; 20 + 2, none
+    a = NS(request=NS(num_computed_tokens=10, recompute_until=14), num_query_tokens=6)
+    b = NS(request=NS(num_computed_tokens=20, recompute_until=5), num_query_tokens=2)
+    out = NS(scheduled=[a, b], num_tokens=8, swap_out=[(1, 0)], swap_in=[], preempted=["x", "y"])
+    meter = WasteMeter(pool_tokens=60)
+    meter.record(sched, out, seconds=2.0, stall_seconds=0.5)
+    meter.record(sched, out, seconds=2.0, stall_seconds=0.5)
+    s = meter.summary()
+    # each step: paused 8 tokens x 2 s = 16; recompute 2 s x 4/8 = 1 s x batch (16 + 22) = 38;
+    # stall 0.5 s x 38 = 19; the pool is 60 tokens x 4 s = 240 token-seconds
+    assert (s["seconds"], s["steps"], s["recompute_tokens"], s["recompute_seconds"]) == (4.0, 2, 8, 2.0)
+    assert s["waste_preserve_pct"] == pytest.approx(100 * 32 / 240)
+    assert s["waste_recompute_pct"] == pytest.approx(100 * 76 / 240)
+    assert s["waste_swap_stall_pct"] == pytest.approx(100 * 38 / 240)
+    assert (s["swap_stall_seconds"], s["swap_out_blocks"], s["swap_in_blocks"], s["preemptions"]) == (1.0, 2, 0, 4)
+    empty = NS(scheduled=[], num_tokens=0, swap_out=[], swap_in=[], preempted=[])
+    meter.record(sched, empty, seconds=1.0, stall_seconds=0.0)      # a step with nothing scheduled
+    assert meter.summary()["recompute_seconds"] == 2.0 and meter.steps == 3
