@@ -87,3 +87,16 @@ def test_swap_returns_the_copies_in_order_and_a_whole_sequence_round_trips():
     assert bm.swap_in("a", 1) == [(0, 6)]
     assert bm.tables["a"] == [4, 5, 6] and bm.num_host_blocks_of("a") == 0
     bm.check_invariants()
+
+
+def test_pool_sizes_and_what_a_partly_swapped_sequence_may_do():
+    assert BlockManager(2, 4).device.capacity == 1              # the smallest pool: 1 block + padding
+    assert BlockManager(4, 4).host.capacity == 0                # no host pool unless asked for
+    bm = BlockManager(8, 4, num_host_blocks=4)
+    with pytest.raises(RuntimeError, match="double free"):
+        bm.device.free([5])                                     # never handed out
+    bm.ensure("a", 12)
+    bm.swap_out("a", 1)                                         # 2 blocks on the device, 1 on the host
+    assert bm.blocks_needed("a", 16) == 1 and bm.blocks_needed("a", 12) == 0
+    with pytest.raises(RuntimeError, match="host pool"):
+        bm.ensure("a", 16)

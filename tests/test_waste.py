@@ -183,7 +183,8 @@ def test_waste_meter_record_by_hand():
     # two scheduled requests: 10 computed + 6 new tokens, 4 of them (10..13) recomputed; 20 + 2, none
     a = NS(request=NS(num_computed_tokens=10, recompute_until=14), num_query_tokens=6)
     b = NS(request=NS(num_computed_tokens=20, recompute_until=5), num_query_tokens=2)
-    out = NS(scheduled=[a, b], num_tokens=8, swap_out=[(1, 0)], swap_in=[], preempted=["x", "y"])
+    out = NS(scheduled=[a, b], num_tokens=8, swap_out=[(1, 0)], swap_in=[(2, 3), (4, 5), (6, 7)],
+             preempted=["x", "y"])
     meter = WasteMeter(pool_tokens=60)
     meter.record(sched, out, seconds=2.0, stall_seconds=0.5)
     meter.record(sched, out, seconds=2.0, stall_seconds=0.5)
@@ -194,7 +195,7 @@ def test_waste_meter_record_by_hand():
     assert s["waste_preserve_pct"] == pytest.approx(100 * 32 / 240)
     assert s["waste_recompute_pct"] == pytest.approx(100 * 76 / 240)
     assert s["waste_swap_stall_pct"] == pytest.approx(100 * 38 / 240)
-    assert (s["swap_stall_seconds"], s["swap_out_blocks"], s["swap_in_blocks"], s["preemptions"]) == (1.0, 2, 0, 4)
+    assert (s["swap_stall_seconds"], s["swap_out_blocks"], s["swap_in_blocks"], s["preemptions"]) == (1.0, 2, 6, 4)
     empty = NS(scheduled=[], num_tokens=0, swap_out=[], swap_in=[], preempted=[])
     meter.record(sched, empty, seconds=1.0, stall_seconds=0.0)      # a step with nothing scheduled
     assert meter.summary()["recompute_seconds"] == 2.0 and meter.steps == 3
