@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from infercept_jax.experiments.sweeps import run_replays
+from infercept_jax.experiments.sweeps import format_or_dash, run_replays
 from infercept_jax.experiments.workload import TraceRequest
 from scheduling.profile import HardwareProfile
 
@@ -84,7 +84,8 @@ def sweep(trace, make_engine, policies: list[str], rates: list[float], window: f
     def run(policy_list, qps):
         runs = run_replays(trace, make_engine, policy_list, [qps], window, seed=seed, show_progress=False)
         for r in runs:
-            print(f"  {r['policy']:16} {qps:8.3g} req/s  norm. latency {_num(r['normalized_latency']['mean'], '.4f')} "
+            latency = format_or_dash(r['normalized_latency']['mean'], '.4f')
+            print(f"  {r['policy']:16} {qps:8.3g} req/s  norm. latency {latency} "
                   f"s/token  finished {r['num_finished']}/{r['num_submitted']}", flush=True)
         return runs
 
@@ -103,7 +104,8 @@ def format_compare(rows: list[dict], column: str) -> str:
              "rate | memory waste % at discard's rate |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['setup']} | {r['policy']} | {r['sustainable_rps']:.3g} | {_gain(r['gain'])} | "
-                     f"{_num(r['latency_at_baseline'], '.4f')} | {_num(r['waste_at_baseline'], '.1f')} |")
+                     f"{format_or_dash(r['latency_at_baseline'], '.4f')} | "
+                     f"{format_or_dash(r['waste_at_baseline'], '.1f')} |")
     lines.append("\n∞: discard sustains no swept rate, the policy does; –: neither does (or no run at that rate).")
     return "\n".join(lines)
 
@@ -138,7 +140,3 @@ def plot_gains(rows: list[dict], path: str, column: str) -> None:
 
 def _gain(g: float | None) -> str:
     return "–" if g is None else "∞" if math.isinf(g) else f"{g:.2f}x"
-
-
-def _num(x: float | None, spec: str) -> str:
-    return "–" if x is None else format(x, spec)

@@ -93,16 +93,22 @@ def run_replays(trace: dict[str, TraceRequest], make_engine: Callable[[str], Eng
     return results
 
 
+def format_or_dash(x: float | None, spec: str) -> str:
+    """A table cell: `x` formatted, or "–" when there is no value."""
+    return "–" if x is None else format(x, spec)
+
+
 def format_table(results: list[dict]) -> str:
     """A markdown table of the headline metrics of each run."""
     head = ("| policy | req/s | submitted | finished | norm. latency mean s/tok | p99 | TTFT mean s | "
             "completed req/s | memory waste % | recompute tokens | swapped out blocks |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    fmt = lambda x, spec: "–" if x is None else format(x, spec)  # noqa: E731
     for r in results:
         lines.append(f"| {r['policy']} | {r['qps']:g} | {r['num_submitted']} | {r['num_finished']} | "
-                     f"{fmt(r['normalized_latency']['mean'], '.3f')} | {fmt(r['normalized_latency']['p99'], '.3f')} | "
-                     f"{fmt(r['ttft']['mean'], '.2f')} | {r['completed_rps']:.3f} | {r['memory_waste_pct']:.1f} | "
+                     f"{format_or_dash(r['normalized_latency']['mean'], '.3f')} | "
+                     f"{format_or_dash(r['normalized_latency']['p99'], '.3f')} | "
+                     f"{format_or_dash(r['ttft']['mean'], '.2f')} | {r['completed_rps']:.3f} | "
+                     f"{r['memory_waste_pct']:.1f} | "
                      f"{r['recompute_tokens']:,} | {r['swap_out_blocks']:,} |")
     return "\n".join(lines)
 
