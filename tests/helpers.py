@@ -11,9 +11,12 @@ import numpy as np
 from infercept_jax.build import build_engine
 from infercept_jax.config import EngineConfig
 from infercept_jax.engine import Engine
+from kvcache.block_manager import BlockManager
 from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
 from models.llama import Llama
 from models.spec import ModelSpec, RopeScaling
+from scheduling.profile import HardwareProfile
+from scheduling.scheduler import Scheduler, SchedulerConfig
 
 LLAMA3_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                              original_max_position_embeddings=64)
@@ -128,3 +131,15 @@ def engine_with(runner, policy: str = "preserve", *, num_kv_blocks: int, block_s
                                       max_model_len=max_model_len, warmup=False, compile_cache=False, **options)
     return build_engine(config, lambda *_: runner, kv_bytes_per_token=64, vocab_size=vocab_size,
                         model_max_len=max_model_len, eos_token_ids=eos_token_ids, tokenizer=tokenizer, clock=clock)
+
+
+# T_fwd(x) = (x + 10) ms, S = 12: a saturated step takes 22 ms. N(S) = 24 tokens per step, so one
+# token one way takes 22/24 ms. The hand-computed values of the scheduling tests use it.
+HAND_PROFILE = HardwareProfile(name="hand", fwd_ms_per_token=1.0, fwd_base_ms=10.0, saturation_tokens=12,
+                               swap_limit_tokens=24.0, kv_bytes_per_token=64, block_size=4)
+
+
+def scheduler_with(policy, device_blocks: int = 64, host_blocks: int = 16, budget: int = 12,
+                   max_seqs: int = 8) -> Scheduler:
+    """A scheduler around `policy` on pools of 4-token blocks, without an engine."""
+    return Scheduler(SchedulerConfig(budget, max_seqs), BlockManager(device_blocks, 4, host_blocks), policy)

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import FakeRunner, engine_with
+from helpers import HAND_PROFILE, FakeRunner, engine_with
 from infercept_jax import SamplingParams
 from infercept_jax.config import EngineConfig
 from scheduling.lamps import LampsOptions
-from scheduling.profile import HardwareProfile
 from scheduling.request import RequestStatus, SegmentHint
-
-PROFILE = HardwareProfile(name="hand", fwd_ms_per_token=1.0, fwd_base_ms=10.0, saturation_tokens=12,
-                          swap_limit_tokens=24.0, kv_bytes_per_token=64, block_size=4)
 
 
 @pytest.mark.parametrize("policy", ["preserve", "infercept", "lamps"])
 def test_the_profile_is_the_one_source_of_the_step_budget(policy):
-    engine = engine_with(FakeRunner(), policy, profile=PROFILE, num_kv_blocks=32, num_host_blocks=8)
+    engine = engine_with(FakeRunner(), policy, profile=HAND_PROFILE, num_kv_blocks=32, num_host_blocks=8)
     assert engine.scheduler.config.max_num_batched_tokens == engine.config.max_num_batched_tokens == 12
-    agreeing = engine_with(FakeRunner(), policy, profile=PROFILE, num_kv_blocks=32, num_host_blocks=8,
+    agreeing = engine_with(FakeRunner(), policy, profile=HAND_PROFILE, num_kv_blocks=32, num_host_blocks=8,
                            max_num_batched_tokens=12)
     assert agreeing.scheduler.config.max_num_batched_tokens == 12
     with pytest.raises(ValueError, match="max_num_batched_tokens=16 disagrees .* S is 12"):
-        engine_with(FakeRunner(), policy, profile=PROFILE, num_kv_blocks=32, num_host_blocks=8,
+        engine_with(FakeRunner(), policy, profile=HAND_PROFILE, num_kv_blocks=32, num_host_blocks=8,
                     max_num_batched_tokens=16)
 
 
@@ -37,7 +33,7 @@ def test_without_a_profile_the_budget_option_is_s_for_the_scheduler_and_the_poli
 
 def test_the_policy_owns_its_estimator_and_learns_when_a_call_returns():
     now = [0.0]
-    engine = engine_with(FakeRunner(), "infercept", profile=PROFILE, estimator="tool-mean", num_kv_blocks=32,
+    engine = engine_with(FakeRunner(), "infercept", profile=HAND_PROFILE, estimator="tool-mean", num_kv_blocks=32,
                          num_host_blocks=8, clock=lambda: now[0])
     estimator = engine.scheduler.policy.estimator
     assert estimator.mean("search") == estimator.prior_s
@@ -57,7 +53,7 @@ def test_lamps_options_are_one_nested_object():
         EngineConfig.from_kwargs(lamps={"threshold": 5})
     with pytest.raises(ValueError, match="lamps must be LampsOptions"):
         EngineConfig(lamps=0.2)
-    engine = engine_with(FakeRunner(), "lamps", profile=PROFILE, num_kv_blocks=32, num_host_blocks=8,
+    engine = engine_with(FakeRunner(), "lamps", profile=HAND_PROFILE, num_kv_blocks=32, num_host_blocks=8,
                          lamps=LampsOptions(starvation_threshold=7))
     assert engine.scheduler.policy.options.starvation_threshold == 7
 

@@ -7,25 +7,19 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import FakeRunner, engine_with
+from helpers import HAND_PROFILE, FakeRunner, engine_with, scheduler_with
 from infercept_jax import SamplingParams
 from kvcache.block_manager import BlockManager
 from scheduling.estimators import OracleEstimator
 from scheduling.infercept import InferCeptPolicy
 from scheduling.policies import POLICIES, DiscardPolicy, HeuristicPolicy, ImprovedDiscardPolicy, PreservePolicy
-from scheduling.profile import HardwareProfile
 from scheduling.request import Interception, PauseMode, Request, RequestStatus, SegmentHint
-from scheduling.scheduler import Scheduler, SchedulerConfig
+from scheduling.scheduler import Scheduler
 
 # T_fwd(x) = (x + 10) ms, S = 12, N(S) = 24 tokens. With no running batch a chunked discard of C
 # tokens recomputes in chunks of c_h = 12: w_d = 0.022 * 12 * n(n+1)/2 + 0.001 * last**2 with
-# n = C // 12, last = C % 12, so w_d(8) = 0.064, w_d(16) = 0.264 + 0.016 = 0.28, w_d(24) = 0.792.
-HAND = HardwareProfile(name="hand", fwd_ms_per_token=1.0, fwd_base_ms=10.0, saturation_tokens=12,
-                       swap_limit_tokens=24.0, kv_bytes_per_token=64, block_size=4)
-
-
-def scheduler(policy, device_blocks: int = 64, host_blocks: int = 16, budget: int = 12, max_seqs: int = 8) -> Scheduler:
-    return Scheduler(SchedulerConfig(budget, max_seqs), BlockManager(device_blocks, 4, host_blocks), policy)
+# n = C // 12, last = C % 12, so w_d(8) = 0.064, w_d(16) = 0.264 + 0.016 = 0.28, w_d(24) = 0.792
+# (HAND_PROFILE of helpers.py).
 
 
 def running(sched: Scheduler, rid: str, computed: int, inflight: int = 1, arrival: float = 0.0) -> Request:
@@ -59,7 +53,7 @@ def where(sched: Scheduler, request: Request) -> tuple[int, int, PauseMode]:
 
 # ------------------------------------------------------------------ InferCept's per-step plan (spec 3.5.1 item 4)
 def test_infercept_swaps_the_most_wasteful_then_discards_only_when_discard_wastes_less():
-    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 6))
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 6))
     big = paused(sched, "big", 24, 10.0)        # w_p = 10 * 24 = 240, w_d = 0.792: score 0.792, the largest
     mid = paused(sched, "mid", 16, 10.0)        # w_p = 160, w_d = 0.28 < w_p: score 0.28, discard
     short = paused(sched, "short", 8, 0.001)    # w_p = 0.008 <= w_d = 0.064: score 0.008, preserve
@@ -73,7 +67,7 @@ def test_infercept_swaps_the_most_wasteful_then_discards_only_when_discard_waste
 def test_infercept_score_is_the_lesser_of_preserve_and_discard_waste():
     """Spec 3.5.1 eq. 5: waste = min(w_p, w_d). Ranked by max(w_p, w_d) `long` would go first, by w_d
     alone `blip` would (it ties `quick` and arrived first)."""
-    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 6))
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 6))
     quick = paused(sched, "quick", 24, 0.02, arrival=1.0)   # w_p = 0.48, w_d = 0.792: score 0.48
     long = paused(sched, "long", 16, 10.0, arrival=2.0)     # w_p = 160, w_d = 0.28: score 0.28
     blip = paused(sched, "blip", 24, 0.001, arrival=0.0)    # w_p = 0.024, w_d = 0.792: score 0.024
@@ -85,7 +79,7 @@ def test_infercept_score_is_the_lesser_of_preserve_and_discard_waste():
 
 def test_infercept_preserves_when_discard_waste_equals_preserve_waste():
     """Discard only when w_d < w_p strictly (spec 3.5.1 item 4: "preserve it otherwise")."""
-    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 0))
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 0))
     tie = paused(sched, "tie", 8, 0.008)        # w_p = 0.008 * 8 = 0.064 = w_d = 0.001 * 8**2
     sched.schedule(0.0)
     assert where(sched, tie) == (2, 0, PauseMode.PRESERVE)
@@ -94,7 +88,7 @@ def test_infercept_preserves_when_discard_waste_equals_preserve_waste():
 def test_infercept_leaves_a_call_that_is_over_preserved_never_swapped():
     """Remaining time 0 (the oracle's 1 s call started 5 s ago): w_p = 0, so its score is 0; it is
     neither swapped out, though the budget is ample, nor discarded."""
-    sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), 64))
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 64))
     over = paused(sched, "over", 16, 1.0, start=0.0)
     sched.schedule(5.0)
     assert where(sched, over) == (4, 0, PauseMode.PRESERVE)
@@ -102,8 +96,8 @@ def test_infercept_leaves_a_call_that_is_over_preserved_never_swapped():
 
 
 def test_infercept_victims_most_wasteful_first_ties_by_priority_time():
-    policy = InferCeptPolicy(HAND)
-    sched = scheduler(policy)
+    policy = InferCeptPolicy(HAND_PROFILE)
+    sched = scheduler_with(policy)
     late_twin = paused(sched, "late-twin", 16, 10.0, arrival=2.0)   # score 0.28
     big = paused(sched, "big", 24, 10.0, arrival=3.0)               # score 0.792
     early_twin = paused(sched, "early-twin", 16, 10.0, arrival=1.0)  # score 0.28
@@ -121,7 +115,7 @@ def test_infercept_victims_most_wasteful_first_ties_by_priority_time():
 ])
 def test_heuristic_thresholds_at_exactly_4_and_7_seconds(variant, modes):
     policy = HeuristicPolicy(OracleEstimator(), variant)
-    scheduler(policy)
+    scheduler_with(policy)
     decided = []
     for seconds in (3.999, 4.0, 6.999, 7.0):
         request = Request("r", [5] * 4, SamplingParams(max_tokens=4), 0.0)
@@ -132,7 +126,7 @@ def test_heuristic_thresholds_at_exactly_4_and_7_seconds(variant, modes):
 
 # ------------------------------------------------------------------ the scheduler's own choices (spec 2.3)
 def test_running_requests_take_the_budget_oldest_first():
-    sched = scheduler(PreservePolicy(), budget=12)
+    sched = scheduler_with(PreservePolicy(), budget=12)
     new = running(sched, "new", 0, 10, arrival=2.0)     # listed first, arrived last
     old = running(sched, "old", 0, 10, arrival=0.0)
     out = sched.schedule()
@@ -141,7 +135,7 @@ def test_running_requests_take_the_budget_oldest_first():
 
 def test_out_of_blocks_preempts_the_newest_running_request():
     # 3 usable device blocks, all held; a's next token needs a 2nd block
-    sched = scheduler(PreservePolicy(), device_blocks=4)
+    sched = scheduler_with(PreservePolicy(), device_blocks=4)
     a = running(sched, "a", 4, 1, arrival=0.0)
     b = running(sched, "b", 3, 1, arrival=1.0)
     c = running(sched, "c", 3, 1, arrival=1.0)          # ties b; the larger id is the newer
@@ -154,7 +148,7 @@ def test_out_of_blocks_preempts_the_newest_running_request():
 def test_preemption_never_takes_a_request_already_scheduled_this_step():
     """`z` and `y` tie on priority_time; `z` (listed first) is scheduled first. When `y` then needs a
     block, the newest by (priority_time, id) is `z`, but it already has its tokens: `y` yields."""
-    sched = scheduler(PreservePolicy(), device_blocks=4)
+    sched = scheduler_with(PreservePolicy(), device_blocks=4)
     paused(sched, "p", 4, 10.0)                          # preserved: holds the 3rd block, no victim
     z = running(sched, "z", 3, 1)
     y = running(sched, "y", 4, 1)
@@ -167,7 +161,7 @@ def test_preemption_never_takes_a_request_already_scheduled_this_step():
 def test_vllm_discard_requeues_at_the_back_improved_discard_keeps_arrival_priority(policy, resumed_first):
     """Spec 3.1: vLLM's discard appends the resumed request like a new one (priority = resume time);
     ImprovedDiscard keeps its original arrival priority."""
-    sched = scheduler(policy)
+    sched = scheduler_with(policy)
     resumed = running(sched, "resumed", 8, 0, arrival=0.0)
     sched.pause(resumed, Interception(("resumed", 0), 1.0, expected_duration=4.0), 1.0)
     assert where(sched, resumed) == (0, 0, PauseMode.DISCARD)
@@ -194,7 +188,7 @@ class RecordingRunner(FakeRunner):
 def test_no_step_exceeds_the_token_budget_or_the_request_limit(policy):
     now = [0.0]
     runner = RecordingRunner()
-    engine = engine_with(runner, policy, profile=HAND, num_kv_blocks=24, num_host_blocks=16, max_num_seqs=3,
+    engine = engine_with(runner, policy, profile=HAND_PROFILE, num_kv_blocks=24, num_host_blocks=16, max_num_seqs=3,
                          max_model_len=64, clock=lambda: now[0])
     # three of every four requests call a tool after 2 tokens, for 0.5, 1 or 1.5 s
     for i in range(12):
@@ -242,12 +236,12 @@ def test_swap_baseline_moves_the_whole_context_or_keeps_it_without_host_room():
     """Spec 3.3: the whole context goes out (in the step after the pause); if the host cannot take
     it all, the request stays preserved (the chunk-fill scheduler's fallback), nothing moved."""
     from scheduling.policies import SwapPolicy
-    roomy = scheduler(SwapPolicy(), host_blocks=16)
+    roomy = scheduler_with(SwapPolicy(), host_blocks=16)
     out_whole = paused(roomy, "r", 16, 5.0)
     assert out_whole.pause_mode is PauseMode.SWAP
     roomy.schedule(0.0)
     assert where(roomy, out_whole) == (0, 4, PauseMode.SWAP)
-    cramped = scheduler(SwapPolicy(), host_blocks=3)
+    cramped = scheduler_with(SwapPolicy(), host_blocks=3)
     kept = paused(cramped, "r", 16, 5.0)
     cramped.schedule(0.0)
     assert where(cramped, kept) == (4, 0, PauseMode.PRESERVE)
@@ -260,7 +254,7 @@ def test_swap_baseline_moves_the_whole_context_or_keeps_it_without_host_room():
 ])
 def test_resume_queues_by_where_the_kv_is(mode, queue, status):
     """Spec 3.5.2 item 7: preserved -> running, swapped -> swapped, discarded -> waiting."""
-    sched = scheduler(PreservePolicy())
+    sched = scheduler_with(PreservePolicy())
     request = paused(sched, "r", 8, 5.0)
     if mode is PauseMode.SWAP:
         sched.blocks.swap_out("r", 1)
@@ -277,7 +271,7 @@ def test_swapped_request_comes_back_from_the_front_within_the_swap_in_budget_and
     policy = PreservePolicy()
     policy.uses_host_pool = True
     policy.swap_budget = lambda: (2, 0)
-    sched = scheduler(policy)
+    sched = scheduler_with(policy)
     request = paused(sched, "r", 16, 5.0)
     sched.blocks.swap_out("r", 3)                        # 1 block on the device, 3 on the host
     request.token_ids.extend([7, 7])
@@ -291,7 +285,7 @@ def test_swapped_request_comes_back_from_the_front_within_the_swap_in_budget_and
 
 def test_fcfs_queue_head_that_cannot_get_room_blocks_the_ones_behind():
     """Spec 2.3 / 3.5.1 item 5: first come, first served; a ranking policy skips (tests/test_lamps_decisions.py)."""
-    sched = scheduler(PreservePolicy(), device_blocks=3)   # 2 usable blocks; big's 12-token chunk needs 3
+    sched = scheduler_with(PreservePolicy(), device_blocks=3)   # 2 usable blocks; big's 12-token chunk needs 3
     big = Request("big", [5] * 40, SamplingParams(max_tokens=4), 0.0)
     small = Request("small", [5] * 4, SamplingParams(max_tokens=4), 1.0)
     sched.add(big)
@@ -304,7 +298,7 @@ def test_paused_victims_give_up_memory_before_a_running_request_is_preempted():
     running requests keep their KV. The victim's call is over (score 0), so the step's plan leaves
     it preserved and only the shortage moves it."""
     for budget, expected in ((1, (0, 1, PauseMode.SWAP)), (0, (0, 0, PauseMode.DISCARD))):
-        sched = scheduler(with_swap_out_budget(InferCeptPolicy(HAND), budget), device_blocks=4)
+        sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), budget), device_blocks=4)
         victim = paused(sched, "victim", 4, 1.0, start=0.0)
         a = running(sched, "a", 4, 1)
         b = running(sched, "b", 3, 1, arrival=1.0)        # the newest running request
@@ -320,7 +314,7 @@ def test_active_discard_recomputes_the_oldest_swapped_only_when_cheaper_than_swa
     C = 16 tokens: 1 ms/token * 16 = 16 ms. 8 tokens on the host: with N(S) = 24 tokens per
     22 ms step, 8 * 22/24 = 7.3 ms (swap in); with N(S) = 1, 8 * 22 = 176 ms (recompute)."""
     import dataclasses
-    sched = scheduler(InferCeptPolicy(dataclasses.replace(HAND, swap_limit_tokens=swap_limit)))
+    sched = scheduler_with(InferCeptPolicy(dataclasses.replace(HAND_PROFILE, swap_limit_tokens=swap_limit)))
     old = paused(sched, "old", 16, 1.0, arrival=0.0)
     new = paused(sched, "new", 16, 1.0, arrival=1.0)
     for request in (old, new):

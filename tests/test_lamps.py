@@ -6,20 +6,14 @@ import dataclasses
 
 import pytest
 
-from helpers import FakeRunner, engine_with
+from helpers import HAND_PROFILE, FakeRunner, engine_with, scheduler_with
 from infercept_jax import SamplingParams
 from kvcache.block_manager import BlockManager
 from scheduling.lamps import LampsOptions, LampsPolicy, Plan
 from scheduling.policies import PreservePolicy
 from scheduling.predictors import SegmentPrediction, SegmentPredictor
-from scheduling.profile import HardwareProfile
 from scheduling.request import Interception, NextSegment, PauseMode, Request, RequestStatus, SegmentHint
 from scheduling.scheduler import Scheduler, SchedulerConfig
-
-# T_fwd(x) = (x + 10) ms, S = 12: a saturated step takes 22 ms. N(S) = 24 tokens per step, so one
-# token one way takes 22/24 ms.
-PROFILE = HardwareProfile(name="hand", fwd_ms_per_token=1.0, fwd_base_ms=10.0, saturation_tokens=12,
-                          swap_limit_tokens=24.0, kv_bytes_per_token=64, block_size=4)
 
 
 def make_request(rid: str, prompt: int, arrival: float = 0.0, *, call_after: int | None = None,
@@ -31,14 +25,12 @@ def make_request(rid: str, prompt: int, arrival: float = 0.0, *, call_after: int
     return request
 
 
-def scheduler(policy, device_blocks: int = 64, budget: int = 12, max_seqs: int = 8) -> Scheduler:
-    return Scheduler(SchedulerConfig(budget, max_seqs), BlockManager(device_blocks, 4, num_host_blocks=16), policy)
 
 
 def lamps_engine(num_kv_blocks: int = 64, max_num_seqs: int = 4, **options):
     """An engine around the fake runner under LAMPS with the hand profile (S = 12); `options` are
     LampsOptions fields."""
-    return engine_with(FakeRunner(), "lamps", profile=PROFILE, num_kv_blocks=num_kv_blocks, num_host_blocks=16,
+    return engine_with(FakeRunner(), "lamps", profile=HAND_PROFILE, num_kv_blocks=num_kv_blocks, num_host_blocks=16,
                        max_num_seqs=max_num_seqs, lamps=LampsOptions(**options))
 
 
@@ -52,14 +44,14 @@ def lamps_engine(num_kv_blocks: int = 64, max_num_seqs: int = 4, **options):
     (PauseMode.SWAP, 0.792 + 2 * (16 * 0.022 / 24) * 16 + 0.264),   # held while copied out and in
 ])
 def test_score_of_each_strategy_by_hand(mode, expected):
-    policy = LampsPolicy(PROFILE)
+    policy = LampsPolicy(HAND_PROFILE)
     request = make_request("r", 10)
     plan = Plan(SegmentPrediction(output_tokens=6, call_seconds=2.0, result_tokens=5), mode)
     assert policy.score(request, plan, running_query=0, bs=4) == pytest.approx(expected)
 
 
 def test_score_without_a_call_and_as_the_request_progresses():
-    policy = LampsPolicy(PROFILE)
+    policy = LampsPolicy(HAND_PROFILE)
     request = make_request("r", 10)
     plan = Plan(SegmentPrediction(output_tokens=6, call_seconds=None, result_tokens=0))
     assert policy.score(request, plan, running_query=0, bs=4) == pytest.approx(0.792)
@@ -72,8 +64,8 @@ def test_score_without_a_call_and_as_the_request_progresses():
 
 # ------------------------------------------------------------------ strategy in advance
 def test_classify_picks_the_least_waste():
-    policy = LampsPolicy(PROFILE)
-    sched = scheduler(policy)
+    policy = LampsPolicy(HAND_PROFILE)
+    sched = scheduler_with(policy)
     no_call = SegmentPrediction(6, None, 0)
     assert policy.classify(make_request("a", 10), no_call) == (PauseMode.PRESERVE, 0.0)
     instant = SegmentPrediction(6, 0.0, 5)
@@ -112,8 +104,8 @@ def test_planned_strategy_is_applied_at_the_pause():
 
 # ------------------------------------------------------------------ the ranking
 def test_smaller_memory_time_goes_first_whatever_the_arrival():
-    lamps = LampsPolicy(PROFILE)
-    sched = scheduler(lamps)
+    lamps = LampsPolicy(HAND_PROFILE)
+    sched = scheduler_with(lamps)
     sched.add(make_request("long", 40, arrival=0.0, max_tokens=30))
     sched.add(make_request("short", 4, arrival=1.0, max_tokens=2))
     out = sched.schedule()
@@ -125,8 +117,8 @@ def test_smaller_memory_time_goes_first_whatever_the_arrival():
     (True, ["swapped-small", "swapped-big", "waiting-small", "waiting-big"]),    # each queue ranked
 ])
 def test_swapped_and_waiting_form_one_ranked_list_unless_swapped_go_first(swapped_first, expected):
-    lamps = LampsPolicy(PROFILE)
-    sched = scheduler(lamps)
+    lamps = LampsPolicy(HAND_PROFILE)
+    sched = scheduler_with(lamps)
     scores = {"swapped-big": 50.0, "waiting-small": 1.0, "swapped-small": 2.0, "waiting-big": 40.0}
     for i, (rid, score) in enumerate(scores.items()):
         request = make_request(rid, 4, arrival=float(i))

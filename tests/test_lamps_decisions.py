@@ -3,7 +3,8 @@ cache and the re-ranking interval, quantum holders at the front, and which block
 queue. Directly on the policy, with a Scheduler built around it (milliseconds)."""
 from __future__ import annotations
 
-from test_lamps import PROFILE, make_request, scheduler
+from helpers import HAND_PROFILE, scheduler_with
+from test_lamps import make_request
 
 from scheduling.lamps import LampsOptions, LampsPolicy, Plan
 from scheduling.predictors import SegmentPrediction
@@ -11,7 +12,7 @@ from scheduling.request import Interception, PauseMode, RequestStatus
 
 
 def lamps(**options) -> LampsPolicy:
-    return LampsPolicy(PROFILE, LampsOptions(**options))
+    return LampsPolicy(HAND_PROFILE, LampsOptions(**options))
 
 
 def hand_plans(policy: LampsPolicy, scores: dict[str, float]) -> None:
@@ -25,7 +26,7 @@ def hand_plans(policy: LampsPolicy, scores: dict[str, float]) -> None:
 def blocked_behind_a_full_batch(policy: LampsPolicy):
     """A scheduler whose one seat is taken by a running request with nothing to compute, so the
     queued requests stay queued and every step looks the same."""
-    sched = scheduler(policy, max_seqs=1)
+    sched = scheduler_with(policy, max_seqs=1)
     seat = make_request("seat", 4)
     sched.add(seat)
     sched.schedule()                        # step 0: the seat is taken
@@ -36,8 +37,9 @@ def blocked_behind_a_full_batch(policy: LampsPolicy):
 # ------------------------------------------------------------------ victims (spec 6.2)
 def test_victims_largest_planned_waste_first_ties_by_priority_time():
     policy = lamps()
-    sched = scheduler(policy)
-    wastes = {"small": (1.0, 0.0), "late-twin": (5.0, 2.0), "big": (9.0, 3.0), "early-twin": (5.0, 1.0), "gone": (99.0, 0.0)}
+    sched = scheduler_with(policy)
+    wastes = {"small": (1.0, 0.0), "late-twin": (5.0, 2.0), "big": (9.0, 3.0), "early-twin": (5.0, 1.0),
+              "gone": (99.0, 0.0)}
     requests = {}
     for rid, (waste, arrival) in wastes.items():
         request = requests[rid] = make_request(rid, 8, arrival)
@@ -86,7 +88,7 @@ def test_a_quantum_lasts_exactly_its_steps():
 
 def test_quantum_holders_go_first_oldest_first_whatever_their_scores():
     policy = lamps()
-    sched = scheduler(policy)
+    sched = scheduler_with(policy)
     for i, rid in enumerate(["cheap", "starving-new", "mid", "starving-old"]):
         sched.waiting.append(make_request(rid, 4, arrival={"starving-old": -5.0}.get(rid, float(i))))
     hand_plans(policy, {"cheap": 1.0, "starving-new": 90.0, "mid": 5.0, "starving-old": 99.0})
@@ -130,7 +132,7 @@ def test_rerank_only_every_k_steps():
 def _head_too_big_for_the_device(starving: bool):
     policy = lamps()
     # 2 usable device blocks: `big` needs 3 for its first 12-token chunk, `small` 1
-    sched = scheduler(policy, device_blocks=3)
+    sched = scheduler_with(policy, device_blocks=3)
     big, small = make_request("big", 40, 0.0), make_request("small", 4, 1.0)
     sched.waiting.extend([big, small])
     hand_plans(policy, {"big": 1.0, "small": 2.0})   # big ranks first
@@ -146,7 +148,6 @@ def test_a_starving_head_that_cannot_get_room_blocks_the_queue():
 
 def test_a_non_starving_head_that_cannot_get_room_is_skipped():
     assert _head_too_big_for_the_device(starving=False) == (["small"], RequestStatus.WAITING, RequestStatus.RUNNING)
-
 
 
 def test_running_without_a_quantum_restarts_the_count():
@@ -176,7 +177,7 @@ def test_a_planned_swap_moves_blocks_within_each_steps_budget():
     swapped out over as many steps as the budget takes."""
     policy = lamps()
     policy.swap_budget = lambda: (0, 2)
-    sched = scheduler(policy)
+    sched = scheduler_with(policy)
     request = make_request("r", 16)
     sched.add(request)                              # planned at arrival
     sched.waiting.remove(request)                   # then ran: 16 tokens of KV, 4 blocks
