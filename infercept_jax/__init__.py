@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LLM": "infercept_jax.llm", "Engine": "infercept_jax.engine", "build_engine": "infercept_jax.build",
+    "LLM": "infercept_jax.llm", "AsyncLLM": "infercept_jax.async_llm", "Engine": "infercept_jax.engine",
+    "build_engine": "infercept_jax.build",
     "EngineConfig": "infercept_jax.config", "SamplingParams": "infercept_jax.config",
     "RequestOutput": "infercept_jax.outputs", "Tool": "infercept_jax.tools",
     "ToolCallRecord": "infercept_jax.tools", "ToolFormat": "infercept_jax.tools",

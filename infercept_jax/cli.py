@@ -6,6 +6,7 @@
     infercept workload --kind mixed --n 400 --seed 0 -o mixed.json
     infercept replay --trace mixed.json --simulate --profile a100-gptj-6b --qps 1 --qps 2 --out results/sim
     infercept predictor --trace mixed.json -o length-model.json     # LAMPS-style output-length predictor
+    infercept serve --model smollm2-135m --port 8000               # OpenAI-compatible, with transparent resume
 """
 from __future__ import annotations
 
@@ -157,6 +158,34 @@ def _predictor(args: argparse.Namespace) -> int:
     return 0
 
 
+# `serve` options that are passed to AsyncLLM(...) when given.
+SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
+                        "max_num_seqs", "max_num_batched_tokens", "swap_space_gb", "seed")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from infercept_jax.async_llm import AsyncLLM
+    from infercept_jax.serving.app import OpenAIServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    options = {k: getattr(args, k) for k in SERVE_ENGINE_OPTIONS if getattr(args, k) is not None}
+    try:
+        llm = AsyncLLM(args.model, max_queue=args.max_queue, **options)
+        server = OpenAIServer(llm, args.served_model_name or args.model, resume=not args.no_resume,
+                              pause_timeout=args.pause_timeout, call_start=args.tool_call_start,
+                              call_end=args.tool_call_end)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        llm.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from infercept_jax.experiments.sweeps import add_replay_arguments
     from infercept_jax.experiments.workload import KINDS
+    from scheduling.policies import POLICIES
 
     work = sub.add_parser("workload", help="generate a synthetic tool-calling trace (spec 1.2 distributions)")
     work.add_argument("--kind", choices=KINDS + ("mixed",), default="mixed")
@@ -217,6 +247,34 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--test-fraction", type=float, default=0.2, help="share of requests held out")
     pred.add_argument("--model", help="model name or path whose tokenizer measures a text-form trace")
     pred.set_defaults(run=_predictor)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, tools) over HTTP; a tool "
+                           "call pauses the request and the next turn resumes it")
+    serve.add_argument("--model", default="smollm2-135m", help="a known name, an HF folder or a .gguf file")
+    serve.add_argument("--served-model-name", help="the name clients ask for (default: --model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-resume", action="store_true",
+                       help="end every turn at its tool call, as other servers do (the next turn is a new request)")
+    serve.add_argument("--pause-timeout", type=float, default=60.0,
+                       help="seconds a paused request waits for its next turn before it is aborted")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests that may wait beyond --max-num-seqs; more get HTTP 429")
+    serve.add_argument("--tool-call-start", help="the text that opens a tool call (default <tool_call>)")
+    serve.add_argument("--tool-call-end", help="the text that closes a tool call (default </tool_call>)")
+    serve.add_argument("--policy", choices=sorted(POLICIES), help="what happens to a paused request's KV "
+                       "(default infercept)")
+    serve.add_argument("--profile", help="hardware profile: a JSON file from `infercept profile` or a paper name")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
+    serve.add_argument("--num-kv-blocks", type=int)
+    serve.add_argument("--max-num-seqs", type=int)
+    serve.add_argument("--max-num-batched-tokens", type=int)
+    serve.add_argument("--swap-space-gb", type=float)
+    serve.add_argument("--seed", type=int)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -99,7 +99,8 @@ class Engine:
         """Append a paused request's tool result as input tokens and queue it again.
 
         The result gets KV like a prefill chunk and does not count against `max_tokens`; the
-        request keeps its arrival priority (except under vLLM's discard policy). A text result is
+        request keeps its arrival priority (except under vLLM's discard policy). The returned
+        output's `num_cached_tokens` is the context whose KV the pause kept. A text result is
         rendered with the request's tool format. `params` and `hint`, if given, replace the
         request's (trace replay installs the next segment's trigger and oracle this way). A result
         that does not fit the context is truncated and the request finishes with reason "length":
@@ -117,6 +118,7 @@ class Engine:
             request.sampling = params
         if hint is not None:
             request.hint = hint
+        kept = request.num_computed_tokens
         now = self.clock()
         call = request.interceptions[-1]
         call.end_time = now
@@ -130,7 +132,9 @@ class Engine:
         self.scheduler.resume(request, now)
         if truncated:
             self._finish(request, RequestStatus.FINISHED_LENGTH)
-        return self._output(request, [])
+        out = self._output(request, [])
+        out.num_cached_tokens = kept
+        return out
 
     def _result_tokens(self, request: Request, result: str | list[int]) -> list[int]:
         """A tool result's tokens: text is rendered with the request's tool format, then encoded."""

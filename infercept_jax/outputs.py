@@ -24,4 +24,5 @@ class RequestOutput:
     interception: Interception | None = None  # the call it paused on, while paused
     num_generated_tokens: int = 0             # sampled tokens (tool results not counted)
     num_interceptions: int = 0
+    num_cached_tokens: int = 0    # on Engine.resume's output: context tokens whose KV the pause kept
     tool_calls: list[ToolCallRecord] = field(default_factory=list)   # the calls LLM.generate answered

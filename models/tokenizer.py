@@ -70,11 +70,19 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`, rendered by transformers' own jinja setup so templates behave as on the Hub."""
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages`, rendered by transformers' own jinja setup so templates behave as on the Hub.
+        `tools` (JSON schemas) reach templates that render them (see `supports_tools`)."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
-        return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            tools=tools)
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself."""
+        return self.chat_template is not None and "tools" in self.chat_template
 
     @cached_property
     def _hf(self) -> Any:

@@ -1,0 +1,174 @@
+"""AsyncLLM: the engine thread, the command queue and the per-request streams, on a stand-in runner."""
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import FakeRunner, engine_with
+from infercept_jax import SamplingParams
+from infercept_jax.async_llm import AsyncLLM, EngineDead, QueueFull
+
+
+class SlowRunner(FakeRunner):
+    """FakeRunner's tokens, `delay` seconds a step (so that a test can act while requests run)."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def execute(self, output):
+        time.sleep(self.delay)
+        return super().execute(output)
+
+
+class FailingRunner(FakeRunner):
+    def execute(self, output):
+        raise RuntimeError("device lost")
+
+
+def async_llm(runner=None, max_queue: int = 8, **options) -> AsyncLLM:
+    engine = engine_with(runner or FakeRunner(), num_kv_blocks=64, max_model_len=64, clock=time.monotonic, **options)
+    return AsyncLLM.from_llm(SimpleNamespace(engine=engine, tokenizer=None), max_queue=max_queue)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(stream):
+    return [out async for out in stream]
+
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
+
+
+def test_generate_streams_every_token_and_matches_the_engine_alone():
+    llm = async_llm()
+    try:
+        outs = run(collect(llm.generate([5, 6, 7], GREEDY)))
+    finally:
+        llm.shutdown()
+    alone = engine_with(FakeRunner(), num_kv_blocks=64, max_model_len=64)
+    rid = alone.add_request([5, 6, 7], GREEDY)
+    while alone.has_work():
+        alone.step()
+    assert [len(o.new_token_ids) for o in outs] == [1] * 5
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert outs[-1].token_ids == alone.requests[rid].output_token_ids
+    assert not any(o.finished for o in outs[:-1])
+
+
+def test_a_paused_request_ends_its_stream_and_resume_streams_the_rest():
+    llm = async_llm()
+    params = SamplingParams(max_tokens=6, temperature=0.0, intercept_after=2, max_interceptions=1)
+
+    async def main():
+        first = await collect(llm.generate([5, 6, 7], params))
+        rest = await collect(llm.resume(first[-1].request_id, [9, 9]))
+        return first, rest
+
+    try:
+        first, rest = run(main())
+        stats = run(llm.stats())
+    finally:
+        llm.shutdown()
+    assert first[-1].paused and not first[-1].finished and len(first) == 2
+    assert rest[0].new_token_ids == [] and rest[0].num_cached_tokens == 4   # prompt + 1 token: the last is not in KV yet
+    assert rest[-1].finished and rest[-1].num_generated_tokens == 6
+    assert rest[-1].token_ids[2:4] == [9, 9]
+    assert stats["device_blocks_used"] == 0 and stats["paused"] == 0
+
+
+def test_a_reader_that_leaves_early_aborts_its_request_and_frees_its_blocks():
+    llm = async_llm(SlowRunner(0.01))
+
+    async def main():
+        stream = llm.generate([5, 6, 7], SamplingParams(max_tokens=50, temperature=0.0))
+        async for out in stream:
+            break
+        await stream.aclose()
+        for _ in range(200):
+            stats = await llm.stats()
+            if stats["running"] == 0:
+                return stats, out
+            await asyncio.sleep(0.01)
+        return stats, out
+
+    try:
+        stats, out = run(main())
+        assert out.request_id not in llm.engine.requests
+    finally:
+        llm.shutdown()
+    assert stats["running"] == 0 and stats["device_blocks_used"] == 0
+
+
+def test_bad_input_raises_and_the_engine_keeps_serving():
+    llm = async_llm()
+
+    async def main():
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await collect(llm.generate([5, 999], GREEDY))
+        with pytest.raises(KeyError, match="unknown request id"):
+            await collect(llm.resume("nope", [1]))
+        return await collect(llm.generate([5, 6], GREEDY))
+
+    try:
+        outs = run(main())
+    finally:
+        llm.shutdown()
+    assert outs[-1].finished and len(llm.engine.requests) == 0
+
+
+def test_more_requests_than_seqs_plus_queue_are_refused():
+    llm = async_llm(SlowRunner(0.01), max_queue=1, max_num_seqs=2)
+    long = SamplingParams(max_tokens=30, temperature=0.0)
+
+    async def main():
+        streams = [llm.generate([5, i + 6], long) for i in range(3)]
+        firsts = [asyncio.ensure_future(anext(s)) for s in streams]
+        while (await llm.stats())["waiting"] + (await llm.stats())["running"] < 3:   # 2 running + 1 queued
+            await asyncio.sleep(0.001)
+        with pytest.raises(QueueFull, match="max_num_seqs 2 \\+ max_queue 1"):
+            await anext(llm.generate([5, 9], long))
+        rest = [[await first] + await collect(s) for first, s in zip(firsts, streams)]
+        return rest, await collect(llm.generate([5, 9], GREEDY))   # room again once they finished
+
+    try:
+        rest, after = run(main())
+    finally:
+        llm.shutdown()
+    assert [len(r) for r in rest] == [30, 30, 30] and all(r[-1].finished for r in rest) and after[-1].finished
+
+
+def test_a_failed_step_fails_the_streams_and_later_calls():
+    llm = async_llm(FailingRunner())
+
+    async def main():
+        with pytest.raises(EngineDead, match="device lost"):
+            await collect(llm.generate([5, 6], GREEDY))
+        with pytest.raises(EngineDead):
+            await collect(llm.generate([5, 6], GREEDY))
+
+    run(main())
+    assert not llm.alive
+
+
+def test_shutdown_fails_requests_in_flight():
+    llm = async_llm(SlowRunner(0.01))
+
+    async def main():
+        stream = llm.generate([5, 6], SamplingParams(max_tokens=60, temperature=0.0))
+        await anext(stream)
+        await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+        with pytest.raises(EngineDead, match="shut down"):
+            await collect(stream)
+
+    run(main())
+    assert not llm.alive
+
+
+def test_max_queue_must_be_a_count():
+    with pytest.raises(ValueError, match="max_queue"):
+        async_llm(max_queue=-1)
