@@ -230,9 +230,10 @@ class OpenAIServer:
                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": end.finish_reason}],
                 "usage": end.usage()}
 
-    async def metrics(self) -> str:
+    async def metrics(self) -> PlainTextResponse:
         stats = await self.llm.stats()
-        return prometheus_text(stats, self.counters, paused_turns=len(self.paused))
+        return PlainTextResponse(prometheus_text(stats, self.counters, paused_turns=len(self.paused)),
+                                 media_type="text/plain; version=0.0.4")
 
     # ----------------------------------------------------------------- the app
     def _routes(self) -> FastAPI:
@@ -270,7 +271,7 @@ class OpenAIServer:
 
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
-        app.get("/metrics", response_class=PlainTextResponse)(self.metrics)
+        app.get("/metrics")(self.metrics)
         return app
 
 
