@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from helpers import FakeRunner, engine_with
+from infercept_jax import SamplingParams
 from infercept_jax.cli import build_parser, main
-from infercept_jax.experiments.replay import replay, sample_arrivals
+from infercept_jax.experiments import replay as replay_module
+from infercept_jax.experiments.replay import (_stats, generated_tokens, replay, sample_arrivals, segment_hint,
+                                              segment_params)
 from infercept_jax.experiments.simulator import simulated_engine
 from infercept_jax.experiments.sweeps import builtin_trace, format_table, lamps_options, run_replays, simulated_engines
 from infercept_jax.experiments.workload import Segment, TraceRequest, generate_workload
 from scheduling.lamps import LampsOptions
 from scheduling.profile import PAPER_PROFILES, HardwareProfile
+from scheduling.request import SegmentHint
 
 # Every step takes 0.1 s whatever its size; plenty of memory.
 FLAT = HardwareProfile(name="flat", fwd_ms_per_token=0.0, fwd_base_ms=100.0, saturation_tokens=64,
@@ -20,10 +26,18 @@ FLAT = HardwareProfile(name="flat", fwd_ms_per_token=0.0, fwd_base_ms=100.0, sat
                        num_device_blocks=64, num_host_blocks=64)
 
 
-def test_metrics_of_a_hand_made_two_request_run():
+def engine_at(t0: float, policy: str = "preserve", profile: HardwareProfile = FLAT, **options):
+    """A simulated engine whose clock reads `t0` when the replay starts: the metrics are relative to it."""
+    engine = simulated_engine(profile, policy, **options)
+    engine.clock.now = t0
+    return engine
+
+
+@pytest.mark.parametrize("t0", [0.0, 50.0])
+def test_metrics_of_a_hand_made_two_request_run(t0):
     a = TraceRequest("a", 4, (Segment(2, api_time=1.0, api_token_length=3), Segment(2)))
     b = TraceRequest("b", 4, (Segment(3),))
-    engine = simulated_engine(FLAT, "preserve")
+    engine = engine_at(t0)
     m = replay(engine, [(0.0, a), (0.0, b)], window=100.0)
     # step 1 (0 -> 0.1): both prompts, first tokens; step 2 (-> 0.2): a pauses after 2 tokens;
     # step 3 (-> 0.3): b's third token, b finishes; the clock jumps to a's result at 1.2;
@@ -41,10 +55,10 @@ def test_metrics_of_a_hand_made_two_request_run():
     assert m["longest_wait_s"] == pytest.approx(0.1)
 
 
-def test_longest_wait_counts_requests_that_never_got_a_token():
+@pytest.mark.parametrize("t0", [0.0, 50.0])
+def test_longest_wait_counts_requests_that_never_got_a_token(t0):
     big = TraceRequest("big", 200, (Segment(2),))        # 50 steps of prefill at 4 tokens per step
-    four_per_step = dataclasses.replace(FLAT, saturation_tokens=4)
-    engine = simulated_engine(four_per_step, "preserve")
+    engine = engine_at(t0, profile=dataclasses.replace(FLAT, saturation_tokens=4))
     m = replay(engine, [(0.0, big), (0.5, big)], window=2.0)
     assert m["ttft"]["mean"] is None                     # nobody got a first token in 2 s ...
     assert m["longest_wait_s"] == pytest.approx(2.0)     # ... and the first waited the whole run
@@ -143,11 +157,12 @@ def test_every_lamps_option_is_a_replay_flag_with_its_default():
         parser.parse_args([*base, "--duration-predictor", "psychic"])
 
 
-def test_tpot_counts_from_the_first_token_without_the_call_time():
+@pytest.mark.parametrize("t0", [0.0, 50.0])
+def test_tpot_counts_from_the_first_token_without_the_call_time(t0):
     """Spec 5.1: TPOT = (end - first token - time in calls) / generated tokens."""
     a = TraceRequest("a", 4, (Segment(2, api_time=1.0, api_token_length=3), Segment(2)))
     b = TraceRequest("b", 4, (Segment(3),))
-    m = replay(simulated_engine(FLAT, "preserve"), [(0.0, a), (0.0, b)], window=100.0)
+    m = replay(engine_at(t0), [(0.0, a), (0.0, b)], window=100.0)
     # the run of test_metrics_of_a_hand_made_two_request_run: both first tokens at 0.1;
     # a ends at 1.4 after 1.0 s in its call, 4 generated: (1.4 - 0.1 - 1.0) / 4 = 0.075
     # b ends at 0.3, 3 generated: (0.3 - 0.1) / 3
@@ -166,3 +181,161 @@ def test_the_sample_covers_the_window(seed, qps, window):
     longer = sample_arrivals(trace, qps=qps, window=100 * window, seed=seed)
     assert short == [(t, r) for t, r in longer if t < window]
     assert len(longer) > len(short)
+
+
+# ------------------------------------------------------------------ the trace's requests, one segment at a time
+TWO_CALLS = TraceRequest("r", 4, (Segment(0, api_time=3.0, api_token_length=7), Segment(5, api_time=0.5, api_token_length=2),
+                                  Segment(0)), kind="math")
+
+
+def test_generated_tokens_count_one_for_a_call_right_after_the_prompt():
+    assert generated_tokens(TWO_CALLS) == 1 + 5 + 0
+    assert generated_tokens(TraceRequest("r", 4, (Segment(2, api_time=1.0, api_token_length=1), Segment(0)))) == 2
+    assert generated_tokens(TraceRequest("empty", 4, (Segment(0),))) == 1     # a request samples something
+
+
+def test_segment_params_greedy_no_eos_and_pause_after_the_segments_tokens():
+    """Spec 1.3 item 2: temperature 0, ignore_eos; the pause comes after the segment's completion
+    tokens (at least the one token that makes the call)."""
+    assert segment_params(TWO_CALLS, 0) == SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                          intercept_after=1)
+    assert segment_params(TWO_CALLS, 1).intercept_after == 5
+    assert segment_params(TWO_CALLS, 2) == SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def test_segment_hint_is_the_traces_call_scaled_in_time():
+    assert segment_hint(TWO_CALLS, 0) == SegmentHint(call_duration=3.0, result_tokens=7, tool="math")
+    assert segment_hint(TWO_CALLS, 1, time_scale=4.0) == SegmentHint(call_duration=2.0, result_tokens=2, tool="math")
+    assert segment_hint(TWO_CALLS, 2) == SegmentHint()      # no call after the last segment
+
+
+# ------------------------------------------------------------------ the arrival sampler (spec 1.3 items 1 and 3)
+def test_sample_arrivals_defaults_to_seed_0_and_refuses_a_zero_rate_or_window():
+    trace = generate_workload("qa", 10, seed=0)
+    assert sample_arrivals(trace, 2.0, 30.0) == sample_arrivals(trace, 2.0, 30.0, seed=0)
+    assert sample_arrivals(trace, 0.5, 0.5)          # rates and windows below 1 are fine
+    for qps, window in [(0.0, 10.0), (1.0, 0.0), (-1.0, 10.0), (1.0, -1.0)]:
+        with pytest.raises(ValueError):
+            sample_arrivals(trace, qps, window)
+
+
+def test_sample_arrivals_draws_4_qps_window_keys_and_at_least_one():
+    """At 100 req/s the first 101 arrive at t = 0, so every drawn key is an arrival."""
+    trace = generate_workload("qa", 10, seed=0)
+    assert [t for t, _ in sample_arrivals(trace, qps=100.0, window=0.01)] == [0.0] * 4
+    assert [t for t, _ in sample_arrivals(trace, qps=100.0, window=0.002)] == [0.0]
+
+
+def test_sample_arrivals_gaps_average_one_over_the_rate():
+    trace = generate_workload("qa", 10, seed=0)
+    times = [t for t, _ in sample_arrivals(trace, qps=2.0, window=500.0)]
+    gaps = [b - a for a, b in zip(times[2:], times[3:])]          # after the three at t = 0
+    assert sum(gaps) / len(gaps) == pytest.approx(0.5, rel=0.1)
+
+
+# ------------------------------------------------------------------ the replay loop
+class Progress:
+    """Stands in for a tqdm bar: counts the requests that are done with (finished or rejected)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+
+def spy_on_resumes(engine) -> list[tuple]:
+    """Record each resume the loop makes: (request id, result tokens, the next trigger, the next hint)."""
+    resumes, resume = [], engine.resume
+
+    def recording(rid, result, params=None, hint=None):
+        resumes.append((rid, len(result), params.intercept_after, hint))
+        return resume(rid, result, params, hint)
+
+    engine.resume = recording
+    return resumes
+
+
+def test_replay_resumes_each_call_with_its_result_and_the_next_segment():
+    """Three segments, the calls' durations doubled: the first call returns 3 tokens and installs
+    segment 1's trigger (3 tokens) and oracle; the second, a 0 s call returning nothing, comes back
+    at once with the last segment's (no trigger, no hint)."""
+    r = TraceRequest("r", 4, (Segment(2, api_time=1.0, api_token_length=3), Segment(3, api_time=0.0, api_token_length=0),
+                              Segment(4)), kind="qa")
+    engine = engine_at(10.0)
+    resumes = spy_on_resumes(engine)
+    progress = Progress()
+    m = replay(engine, [(0.0, r)], window=100.0, time_scale=2.0, progress=progress)
+    assert resumes == [("req-0", 3, 3, SegmentHint(call_duration=0.0, result_tokens=0, tool="qa")),
+                       ("req-0", 0, None, SegmentHint())]
+    # steps of 0.1 s: 2 tokens (0.2), the 2 s call (2.2), 3 tokens (2.5), the 0 s call, 4 tokens (2.9)
+    assert m["num_finished"] == progress.n == 1
+    assert m["steps"] == 9 and m["elapsed_s"] == pytest.approx(2.9)
+
+
+def test_a_result_that_overflows_the_context_finishes_the_request_at_the_resume():
+    r = TraceRequest("r", 4, (Segment(2, api_time=1.0, api_token_length=100), Segment(2)))
+    engine = engine_at(10.0, max_model_len=32)
+    progress = Progress()
+    m = replay(engine, [(0.0, r)], window=100.0, progress=progress)
+    assert m["num_finished"] == progress.n == 1 and not engine.requests
+    assert m["steps"] == 2 and m["elapsed_s"] == pytest.approx(1.2)
+
+
+def test_replay_admits_every_arrival_due_before_the_step_and_counts_rejections():
+    """Two prompts too big for the pool are rejected between two that fit, all arriving at t = 0:
+    the two that fit share the first step."""
+    small, big = TraceRequest("small", 4, (Segment(1),)), TraceRequest("big", 500, (Segment(1),))
+    progress = Progress()
+    m = replay(engine_at(10.0), [(0.0, small), (0.0, big), (0.0, big), (0.0, small)], window=100.0, progress=progress)
+    assert m["num_rejected"] == 2 and m["num_finished"] == 2 and progress.n == 4
+    assert m["steps"] == 1 and m["elapsed_s"] == pytest.approx(0.1)
+
+
+def test_replay_results_due_at_the_same_time_resume_in_the_order_the_calls_started():
+    r = TraceRequest("r", 4, (Segment(1, api_time=1.0, api_token_length=1), Segment(1)))
+    engine = engine_at(10.0)
+    resumes = spy_on_resumes(engine)
+    replay(engine, [(0.0, r), (0.0, r), (0.0, r)], window=100.0)
+    assert [rid for rid, *_ in resumes] == ["req-0", "req-1", "req-2"]
+
+
+def test_replay_waits_for_the_next_arrival_and_stops_when_the_window_closes():
+    """Idle after the first request, the clock jumps to the next arrival; one arriving exactly when
+    the window closes is not served."""
+    r = TraceRequest("r", 4, (Segment(1),))
+    m = replay(engine_at(10.0), [(0.0, r), (1.0, r), (2.0, r)], window=2.0)
+    assert m["num_submitted"] == m["num_finished"] == 2
+    assert m["elapsed_s"] == pytest.approx(2.0)
+
+
+class ManualClock:
+    """A wall clock that moves only when the replay sleeps (not a VirtualClock: the loop sleeps)."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_on_a_wall_clock_replay_sleeps_in_short_naps_until_the_next_arrival(monkeypatch):
+    clock = ManualClock(100.0)
+    naps = []
+
+    def sleep(seconds):
+        assert 0 < seconds and len(naps) < 100, "the loop waits without time passing"
+        naps.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(replay_module, "time", SimpleNamespace(sleep=sleep))
+    engine = engine_with(FakeRunner(), num_kv_blocks=16, clock=clock)
+    r = TraceRequest("r", 4, (Segment(1),))
+    m = replay(engine, [(0.0, r), (1.03, r)], window=10.0, token_id=5)
+    assert max(naps) <= 0.05 and sum(naps) == pytest.approx(1.03)
+    assert m["num_finished"] == 2 and m["elapsed_s"] == pytest.approx(1.03)
+
+
+def test_stats_of_no_values_and_of_four():
+    assert _stats([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+    assert _stats([4.0, 1.0, 3.0, 2.0]) == pytest.approx({"mean": 2.5, "p50": 2.5, "p90": 3.7, "p99": 3.97})

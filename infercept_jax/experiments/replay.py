@@ -104,11 +104,10 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
             _, _, rid = heapq.heappop(timers)
             entry = live[rid]
             segment = entry.trace_request.segments[entry.segment]
-            entry.segment += 1
-            index = min(entry.segment, len(entry.trace_request.segments) - 1)
+            entry.segment += 1      # a next one exists: a call after the last segment finds max_tokens reached
             out = engine.resume(rid, [token_id] * (segment.api_token_length or 0),
-                                segment_params(entry.trace_request, index),
-                                segment_hint(entry.trace_request, index, time_scale))
+                                segment_params(entry.trace_request, entry.segment),
+                                segment_hint(entry.trace_request, entry.segment, time_scale))
             if out.finished:
                 _retire(engine, live, rid, progress)
         steps = engine.num_steps
