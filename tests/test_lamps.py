@@ -3,6 +3,7 @@ prevention, on the real scheduler with a fake runner (milliseconds)."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import pytest
 
@@ -10,6 +11,7 @@ from helpers import HAND_PROFILE, FakeRunner, engine_with, scheduler_with
 from infercept_jax import SamplingParams
 from kvcache.block_manager import BlockManager
 from scheduling.lamps import LampsOptions, LampsPolicy, Plan
+from scheduling.length_model import LengthModel, SegmentFeatures
 from scheduling.policies import PreservePolicy
 from scheduling.predictors import SegmentPrediction, SegmentPredictor
 from scheduling.request import Interception, NextSegment, PauseMode, Request, RequestStatus, SegmentHint
@@ -202,11 +204,44 @@ def test_tool_mean_learns_durations_and_result_lengths_online():
     request.interceptions.append(Interception(("r", 2), 0.0, tool="calc", end_time=0.5, result_tokens=1))
     predictor.observe(request)
     request.hint = dataclasses.replace(request.hint, tool="search")   # the next call's tool, if known
-    assert predictor.predict(request).call_seconds == 3.0
+    assert predictor.predict(request) == SegmentPrediction(4, 3.0, 15)
     request.hint = dataclasses.replace(request.hint, tool=None)       # else the last call's
-    assert predictor.predict(request).call_seconds == 0.5
+    assert predictor.predict(request) == SegmentPrediction(4, 0.5, 1)
     request.hint = dataclasses.replace(request.hint, tool="never-seen")   # else every call's
-    assert predictor.predict(request).call_seconds == pytest.approx(6.5 / 3)
+    assert predictor.predict(request) == SegmentPrediction(4, pytest.approx(6.5 / 3), round(31 / 3))
+
+
+def test_predictor_defaults_seed_0_one_second_calls_and_16_token_results():
+    request = make_request("r", 10, call_after=7, max_tokens=20, call_seconds=3.0, result=9)
+    assert SegmentPredictor(relative_error=0.5).predict(request) == \
+        SegmentPredictor(relative_error=0.5, seed=0).predict(request)
+    unknown = make_request("u", 10, call_after=7, max_tokens=20)
+    assert SegmentPredictor(duration="tool-mean").predict(unknown) == SegmentPrediction(7, 1.0, 16)
+
+
+def test_injected_error_is_the_standard_deviation_of_the_relative_error():
+    request = make_request("r", 10, call_after=7, max_tokens=20, call_seconds=3.0, result=9)
+    for error in (0.05, 1.0):
+        factors = [SegmentPredictor(relative_error=error, seed=s).predict(request).call_seconds / 3.0
+                   for s in range(400)]
+        spread = statistics.pstdev(f for f in factors if f > 0)     # the factor is clipped at 0
+        assert error / 2 < spread < error * 1.5
+
+
+def test_predicted_output_never_exceeds_a_budget_of_one_token():
+    request = make_request("r", 10, call_after=7, max_tokens=1)
+    assert SegmentPredictor().predict(request).output_tokens == 1
+
+
+def test_a_length_model_predicts_the_output_even_when_the_trigger_is_exact():
+    """Trained on short outputs after short contexts and long ones after long contexts, the model
+    predicts each request's bin centre (clamped to the sampling budget left), not the trigger's count."""
+    features = [SegmentFeatures(10, 0, 0, 0)] * 50 + [SegmentFeatures(1000, 0, 0, 0)] * 50
+    model = LengthModel.fit(features, [3] * 50 + [200] * 50)
+    predictor = SegmentPredictor(length_model=model)
+    assert predictor.predict(make_request("short", 10, call_after=7, max_tokens=300)).output_tokens == 5
+    assert predictor.predict(make_request("long", 1000, call_after=7, max_tokens=300)).output_tokens == 205
+    assert predictor.predict(make_request("capped", 1000, call_after=7, max_tokens=100)).output_tokens == 100
 
 
 def test_options_are_validated():
