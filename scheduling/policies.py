@@ -76,7 +76,6 @@ class HeuristicPolicy(SwapPolicy):
         if variant not in HEURISTICS:
             raise ValueError(f"heuristic must be one of {sorted(HEURISTICS)}, got {variant!r}")
         self.estimator = estimator
-        self.variant = variant
         self.swap_from, self.discard_from = HEURISTICS[variant]
 
     def on_pause(self, request: Request, now: float) -> PauseMode:

@@ -200,10 +200,10 @@ class Scheduler:
         return True
 
     # ----------------------------------------------------------------- KV moves (the policy's too)
-    def swap_out(self, request: Request, num_blocks: int, partial: bool = False) -> bool:
+    def swap_out(self, request: Request, num_blocks: int, partial: bool) -> bool:
         """Move `num_blocks` of a paused request's device blocks (from the back) to the host pool,
         charged to the step's swap-out budget. With `partial`, move as many as the budget and the
-        host room allow (at least one). False if nothing moved."""
+        host room allow (at least one); without, all or none. False if nothing moved."""
         n = min(num_blocks, self._swap_out_left, self.blocks.host.num_free)
         if n == 0 or (n < num_blocks and not partial):
             return False

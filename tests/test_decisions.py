@@ -139,8 +139,9 @@ def test_out_of_blocks_preempts_the_newest_running_request():
     a = running(sched, "a", 4, 1, arrival=0.0)
     b = running(sched, "b", 3, 1, arrival=1.0)
     c = running(sched, "c", 3, 1, arrival=1.0)          # ties b; the larger id is the newer
+    c.num_preemptions = 1
     out = sched.schedule()
-    assert out.preempted == [c] and c.status is RequestStatus.WAITING
+    assert out.preempted == [c] and c.status is RequestStatus.WAITING and c.num_preemptions == 2
     assert [s.request for s in out.scheduled] == [a, b]
     assert sched.blocks.num_blocks_of("a") == 2
 
@@ -327,3 +328,152 @@ def test_active_discard_recomputes_the_oldest_swapped_only_when_cheaper_than_swa
     sched.add(Request("w", [5] * 4, SamplingParams(max_tokens=4), 2.0))
     sched.policy._active_discard()                       # something waits: never
     assert new.status is RequestStatus.SWAPPED
+
+
+# ------------------------------------------------------------------ swapped requests coming back (spec 3.5.2 item 5)
+def swapped(sched: Scheduler, rid: str, tokens: int, host_blocks: int, arrival: float = 0.0,
+            inflight: int = 1) -> Request:
+    """A resumed request with `tokens` of KV, its last `host_blocks` blocks in the host pool, and
+    `inflight` result tokens to compute."""
+    request = paused(sched, rid, tokens, 1.0, arrival)
+    sched.blocks.swap_out(rid, host_blocks)
+    request.token_ids.extend([7] * inflight)
+    sched.resume(request, 1.0)
+    return request
+
+
+def with_host_pool(policy, swap_in: int, swap_out: int = 0):
+    """A policy that may swap, with a fixed budget per step."""
+    policy.uses_host_pool = True
+    policy.swap_budget = lambda: (swap_in, swap_out)
+    return policy
+
+
+def test_swapped_requests_share_the_steps_swap_in_budget_oldest_first():
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 3))
+    old = swapped(sched, "old", 8, 2, arrival=0.0)
+    new = swapped(sched, "new", 8, 2, arrival=1.0)
+    out = sched.schedule(1.0)
+    assert len(out.swap_in) == 3 and old.status is RequestStatus.RUNNING
+    assert where(sched, new)[:2] == (1, 1) and new.status is RequestStatus.SWAPPED
+
+
+def test_a_swap_in_takes_from_the_paused_victims_exactly_the_blocks_it_lacks():
+    """6 usable device blocks: the victims hold 1 + 3, so `s` lacks 2 of its 4 host blocks. The
+    first victim gives its only block, the second one more (the victims' calls are over: the
+    plan leaves them alone, and they rank by arrival)."""
+    policy = InferCeptPolicy(HAND_PROFILE)
+    policy.swap_budget = lambda: (4, 3)
+    sched = scheduler_with(policy, device_blocks=7)
+    s = swapped(sched, "s", 15, 4)                      # 16 tokens with the result: 4 blocks, no new one
+    p1 = paused(sched, "p1", 4, 1.0, arrival=1.0)
+    p2 = paused(sched, "p2", 12, 1.0, arrival=2.0)
+    out = sched.schedule(5.0)
+    assert where(sched, p1) == (0, 1, PauseMode.SWAP) and where(sched, p2) == (2, 1, PauseMode.SWAP)
+    assert [(r.request, r.num_query_tokens) for r in out.scheduled] == [(s, 1)]
+    assert where(sched, s)[:2] == (4, 0)
+
+
+def test_with_nothing_running_a_blocked_swap_in_recomputes_the_newest_other_swapped_holder():
+    """6 usable device blocks, 4 of them held by the device parts of `mid` and `newest_holder`;
+    `oldest` needs 4 for its host part. Nothing runs, so no block would ever come free: the newest
+    swapped request that holds device blocks is recomputed (`newest`, all on the host, holds none)."""
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 4), device_blocks=7)
+    oldest = swapped(sched, "oldest", 16, 4, arrival=0.0)
+    mid = swapped(sched, "mid", 16, 2, arrival=1.0)
+    newest_holder = swapped(sched, "newest-holder", 16, 2, arrival=2.0)
+    newest = swapped(sched, "newest", 8, 2, arrival=3.0)
+    newest_holder.num_preemptions = 1
+    out = sched.schedule(1.0)
+    assert out.preempted == [newest_holder] and newest_holder.num_preemptions == 2
+    assert newest_holder.status is RequestStatus.WAITING and sched.waiting == [newest_holder]
+    assert where(sched, newest_holder)[:2] == (0, 0)
+    assert oldest.status is RequestStatus.RUNNING and where(sched, oldest)[:2] == (4, 0)
+    assert where(sched, mid)[:2] == (2, 2) and where(sched, newest)[:2] == (0, 2)
+
+
+def test_a_blocked_swap_in_with_no_other_holder_keeps_its_kv_and_waits():
+    """The device is held by `s`'s own part and a preserved paused request: `s` is not recomputed."""
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 4), device_blocks=5)
+    s = swapped(sched, "s", 16, 2)
+    paused(sched, "p", 8, 10.0)
+    out = sched.schedule(1.0)
+    assert out.preempted == [] and out.swap_in == [] and out.scheduled == []
+    assert s.status is RequestStatus.SWAPPED and where(sched, s)[:2] == (2, 2)
+
+
+# ------------------------------------------------------------------ policies' defaults and loops
+def test_policies_without_the_host_pool_may_move_no_block():
+    for policy in (PreservePolicy(), DiscardPolicy(), ImprovedDiscardPolicy()):
+        assert policy.swap_budget() == (0, 0)
+
+
+def test_heuristic_defaults_to_h_b():
+    policy = HeuristicPolicy(OracleEstimator())
+    assert (policy.swap_from, policy.discard_from) == (4.0, 7.0)
+
+
+def test_a_ranking_policy_skips_a_blocked_request_unless_it_starves():
+    """The default `is_starving` is False: a ranking policy without a starvation guard lets the
+    requests behind a blocked one run."""
+    class Ranked(PreservePolicy):
+        ranks_queues = True
+
+    sched = scheduler_with(Ranked(), device_blocks=3)          # 2 usable blocks; big needs 3
+    big = Request("big", [5] * 40, SamplingParams(max_tokens=4), 0.0)
+    small = Request("small", [5] * 4, SamplingParams(max_tokens=4), 1.0)
+    sched.add(big)
+    sched.add(small)
+    assert [s.request for s in sched.schedule().scheduled] == [small]
+
+
+def test_swap_baseline_swaps_each_paused_request_whatever_the_ones_paused_before():
+    """`a` is already out, `b` stayed preserved (no host room for its 6 blocks): neither stops the
+    swap of `c`, which holds one block."""
+    from scheduling.policies import SwapPolicy
+    sched = scheduler_with(SwapPolicy(), host_blocks=5)
+    a = paused(sched, "a", 8, 5.0)
+    sched.schedule(0.0)
+    b = paused(sched, "b", 24, 5.0)
+    sched.schedule(0.0)
+    c = paused(sched, "c", 4, 5.0)
+    sched.schedule(0.0)
+    assert [where(sched, r) for r in (a, b, c)] == [(0, 2, PauseMode.SWAP), (6, 0, PauseMode.PRESERVE),
+                                                    (0, 1, PauseMode.SWAP)]
+
+
+def test_infercept_swaps_out_what_the_budget_allows_of_a_request_larger_than_it():
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 2))
+    big = paused(sched, "big", 24, 10.0)
+    sched.schedule(0.0)
+    assert where(sched, big) == (4, 2, PauseMode.SWAP)
+
+
+def test_infercept_victims_skip_requests_without_device_blocks():
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 0))
+    gone = paused(sched, "gone", 8, 10.0)
+    sched.discard_paused(gone)
+    kept = paused(sched, "kept", 8, 10.0)
+    assert sched.policy.victims(0.0) == [kept]
+
+
+@pytest.mark.parametrize("running_query, recomputed", [(11, True), (12, False)])
+def test_active_discard_only_when_the_running_batch_leaves_compute(running_query, recomputed):
+    """Spec 3.5.2 item 1: the recompute uses idle compute, so a batch of S = 12 query tokens rules it
+    out; what counts is the batch's query tokens, not its context (40 tokens here)."""
+    import dataclasses
+    sched = scheduler_with(InferCeptPolicy(dataclasses.replace(HAND_PROFILE, swap_limit_tokens=1.0)))
+    s = swapped(sched, "s", 16, 2)
+    running(sched, "r", 40 - running_query, running_query)
+    sched.policy._active_discard()
+    assert (s.status is RequestStatus.WAITING) is recomputed
+
+
+def test_active_discard_keeps_swapping_when_recomputing_costs_the_same():
+    """Swap limit 22 tokens per 22 ms step: 1 ms per token each way, as the recompute's a_f. All 16
+    tokens on the host: 16 ms either way, and the recompute is chosen only when strictly cheaper."""
+    import dataclasses
+    sched = scheduler_with(InferCeptPolicy(dataclasses.replace(HAND_PROFILE, swap_limit_tokens=22.0)))
+    s = swapped(sched, "s", 16, 4)
+    sched.policy._active_discard()
+    assert s.status is RequestStatus.SWAPPED
