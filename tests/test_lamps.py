@@ -64,6 +64,18 @@ def test_score_without_a_call_and_as_the_request_progresses():
     assert policy.score(request, plan, running_query=0, bs=4) == pytest.approx(0.264)
 
 
+@pytest.mark.parametrize("running_query", [11, 12])
+def test_score_with_a_saturated_batch_and_the_predicted_output_already_generated(running_query):
+    """A batch of S - 1 or more query tokens leaves chunks of c_h = 1 token; a request that has
+    generated its predicted 6 tokens still counts one more: 9 + 6 + 1 = 16 tokens, n = 16 chunks."""
+    policy = LampsPolicy(HAND_PROFILE)
+    request = make_request("r", 9)
+    request.token_ids.extend([7] * 6)
+    request.tokens_since_resume = 6
+    plan = Plan(SegmentPrediction(output_tokens=6, call_seconds=None, result_tokens=0))
+    assert policy.score(request, plan, running_query, bs=4) == pytest.approx(0.022 * 1 * 17 * 16 / 2)
+
+
 # ------------------------------------------------------------------ strategy in advance
 def test_classify_picks_the_least_waste():
     policy = LampsPolicy(HAND_PROFILE)
@@ -81,6 +93,10 @@ def test_classify_picks_the_least_waste():
     running.num_computed_tokens = 40
     mode, waste = policy.classify(make_request("c", 10), SegmentPrediction(6, 60.0, 5))
     assert mode is PauseMode.DISCARD and 0 < waste < 16 * 60.0
+    # a 1 ms call is cheapest kept: its waste is the context at the pause, 10 + 5 tokens in whole
+    # blocks, held for the call
+    assert policy.classify(make_request("e", 10), SegmentPrediction(5, 0.001, 5)) == \
+        (PauseMode.PRESERVE, pytest.approx(16 * 0.001))
 
 
 def test_planned_strategy_is_applied_at_the_pause():
@@ -236,12 +252,35 @@ def test_predicted_output_never_exceeds_a_budget_of_one_token():
 def test_a_length_model_predicts_the_output_even_when_the_trigger_is_exact():
     """Trained on short outputs after short contexts and long ones after long contexts, the model
     predicts each request's bin centre (clamped to the sampling budget left), not the trigger's count."""
-    features = [SegmentFeatures(10, 0, 0, 0)] * 50 + [SegmentFeatures(1000, 0, 0, 0)] * 50
-    model = LengthModel.fit(features, [3] * 50 + [200] * 50)
-    predictor = SegmentPredictor(length_model=model)
+    predictor = SegmentPredictor(length_model=context_length_model())
     assert predictor.predict(make_request("short", 10, call_after=7, max_tokens=300)).output_tokens == 5
     assert predictor.predict(make_request("long", 1000, call_after=7, max_tokens=300)).output_tokens == 205
     assert predictor.predict(make_request("capped", 1000, call_after=7, max_tokens=100)).output_tokens == 100
+
+
+def context_length_model() -> LengthModel:
+    """Predicts 5 tokens after a 10-token context and 205 after a 1000-token one."""
+    features = [SegmentFeatures(10, 0, 0, 0)] * 50 + [SegmentFeatures(1000, 0, 0, 0)] * 50
+    return LengthModel.fit(features, [3] * 50 + [200] * 50)
+
+
+def test_lamps_predicts_with_the_length_model_file_its_options_name(tmp_path):
+    path = tmp_path / "lengths.json"
+    context_length_model().save(path)
+    policy = LampsPolicy(HAND_PROFILE, LampsOptions(length_predictor=str(path)))
+    assert policy.predictor.predict(make_request("long", 1000, call_after=7, max_tokens=300)).output_tokens == 205
+    assert LampsPolicy(HAND_PROFILE).predictor.length_model is None
+
+
+def test_lamps_prediction_noise_follows_its_options_error_and_its_seed():
+    request = make_request("r", 10, call_after=7, max_tokens=20, call_seconds=3.0, result=9)
+
+    def prediction(**seed):
+        return LampsPolicy(HAND_PROFILE, LampsOptions(prediction_error=0.5), **seed).predictor.predict(request)
+
+    assert prediction(seed=3) == prediction(seed=3) != prediction(seed=4)
+    assert prediction() == prediction(seed=0)
+    assert prediction(seed=3).call_seconds != 3.0
 
 
 def test_options_are_validated():

@@ -3,6 +3,8 @@ cache and the re-ranking interval, quantum holders at the front, and which block
 queue. Directly on the policy, with a Scheduler built around it (milliseconds)."""
 from __future__ import annotations
 
+import pytest
+
 from helpers import HAND_PROFILE, scheduler_with
 from test_lamps import make_request
 
@@ -97,7 +99,72 @@ def test_quantum_holders_go_first_oldest_first_whatever_their_scores():
     assert [r.request_id for r in policy.queue_order()] == ["starving-old", "starving-new", "cheap", "mid"]
 
 
+def test_with_a_threshold_of_one_a_queued_request_holds_quanta_back_to_back():
+    policy = lamps(starvation_threshold=1, starvation_quantum=2)
+    sched = blocked_behind_a_full_batch(policy)
+    late = make_request("late", 4)
+    sched.add(late)
+    granted_before = policy.quanta_granted          # the seat's, in step 0
+    front = []
+    for _ in range(6):
+        sched.schedule()
+        front.append(policy.is_starving(late))
+    assert front == [True] * 6 and policy.quanta_granted - granted_before == 3     # steps 1, 3 and 5
+
+
+def test_a_quantum_that_ends_while_running_restarts_the_count():
+    """Granted in its 2nd queued step (steps 2 and 3 at the front), `late` runs in step 4, the first
+    after its quantum: its count restarts, so queued again it waits 2 more steps for a new quantum."""
+    policy = lamps(starvation_threshold=2, starvation_quantum=2)
+    sched = blocked_behind_a_full_batch(policy)
+    late = make_request("late", 4)
+    sched.add(late)
+    for _ in range(3):                              # steps 1 to 3
+        sched.schedule()
+    assert policy.is_starving(late)
+    sched.waiting.remove(late)
+    sched.running.append(late)
+    late.status = RequestStatus.RUNNING
+    sched.schedule()                                # step 4, running
+    sched.running.remove(late)
+    sched.waiting.append(late)
+    late.status = RequestStatus.WAITING
+    front = []
+    for _ in range(2):
+        sched.schedule()
+        front.append(policy.is_starving(late))
+    assert front == [False, True]
+
+
 # ------------------------------------------------------------------ the score cache and re-ranking (spec 6.5)
+def test_a_plans_first_score_counts_the_running_batchs_query_tokens():
+    """A batch running 2 query tokens (20 of context) leaves chunks of c_h = 10: a 10-token request
+    predicted to generate 6 more builds 16 tokens in n = 2 chunks, 0.022 s * 10 * 3 = 0.66 token·s."""
+    policy = lamps(starvation_threshold=None)
+    sched = scheduler_with(policy)
+    batch = make_request("batch", 22)
+    batch.num_computed_tokens = 20
+    sched.running.append(batch)
+    sched.add(make_request("new", 10))
+    assert policy.plans["new"].score == pytest.approx(0.022 * 10 * 3)
+
+
+@pytest.mark.parametrize("running_query", [11, 12])
+def test_rescoring_counts_a_saturated_batch_as_leaving_one_token_chunks(running_query):
+    """A batch of S - 1 or S query tokens leaves c_h = 1: the queued request (15 tokens, its
+    predicted 6 already generated, so 16 to hold) scores as in test_lamps.py's hand case."""
+    policy = lamps(starvation_threshold=None)
+    sched = scheduler_with(policy)
+    queued = make_request("queued", 9)
+    sched.add(queued)
+    queued.token_ids.extend([7] * 6)
+    queued.tokens_since_resume = 6
+    batch = make_request("batch", running_query)
+    sched.add(batch)
+    sched.waiting.remove(batch)
+    sched.running.append(batch)
+    policy.on_running_scheduled()
+    assert policy.plans["queued"].score == pytest.approx(0.022 * 1 * 17 * 16 / 2)
 def test_rescored_when_the_length_changed_cached_otherwise():
     policy = lamps(starvation_threshold=None)
     sched = blocked_behind_a_full_batch(policy)
