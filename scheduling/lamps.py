@@ -127,7 +127,7 @@ class LampsPolicy(Policy):
         self._new_plan(request)
 
     def on_finish(self, request: Request) -> None:
-        self.plans.pop(request.request_id, None)
+        del self.plans[request.request_id]
 
     def _new_plan(self, request: Request) -> None:
         plan = Plan(self.predictor.predict(request), queued_since=self._step)

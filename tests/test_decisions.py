@@ -127,18 +127,18 @@ def test_heuristic_thresholds_at_exactly_4_and_7_seconds(variant, modes):
 # ------------------------------------------------------------------ the scheduler's own choices (spec 2.3)
 def test_running_requests_take_the_budget_oldest_first():
     sched = scheduler_with(PreservePolicy(), budget=12)
-    new = running(sched, "new", 0, 10, arrival=2.0)     # listed first, arrived last
-    old = running(sched, "old", 0, 10, arrival=0.0)
+    new = running(sched, "new", 0, 11, arrival=2.0)     # listed first, arrived last
+    old = running(sched, "old", 0, 11, arrival=0.0)
     out = sched.schedule()
-    assert [(s.request, s.num_query_tokens) for s in out.scheduled] == [(old, 10), (new, 2)]
+    assert [(s.request, s.num_query_tokens) for s in out.scheduled] == [(old, 11), (new, 1)]
 
 
 def test_out_of_blocks_preempts_the_newest_running_request():
     # 3 usable device blocks, all held; a's next token needs a 2nd block
     sched = scheduler_with(PreservePolicy(), device_blocks=4)
     a = running(sched, "a", 4, 1, arrival=0.0)
-    b = running(sched, "b", 3, 1, arrival=1.0)
     c = running(sched, "c", 3, 1, arrival=1.0)          # ties b; the larger id is the newer
+    b = running(sched, "b", 3, 1, arrival=1.0)          # listed after c: still scheduled after c's preemption
     c.num_preemptions = 1
     out = sched.schedule()
     assert out.preempted == [c] and c.status is RequestStatus.WAITING and c.num_preemptions == 2
@@ -358,20 +358,56 @@ def test_swapped_requests_share_the_steps_swap_in_budget_oldest_first():
     assert where(sched, new)[:2] == (1, 1) and new.status is RequestStatus.SWAPPED
 
 
-def test_a_swap_in_takes_from_the_paused_victims_exactly_the_blocks_it_lacks():
+def test_a_swap_in_and_then_its_compute_take_from_the_paused_victims_exactly_the_blocks_they_lack():
     """6 usable device blocks: the victims hold 1 + 3, so `s` lacks 2 of its 4 host blocks. The
-    first victim gives its only block, the second one more (the victims' calls are over: the
-    plan leaves them alone, and they rank by arrival)."""
+    first victim gives its only block, the second one more; then the result's token needs a 5th
+    block, and the second victim gives one more (the victims' calls are over: the plan leaves them
+    alone, and they rank by arrival)."""
     policy = InferCeptPolicy(HAND_PROFILE)
-    policy.swap_budget = lambda: (4, 3)
+    policy.swap_budget = lambda: (4, 4)
     sched = scheduler_with(policy, device_blocks=7)
-    s = swapped(sched, "s", 15, 4)                      # 16 tokens with the result: 4 blocks, no new one
+    s = swapped(sched, "s", 16, 4)
     p1 = paused(sched, "p1", 4, 1.0, arrival=1.0)
     p2 = paused(sched, "p2", 12, 1.0, arrival=2.0)
     out = sched.schedule(5.0)
-    assert where(sched, p1) == (0, 1, PauseMode.SWAP) and where(sched, p2) == (2, 1, PauseMode.SWAP)
+    assert where(sched, p1) == (0, 1, PauseMode.SWAP) and where(sched, p2) == (1, 2, PauseMode.SWAP)
     assert [(r.request, r.num_query_tokens) for r in out.scheduled] == [(s, 1)]
-    assert where(sched, s)[:2] == (4, 0)
+    assert where(sched, s)[:2] == (5, 0)
+
+
+def test_a_request_back_from_the_host_without_room_to_compute_preempts_nobody():
+    """Served from the queue, it may not preempt running requests (itself included): it keeps its
+    KV and computes in a later step."""
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 4), device_blocks=5)   # 4 usable blocks
+    s = swapped(sched, "s", 16, 4)                  # back whole; the result's token needs a 5th block
+    out = sched.schedule(1.0)
+    assert len(out.swap_in) == 4 and out.preempted == [] and out.scheduled == []
+    assert s.status is RequestStatus.RUNNING and where(sched, s)[:2] == (4, 0)
+
+
+@pytest.mark.parametrize("with_running, blocks_back", [(False, 1), (True, 0)])
+def test_a_zero_swap_in_budget_still_brings_one_block_back_when_nothing_runs(with_running, blocks_back):
+    """Nothing running would free memory or hide a copy: at least one block per step comes back, so
+    a swapped request never waits forever (scheduler.py docstring); with a batch running, none."""
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 0))
+    s = swapped(sched, "s", 16, 3)
+    if with_running:
+        running(sched, "r", 4, 1)
+    out = sched.schedule(1.0)
+    assert len(out.swap_in) == blocks_back and where(sched, s)[:2] == (1 + blocks_back, 3 - blocks_back)
+
+
+def test_a_swapped_request_that_cannot_come_back_stops_the_swapped_behind_it_not_the_waiting():
+    """FCFS per queue (spec 2.3): `big` lacks device room (a batch runs, so no swapped request is
+    recomputed for it), `small` behind it would fit but waits; a new request still runs."""
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 8), device_blocks=6)   # 5 usable blocks
+    big = swapped(sched, "big", 16, 4, arrival=0.0)
+    small = swapped(sched, "small", 8, 1, arrival=1.0)
+    running(sched, "r", 2, 1)                           # 1 block: 3 free, `big` needs 4
+    sched.add(Request("new", [5] * 3, SamplingParams(max_tokens=4), 2.0))
+    out = sched.schedule(1.0)
+    assert out.swap_in == [] and big.status is small.status is RequestStatus.SWAPPED
+    assert "new" in [r.request.request_id for r in out.scheduled]
 
 
 def test_with_nothing_running_a_blocked_swap_in_recomputes_the_newest_other_swapped_holder():
@@ -477,3 +513,12 @@ def test_active_discard_keeps_swapping_when_recomputing_costs_the_same():
     s = swapped(sched, "s", 16, 4)
     sched.policy._active_discard()
     assert s.status is RequestStatus.SWAPPED
+
+
+def test_a_step_scheduled_without_a_time_is_at_time_0():
+    """The call started at 0 and lasts 1 s: at time 0 keeping it wastes more than its discard, so
+    it is swapped out (at time 1 it would be over and stay)."""
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 6))
+    request = paused(sched, "r", 24, 1.0)
+    sched.schedule()
+    assert where(sched, request) == (0, 6, PauseMode.SWAP)
