@@ -262,8 +262,12 @@ def test_resume_queues_by_where_the_kv_is(mode, queue, status):
     elif mode is PauseMode.DISCARD:
         sched.discard_paused(request)
     request.token_ids.extend([7, 7])
+    request.tokens_since_resume = 3
     sched.resume(request, 5.0)
     assert request.status is status and getattr(sched, queue) == [request]
+    assert request.pause_mode is None and request.tokens_since_resume == 0     # a new segment starts
+    sched.finish(request, RequestStatus.FINISHED_ABORTED)
+    assert request.pause_mode is None and getattr(sched, queue) == []
 
 
 def test_swapped_request_comes_back_from_the_front_within_the_swap_in_budget_and_computes_when_whole():
@@ -522,3 +526,58 @@ def test_a_step_scheduled_without_a_time_is_at_time_0():
     request = paused(sched, "r", 24, 1.0)
     sched.schedule()
     assert where(sched, request) == (0, 6, PauseMode.SWAP)
+
+
+# ------------------------------------------------------------------ making room (spec 3.5.2 items 4-6)
+def test_paused_victims_give_a_running_request_exactly_the_blocks_it_lacks_first_victim_first():
+    """5 usable device blocks, all held; `r` needs 2 more for its 8 tokens. The first victim gives
+    its only block, the second one (calls over: ranked by arrival, left alone by the plan)."""
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 3), device_blocks=6)
+    r = running(sched, "r", 4, 8)
+    v1 = paused(sched, "v1", 4, 1.0, arrival=1.0)
+    v2 = paused(sched, "v2", 12, 1.0, arrival=2.0)
+    out = sched.schedule(5.0)
+    assert [(s.request, s.num_query_tokens) for s in out.scheduled] == [(r, 8)]
+    assert where(sched, v1) == (0, 1, PauseMode.SWAP) and where(sched, v2) == (2, 1, PauseMode.SWAP)
+
+
+def test_a_new_request_takes_memory_from_a_paused_victim():
+    """Spec 3.5.2 item 6: the memory of paused requests admits new ones (3 usable blocks)."""
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 1), device_blocks=4)
+    victim = paused(sched, "victim", 8, 1.0)
+    sched.add(Request("new", [5] * 8, SamplingParams(max_tokens=4), 1.0))
+    out = sched.schedule(5.0)
+    assert [(s.request.request_id, s.num_query_tokens) for s in out.scheduled] == [("new", 8)]
+    assert where(sched, victim) == (1, 1, PauseMode.SWAP)
+
+
+def test_a_request_back_from_the_host_and_a_new_one_share_what_the_budget_has_left():
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 4))
+    s = swapped(sched, "s", 8, 2, inflight=2)
+    new = Request("new", [5] * 20, SamplingParams(max_tokens=4), 2.0)
+    sched.add(new)
+    out = sched.schedule(1.0)
+    assert [(r.request, r.num_query_tokens) for r in out.scheduled] == [(s, 2), (new, 10)]
+
+
+def test_a_new_request_waits_when_the_running_ones_took_the_whole_budget():
+    sched = scheduler_with(PreservePolicy())
+    r = running(sched, "r", 0, 12)
+    new = Request("new", [5] * 4, SamplingParams(max_tokens=4), 1.0)
+    sched.add(new)
+    out = sched.schedule()
+    assert [(s.request, s.num_query_tokens) for s in out.scheduled] == [(r, 12)]
+    assert new.status is RequestStatus.WAITING and sched.blocks.num_blocks_of("new") == 0
+
+
+def test_every_discard_is_counted():
+    sched = scheduler_with(DiscardPolicy())
+    paused(sched, "a", 4, 1.0)
+    paused(sched, "b", 4, 1.0)
+    assert sched.num_discards == 2
+
+
+def test_a_host_pool_of_one_block_is_enough_for_a_swapping_policy():
+    assert scheduler_with(InferCeptPolicy(HAND_PROFILE), host_blocks=1).blocks.host.capacity == 1
+    with pytest.raises(ValueError, match="host pool is empty"):
+        scheduler_with(InferCeptPolicy(HAND_PROFILE), host_blocks=0)

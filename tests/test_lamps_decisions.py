@@ -259,3 +259,56 @@ def test_a_planned_swap_moves_blocks_within_each_steps_budget():
         sched.schedule()
         held.append((sched.blocks.num_blocks_of("r"), sched.blocks.num_host_blocks_of("r")))
     assert held == [(2, 2), (0, 4), (0, 4)]
+
+
+# ------------------------------------------------------------------ one ranked list of swapped and waiting
+def lamps_queue(device_blocks: int = 64):
+    """LAMPS with a fixed swap-in budget of 4 blocks, and a helper that queues a resumed request
+    with 8 tokens of KV, all in the host pool."""
+    policy = lamps()
+    policy.swap_budget = lambda: (4, 0)
+    sched = scheduler_with(policy, device_blocks=device_blocks)
+
+    def swapped(rid):
+        request = make_request(rid, 9)
+        sched.add(request)
+        sched.waiting.remove(request)
+        sched.blocks.ensure(rid, 8)
+        sched.blocks.swap_out(rid, 2)
+        request.num_computed_tokens = 8
+        request.status = RequestStatus.SWAPPED
+        sched.swapped.append(request)
+        return request
+
+    return policy, sched, swapped
+
+
+def test_a_waiting_request_left_without_budget_does_not_stop_a_swapped_one_ranked_behind():
+    """The running batch takes all 12 tokens: the new request ranked first cannot run, but the
+    swapped one behind it still comes back (its copy needs no tokens)."""
+    policy, sched, swapped = lamps_queue()
+    batch, new = make_request("batch", 12), make_request("new", 4)
+    sched.add(batch)
+    sched.waiting.remove(batch)
+    sched.running.append(batch)
+    batch.status = RequestStatus.RUNNING
+    sched.add(new)
+    back = swapped("back")
+    hand_plans(policy, {"batch": 0.0, "new": 1.0, "back": 2.0})
+    out = sched.schedule()
+    assert [s.request for s in out.scheduled] == [batch] and new.status is RequestStatus.WAITING
+    assert len(out.swap_in) == 2 and back.status is RequestStatus.RUNNING
+
+
+def test_requests_as_big_as_a_refused_one_are_skipped_and_the_rest_still_served():
+    """2 usable device blocks: `big` is refused room for its 12-token chunk (3 blocks), `twin` of
+    the same size is skipped, and the swapped request ranked behind them swaps in."""
+    policy, sched, swapped = lamps_queue(device_blocks=3)
+    back = swapped("back")
+    big, twin = make_request("big", 40), make_request("twin", 40)
+    sched.add(big)
+    sched.add(twin)
+    hand_plans(policy, {"big": 1.0, "twin": 2.0, "back": 3.0})
+    out = sched.schedule()
+    assert len(out.swap_in) == 2 and back.status is RequestStatus.RUNNING
+    assert big.status is twin.status is RequestStatus.WAITING
