@@ -109,8 +109,8 @@ class Scheduler:
                                        preempt_running=False):
                         budget -= self._schedule(request, n, scheduled)
             elif request.status is RequestStatus.WAITING and not waiting_blocked:
-                if (not budget or len(scheduled) == self.config.max_num_seqs
-                        or len(self.running) >= self.config.max_num_seqs):
+                # every scheduled request is running, so this also bounds the requests computing
+                if not budget or len(self.running) >= self.config.max_num_seqs:
                     waiting_blocked = True
                     continue
                 n = min(request.num_inflight_tokens, budget)
