@@ -257,20 +257,21 @@ def spy_on_resumes(engine) -> list[tuple]:
 
 
 def test_replay_resumes_each_call_with_its_result_and_the_next_segment():
-    """Three segments, the calls' durations doubled: the first call returns 3 tokens and installs
-    segment 1's trigger (3 tokens) and oracle; the second, a 0 s call returning nothing, comes back
-    at once with the last segment's (no trigger, no hint)."""
-    r = TraceRequest("r", 4, (Segment(2, api_time=1.0, api_token_length=3), Segment(3, api_time=0.0, api_token_length=0),
+    """Three segments, the calls' durations doubled: the first, a 0 s call, comes back at once with
+    3 tokens and installs segment 1's trigger (3 tokens) and oracle; the second returns nothing
+    and installs the last segment's (no trigger, no hint)."""
+    r = TraceRequest("r", 4, (Segment(2, api_time=0.0, api_token_length=3), Segment(3, api_time=0.5, api_token_length=0),
                               Segment(4)), kind="qa")
     engine = engine_at(10.0)
     resumes = spy_on_resumes(engine)
     progress = Progress()
     m = replay(engine, [(0.0, r)], window=100.0, time_scale=2.0, progress=progress)
-    assert resumes == [("req-0", 3, 3, SegmentHint(call_duration=0.0, result_tokens=0, tool="qa")),
+    assert resumes == [("req-0", 3, 3, SegmentHint(call_duration=1.0, result_tokens=0, tool="qa")),
                        ("req-0", 0, None, SegmentHint())]
-    # steps of 0.1 s: 2 tokens (0.2), the 2 s call (2.2), 3 tokens (2.5), the 0 s call, 4 tokens (2.9)
+    # steps of 0.1 s: 2 tokens (0.2), the 0 s call, 3 tokens (0.5), the 1 s call (1.5), 4 tokens (1.9)
     assert m["num_finished"] == progress.n == 1
-    assert m["steps"] == 9 and m["elapsed_s"] == pytest.approx(2.9)
+    assert m["steps"] == 9 and m["elapsed_s"] == pytest.approx(1.9)
+    assert m["normalized_latency"]["mean"] == pytest.approx((1.9 - 1.0) / 9)     # the calls' time left out
 
 
 def test_a_result_that_overflows_the_context_finishes_the_request_at_the_resume():
@@ -290,6 +291,7 @@ def test_replay_admits_every_arrival_due_before_the_step_and_counts_rejections()
     m = replay(engine_at(10.0), [(0.0, small), (0.0, big), (0.0, big), (0.0, small)], window=100.0, progress=progress)
     assert m["num_rejected"] == 2 and m["num_finished"] == 2 and progress.n == 4
     assert m["steps"] == 1 and m["elapsed_s"] == pytest.approx(0.1)
+    assert m["completed_rps"] == pytest.approx(2 / 0.1) and m["tokens_per_s"] == pytest.approx(2 * 5 / 0.1)
 
 
 def test_replay_results_due_at_the_same_time_resume_in_the_order_the_calls_started():
@@ -307,6 +309,36 @@ def test_replay_waits_for_the_next_arrival_and_stops_when_the_window_closes():
     m = replay(engine_at(10.0), [(0.0, r), (1.0, r), (2.0, r)], window=2.0)
     assert m["num_submitted"] == m["num_finished"] == 2
     assert m["elapsed_s"] == pytest.approx(2.0)
+    assert m["ttft"]["mean"] == m["e2e"]["mean"] == pytest.approx(0.1)     # each from its own arrival
+
+
+def test_a_call_still_running_when_the_window_closes_counts_until_the_end():
+    """Arrives at 1, pauses at 1.2 on a 100 s call, the window closes at 5: 0.2 s for 2 tokens
+    outside the call."""
+    r = TraceRequest("r", 4, (Segment(2, api_time=100.0, api_token_length=1), Segment(1)))
+    m = replay(engine_at(10.0), [(1.0, r)], window=5.0)
+    assert m["num_finished"] == 0 and m["e2e"]["mean"] is None
+    assert m["normalized_latency"]["mean"] == pytest.approx(0.1) and m["ttft"]["mean"] == pytest.approx(0.1)
+
+
+def test_a_replay_with_nothing_to_do_reports_zero_rates():
+    m = replay(engine_at(10.0), [], window=10.0)
+    assert m["num_submitted"] == m["num_finished"] == m["num_rejected"] == 0
+    assert m["elapsed_s"] == m["completed_rps"] == m["tokens_per_s"] == 0.0
+
+
+def test_an_empty_prompt_is_replayed_as_one_token():
+    m = replay(engine_at(10.0), [(0.0, TraceRequest("r", 0, (Segment(2),)))], window=10.0)
+    assert m["tokens_per_s"] * m["elapsed_s"] == pytest.approx(1 + 2)
+
+
+def test_the_metrics_names():
+    """The keys results.json, the tables and the plots read."""
+    m = replay(engine_at(10.0), [], window=1.0)
+    assert set(m) == {"num_submitted", "num_finished", "num_rejected", "elapsed_s", "normalized_latency", "ttft",
+                      "e2e", "tpot", "longest_wait_s", "completed_rps", "tokens_per_s", "memory_waste_pct",
+                      "waste_preserve_pct", "waste_recompute_pct", "waste_swap_stall_pct", "recompute_tokens",
+                      "swap_out_blocks", "swap_in_blocks", "steps"}
 
 
 class ManualClock:

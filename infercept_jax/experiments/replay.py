@@ -142,7 +142,7 @@ def _retire(engine: Engine, live: dict[str, _Live], rid: str, progress) -> None:
 def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
-    a = np.asarray(values, float)
+    a = np.asarray(values)
     return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99))}
 
