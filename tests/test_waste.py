@@ -54,6 +54,8 @@ def test_swap_seconds_from_slower_bandwidth():
     p = dataclasses.replace(ROUND, swap_out_gb_per_s=20.0, swap_in_gb_per_s=25.0)
     # 1000 tokens * 1e5 B / 20e9 B/s = 0.005 s (the slower of 20 and 25 GB/s)
     assert p.swap_seconds(1000) == pytest.approx(0.005)
+    # a GB is 10^9 bytes: 10^4 tokens * 10^5 B at 1 GB/s is exactly one second
+    assert dataclasses.replace(ROUND, swap_out_gb_per_s=1.0, swap_in_gb_per_s=2.0).swap_seconds(10_000) == 1.0
     # one bandwidth alone is not enough: fall back to the swap limit
     one_way = dataclasses.replace(ROUND, swap_out_gb_per_s=20.0)
     assert one_way.swap_seconds(1000) == pytest.approx(0.05)
