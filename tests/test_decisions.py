@@ -12,7 +12,8 @@ from infercept_jax import SamplingParams
 from kvcache.block_manager import BlockManager
 from scheduling.estimators import OracleEstimator
 from scheduling.infercept import InferCeptPolicy
-from scheduling.policies import POLICIES, DiscardPolicy, HeuristicPolicy, ImprovedDiscardPolicy, PreservePolicy
+from scheduling.policies import (POLICIES, DiscardPolicy, HeuristicPolicy, ImprovedDiscardPolicy, PreservePolicy,
+                                 make_policy)
 from scheduling.request import Interception, PauseMode, Request, RequestStatus, SegmentHint
 from scheduling.scheduler import Scheduler
 
@@ -581,3 +582,21 @@ def test_a_host_pool_of_one_block_is_enough_for_a_swapping_policy():
     assert scheduler_with(InferCeptPolicy(HAND_PROFILE), host_blocks=1).blocks.host.capacity == 1
     with pytest.raises(ValueError, match="host pool is empty"):
         scheduler_with(InferCeptPolicy(HAND_PROFILE), host_blocks=0)
+
+
+def test_infercept_swap_budget_counts_free_memory_in_tokens():
+    """Spec 3.5.1 item 2 with N(S) = 24 and S = 12: in = (N + F - S) / 2 tokens (F: free device
+    tokens), out = N - in, at most the free host tokens plus the ones swap-in frees there."""
+    roomy = scheduler_with(InferCeptPolicy(HAND_PROFILE), device_blocks=5)        # F = 16: in 14, out 10
+    assert roomy.policy.swap_budget() == (3, 2)
+    full = scheduler_with(InferCeptPolicy(HAND_PROFILE), device_blocks=2, host_blocks=1)
+    running(full, "r", 4)                                                     # F = 0: in 6, out 18 ...
+    assert full.policy.swap_budget() == (1, 2)                                # ... but 4 + 4 host tokens
+
+
+def test_make_policy_heuristic_defaults_to_h_b_with_the_oracle_and_keeps_what_it_is_given():
+    default = make_policy("heuristic")
+    assert isinstance(default.estimator, OracleEstimator) and (default.swap_from, default.discard_from) == (4.0, 7.0)
+    estimator = OracleEstimator()
+    given = make_policy("heuristic", estimator=estimator, heuristic="H-S")
+    assert given.estimator is estimator and (given.swap_from, given.discard_from) == (4.0, None)

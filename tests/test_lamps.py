@@ -12,7 +12,7 @@ from infercept_jax import SamplingParams
 from kvcache.block_manager import BlockManager
 from scheduling.lamps import LampsOptions, LampsPolicy, Plan
 from scheduling.length_model import LengthModel, SegmentFeatures
-from scheduling.policies import PreservePolicy
+from scheduling.policies import PreservePolicy, make_policy
 from scheduling.predictors import SegmentPrediction, SegmentPredictor
 from scheduling.request import Interception, NextSegment, PauseMode, Request, RequestStatus, SegmentHint
 from scheduling.scheduler import Scheduler, SchedulerConfig
@@ -281,6 +281,9 @@ def test_lamps_prediction_noise_follows_its_options_error_and_its_seed():
     assert prediction(seed=3) == prediction(seed=3) != prediction(seed=4)
     assert prediction() == prediction(seed=0)
     assert prediction(seed=3).call_seconds != 3.0
+    by_name = [make_policy("lamps", HAND_PROFILE, lamps=LampsOptions(prediction_error=0.5), **seed)
+               for seed in ({}, {"seed": 3})]
+    assert [p.predictor.predict(request) for p in by_name] == [prediction(seed=0), prediction(seed=3)]
 
 
 def test_options_are_validated():
