@@ -289,6 +289,9 @@ def test_lamps_prediction_noise_follows_its_options_error_and_its_seed():
 def test_options_are_validated():
     with pytest.raises(ValueError, match="starvation_threshold"):
         LampsOptions(starvation_threshold=0)
+    assert LampsOptions(starvation_quantum=1).starvation_quantum == 1        # one step at the front
+    with pytest.raises(ValueError, match="starvation_quantum"):
+        LampsOptions(starvation_quantum=0)
     with pytest.raises(ValueError, match="duration_predictor"):
         LampsOptions(duration_predictor="psychic")
     with pytest.raises(ValueError, match="prediction_error"):

@@ -140,6 +140,9 @@ def test_swap_budget_both_positive():
 def test_swap_budget_in_clamped_to_zero():
     # in = (318.7784 + 0 - 384)/2 = -32.6108 -> 0; out = N = 318.7784 -> 4 blocks
     assert swap_budget(0, PLENTY, VICUNA, 64) == SwapBudget(in_blocks=0, out_blocks=4)
+    # a whole number of blocks: N = 256 = 4 blocks of 64, all of them out (nothing kept back for in)
+    whole = dataclasses.replace(VICUNA, swap_limit_tokens=256.0)
+    assert swap_budget(0, PLENTY, whole, 64) == SwapBudget(in_blocks=0, out_blocks=4)
 
 
 def test_swap_budget_out_clamped_to_zero():
