@@ -283,6 +283,12 @@ def test_a_result_that_overflows_the_context_finishes_the_request_at_the_resume(
     assert m["steps"] == 2 and m["elapsed_s"] == pytest.approx(1.2)
 
 
+def test_time_scale_stretches_the_first_call_too():
+    """Pause after 1 token (0.1), a 1 s call stretched to 3 s, the last token: 3.2 s."""
+    r = TraceRequest("r", 4, (Segment(1, api_time=1.0, api_token_length=1), Segment(1)))
+    assert replay(engine_at(10.0), [(0.0, r)], window=100.0, time_scale=3.0)["elapsed_s"] == pytest.approx(3.2)
+
+
 def test_replay_admits_every_arrival_due_before_the_step_and_counts_rejections():
     """Two prompts too big for the pool are rejected between two that fit, all arriving at t = 0:
     the two that fit share the first step."""
