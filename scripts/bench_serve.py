@@ -15,6 +15,8 @@ question turns), turns completed per second, the server's memory waste, and the 
     .venv/bin/python scripts/bench_serve.py --sessions 2 --sessions 12        # TTFT, then a saturating load
     .venv/bin/python scripts/bench_serve.py --soak 600 --sessions 8           # 10 min of disconnects and timeouts
 
+It needs the test extra (the `openai` client and httpx): the venv `make test` builds has it.
+
 `--soak S` runs sessions for S seconds against one resume server: a session stops reading a stream
 midway (a disconnect) or walks away after a tool call (left to `--pause-timeout`) at random. At the
 end the script checks that every request got its answer or was dropped on purpose, and that the
