@@ -32,8 +32,9 @@ def build_engine(config: EngineConfig, make_runner: Callable[[BlockManager, Engi
     profile = engine_profile(config, kv_bytes_per_token)
     config = dataclasses.replace(config, max_model_len=config.max_model_len or model_max_len,
                                  max_num_batched_tokens=profile.saturation_tokens)
-    policy = make_policy(config.policy, profile, make_estimator(config.estimator), config.heuristic,
-                         config.lamps, config.seed)
+    noise = {"relative_error": config.estimator_error, "seed": config.seed}
+    estimator = make_estimator(config.resolved_estimator, **(noise if config.estimator == "noisy-oracle" else {}))
+    policy = make_policy(config.policy, profile, estimator, config.heuristic, config.lamps, config.seed)
     bytes_per_block = kv_bytes_per_token * config.block_size
     num_blocks = config.num_kv_blocks
     if num_blocks is None:

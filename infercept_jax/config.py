@@ -78,7 +78,9 @@ class EngineConfig:
     policy: str = "infercept"            # discard, improved-discard, preserve, swap, heuristic, infercept, lamps
     heuristic: str = "H-B"               # H-S, H-D or H-B, for policy="heuristic"
     profile: str | HardwareProfile | None = None   # JSON file, paper profile name or profile; None: uncalibrated
-    estimator: str = "dynamic"           # call durations: oracle, noisy-oracle, tool-mean, dynamic
+    estimator: str | None = None         # call durations: oracle, noisy-oracle, tool-mean, dynamic;
+                                         #   None: dynamic, or tool-mean under the heuristic policy
+    estimator_error: float = 0.0         # noisy-oracle: each call's oracle duration times uniform [1-e, 1+e]
     swap_space_gb: float = 1.0           # host KV pool for swapped-out blocks
     num_host_blocks: int | None = None   # None: sized from swap_space_gb
     lamps: LampsOptions = field(default_factory=LampsOptions)   # policy="lamps" (scheduling/lamps.py)
@@ -99,8 +101,18 @@ class EngineConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.heuristic not in HEURISTICS:
             raise ValueError(f"heuristic must be one of {', '.join(HEURISTICS)}, got {self.heuristic!r}")
-        if self.estimator not in ESTIMATORS:
+        if self.estimator is not None and self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.policy == "heuristic" and self.estimator == "dynamic":
+            raise ValueError("the heuristic policy decides once, at the pause, where the dynamic estimate is 0 s, "
+                             "so it would preserve every call; use estimator oracle, noisy-oracle or tool-mean "
+                             "(or leave it unset: tool-mean)")
+        if not (isinstance(self.estimator_error, (int, float)) and math.isfinite(self.estimator_error)
+                and self.estimator_error >= 0):
+            raise ValueError(f"estimator_error must be a finite number >= 0, got {self.estimator_error!r}")
+        if self.estimator_error and self.estimator != "noisy-oracle":
+            raise ValueError(f"estimator_error is the noisy-oracle estimator's error; the estimator is "
+                             f"{self.resolved_estimator!r}")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
         if self.swap_space_gb < 0:
@@ -111,6 +123,14 @@ class EngineConfig:
             raise ValueError(f"profile must be a file, a profile name or a HardwareProfile, got {self.profile!r}")
         if not isinstance(self.lamps, LampsOptions):
             raise ValueError(f"lamps must be LampsOptions, got {type(self.lamps).__name__}")
+
+    @property
+    def resolved_estimator(self) -> str:
+        """The estimator's name, with the default filled in: the heuristic policy decides at the
+        pause, where only an estimator that knows something then (tool-mean) is of use."""
+        if self.estimator is not None:
+            return self.estimator
+        return "tool-mean" if self.policy == "heuristic" else "dynamic"
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -64,3 +64,61 @@ def test_only_policies_that_swap_get_a_host_pool():
     # sized from swap_space_gb: 1 MiB of blocks of 4 tokens x 64 bytes
     sized = engine_with(FakeRunner(), "swap", num_kv_blocks=32, swap_space_gb=2**-10)
     assert sized.blocks.host.capacity == 2**20 // (4 * 64)
+
+
+def test_the_default_estimator_is_dynamic_and_tool_mean_for_the_heuristics():
+    assert engine_with(FakeRunner(), "infercept", num_kv_blocks=32, num_host_blocks=8).scheduler.policy.estimator \
+        .__class__.__name__ == "DynamicEstimator"
+    heuristic = engine_with(FakeRunner(), "heuristic", num_kv_blocks=32, num_host_blocks=8)
+    assert heuristic.config.resolved_estimator == "tool-mean"
+    assert heuristic.scheduler.policy.estimator.__class__.__name__ == "ToolMeanEstimator"
+    with pytest.raises(ValueError, match="heuristic policy decides once, at the pause"):
+        EngineConfig(policy="heuristic", estimator="dynamic")
+
+
+def test_the_noisy_oracle_takes_its_error_and_the_engine_seed():
+    engine = engine_with(FakeRunner(), "infercept", profile=HAND_PROFILE, num_kv_blocks=32, num_host_blocks=8,
+                         estimator="noisy-oracle", estimator_error=0.4, seed=7)
+    estimator = engine.scheduler.policy.estimator
+    assert estimator.relative_error == 0.4
+    same_seed = engine_with(FakeRunner(), "infercept", profile=HAND_PROFILE, num_kv_blocks=32, num_host_blocks=8,
+                            estimator="noisy-oracle", estimator_error=0.4, seed=7).scheduler.policy.estimator
+    other_seed = engine_with(FakeRunner(), "infercept", profile=HAND_PROFILE, num_kv_blocks=32, num_host_blocks=8,
+                             estimator="noisy-oracle", estimator_error=0.4, seed=8).scheduler.policy.estimator
+    draws = [[e._rng.random() for _ in range(3)] for e in (estimator, same_seed, other_seed)]
+    assert draws[0] == draws[1] != draws[2]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"estimator": "oracle", "estimator_error": 0.2}, "estimator_error is the noisy-oracle estimator's error; "
+                                                      "the estimator is 'oracle'"),
+    ({"estimator_error": 0.2}, "the estimator is 'dynamic'"),
+    ({"estimator": "noisy-oracle", "estimator_error": -0.1}, "finite number >= 0"),
+    ({"estimator": "noisy-oracle", "estimator_error": float("nan")}, "finite number >= 0"),
+])
+def test_an_estimator_error_needs_the_noisy_oracle(options, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**options)
+
+
+def test_replay_flags_reach_the_engine(monkeypatch, tmp_path):
+    from infercept_jax import cli
+    from infercept_jax.experiments import sweeps
+
+    factories = []
+    monkeypatch.setattr(sweeps, "run_replays", lambda trace, make_engine, *a, **k: factories.append(make_engine) or [])
+    monkeypatch.setattr(sweeps, "format_table", lambda results: "")
+    monkeypatch.setattr(sweeps, "write_results", lambda results, out: [])
+    assert cli.main(["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b",
+                     "--policy", "heuristic", "--heuristic", "H-S", "--estimator", "noisy-oracle",
+                     "--estimator-error", "0.3", "--max-model-len", "1024", "--out", str(tmp_path)]) == 0
+    engine = factories[0]("heuristic")
+    assert engine.config.max_model_len == 1024 and engine.config.heuristic == "H-S"
+    assert engine.scheduler.policy.estimator.relative_error == 0.3
+    assert (engine.scheduler.policy.swap_from, engine.scheduler.policy.discard_from) == (4.0, None)
+    assert cli.main(["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b",
+                     "--max-num-batched-tokens", "100", "--out", str(tmp_path)]) == 0
+    with pytest.raises(ValueError, match="max_num_batched_tokens=100 disagrees"):      # S is the profile's
+        factories[1]("infercept")
+    assert cli.main(["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b",
+                     "--dtype", "bfloat16", "--out", str(tmp_path)]) == 2

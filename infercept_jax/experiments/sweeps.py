@@ -16,7 +16,7 @@ from infercept_jax.experiments.simulator import simulated_engine
 from infercept_jax.experiments.workload import KINDS, TraceRequest, generate_workload, load_trace, scale_tokens
 from scheduling.estimators import ESTIMATORS
 from scheduling.lamps import LampsOptions
-from scheduling.policies import POLICIES
+from scheduling.policies import HEURISTICS, POLICIES
 from scheduling.profile import HardwareProfile, load_profile
 
 DEFAULT_POLICIES = ("discard", "preserve", "swap", "infercept")
@@ -174,6 +174,9 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every tool-call duration")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="oracle", help="call-duration estimator")
+    parser.add_argument("--estimator-error", type=float, default=0.0,
+                        help="noisy-oracle: each call's duration times uniform [1-e, 1+e]")
+    parser.add_argument("--heuristic", choices=HEURISTICS, default="H-B", help="for --policy heuristic")
     add_lamps_arguments(parser)
     parser.add_argument("--simulate", action="store_true", help="the simulator instead of the real engine")
     parser.add_argument("--profile", help="hardware profile: a name (a100-gptj-6b, a100x2-vicuna-13b) or "
@@ -184,6 +187,11 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         "engine's default)")
     parser.add_argument("--num-host-blocks", type=int, help="host KV blocks for swap")
     parser.add_argument("--max-num-seqs", type=int, help="requests per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="the step budget S when there is no profile "
+                        "(a profile's own S is used otherwise)")
+    parser.add_argument("--max-model-len", type=int, help="longest context (default: the model's; 2048 simulated)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="real engine: weights "
+                        "and KV dtype (default auto)")
     parser.add_argument("--out", required=True, help="folder for results.json and the plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -209,15 +217,18 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
     """Run `infercept replay` / scripts/replay_trace.py: replays, table, results.json, plots."""
     policies = args.policy or list(DEFAULT_POLICIES)
     rates = args.qps or [1.0]
-    options = {k: v for k, v in (("num_host_blocks", args.num_host_blocks), ("max_num_seqs", args.max_num_seqs))
-               if v is not None}
-    lamps = lamps_options(args)
+    given = {name: getattr(args, name) for name in ("num_host_blocks", "max_num_seqs", "max_num_batched_tokens",
+                                                     "max_model_len", "dtype")}
+    options = {name: value for name, value in given.items() if value is not None}
+    decisions = {"heuristic": args.heuristic, "estimator_error": args.estimator_error, "lamps": lamps_options(args)}
     if args.simulate:
         if args.profile is None:
             raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")
+        if args.dtype is not None:
+            raise ValueError("--dtype is for the real engine; the simulator runs no model")
         if args.num_kv_blocks is not None:
             options["num_device_blocks"] = args.num_kv_blocks
-        make_engine = simulated_engines(load_profile(args.profile), estimator=args.estimator, lamps=lamps, **options)
+        make_engine = simulated_engines(load_profile(args.profile), estimator=args.estimator, **decisions, **options)
         trace = resolve_trace(args.trace)
     else:
         if args.num_kv_blocks is not None:
@@ -230,7 +241,7 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
             args.profile = path
         if args.profile is not None:
             options["profile"] = args.profile
-        make_engine = real_engines(args.model, args.estimator, lamps=lamps, **options)
+        make_engine = real_engines(args.model, args.estimator, **decisions, **options)
         trace = resolve_trace(args.trace, _tokenizer_for(args.trace, args.model))
     results = run_replays(trace, make_engine, policies, rates, args.window, seed=args.seed,
                           time_scale=args.time_scale, show_progress=not args.quiet)
