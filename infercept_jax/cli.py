@@ -31,7 +31,10 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop or [])
-        llm = LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_gb)
+        # No tool calls here, so nothing pauses: the policy does not matter, and preserve needs
+        # neither a hardware profile nor a host pool.
+        llm = LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_gb,
+                  policy="preserve")
         if args.chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         if args.stream:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ class Tokenizer:
 
     @cached_property
     def _hf(self) -> Any:
-        # Imported lazily: transformers costs ~1 s to import and only the chat template needs it (no torch).
+        # Imported lazily: transformers costs ~1 s to import and only the chat template needs it. Its
+        # import-time advice that PyTorch is missing is about models, which it does not run here.
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast(

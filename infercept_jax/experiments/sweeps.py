@@ -123,25 +123,34 @@ def write_results(results: list[dict], out_dir: str) -> list[str]:
 
 
 def plot_results(results: list[dict], out_dir: str) -> list[str]:
-    """Normalized latency against request rate per policy; memory waste by cause per policy."""
+    """Normalized latency against request rate per policy (a bar per policy when there is one
+    rate: a curve of one point says nothing); memory waste by cause per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     policies = list(dict.fromkeys(r["policy"] for r in results))
+    rates = sorted({r["qps"] for r in results})
     fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in policies:
-        runs = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["qps"])
-        points = [(r["qps"], r["normalized_latency"]["mean"]) for r in runs if r["normalized_latency"]["mean"] is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=policy)
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("mean normalized latency (s/token)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    latency_path = os.path.join(out_dir, "latency_vs_rate.png")
+    if len(rates) == 1:
+        latencies = [next(r for r in results if r["policy"] == p)["normalized_latency"]["mean"] for p in policies]
+        ax.bar(policies, [0.0 if v is None else v for v in latencies])
+        ax.set_ylabel(f"mean normalized latency (s/token) at {rates[0]:g} req/s")
+        latency_path = os.path.join(out_dir, "latency_by_policy.png")
+    else:
+        for policy in policies:
+            runs = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["qps"])
+            points = [(r["qps"], r["normalized_latency"]["mean"]) for r in runs
+                      if r["normalized_latency"]["mean"] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=policy)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("mean normalized latency (s/token)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        latency_path = os.path.join(out_dir, "latency_vs_rate.png")
     fig.tight_layout()
     fig.savefig(latency_path, dpi=120)
     plt.close(fig)
