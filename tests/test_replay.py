@@ -219,6 +219,21 @@ def test_sample_arrivals_defaults_to_seed_0_and_refuses_a_zero_rate_or_window():
             sample_arrivals(trace, qps, window)
 
 
+def test_sample_arrivals_refuses_an_empty_trace():
+    with pytest.raises(ValueError, match="the trace has no requests to sample"):
+        sample_arrivals({}, 1.0, 10.0)
+
+
+def test_replay_and_predictor_cli_refuse_an_empty_trace_file(tmp_path, capsys):
+    path = tmp_path / "empty.json"
+    path.write_text("{}")
+    assert main(["replay", "--trace", str(path), "--simulate", "--profile", "a100-gptj-6b",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "error: the trace has no requests" in capsys.readouterr().err
+    assert main(["predictor", "--trace", str(path), "-o", str(tmp_path / "model.json")]) == 2
+    assert "the trace has no requests" in capsys.readouterr().err
+
+
 def test_sample_arrivals_draws_4_qps_window_keys_and_at_least_one():
     """At 100 req/s the first 101 arrive at t = 0, so every drawn key is an arrival."""
     trace = generate_workload("qa", 10, seed=0)

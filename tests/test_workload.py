@@ -149,8 +149,6 @@ MALFORMED = {
     "bool count": ([{"prompt_tokens": True, **LAST}], "request 'bad' segment 0: prompt_tokens must be an integer"),
     "string count": ([{"prompt_tokens": 1, "completion_tokens": "3"}],
                      "request 'bad' segment 0: completion_tokens must be an integer"),
-    "negative api_token_length": ([{"prompt_tokens": 1, **CALL, "api_token_length": -1}, LAST],
-                                  "request 'bad' segment 0: api_token_length must be an integer >= 0"),
     "negative api_time": ([{"prompt_tokens": 1, **CALL, "api_time": -0.1}, LAST],
                           "request 'bad' segment 0: api_time must be a number >= 0"),
     "string api_time": ([{"prompt_tokens": 1, **CALL, "api_time": "1s"}, LAST],
@@ -183,6 +181,36 @@ def test_malformed_requests_name_the_key_and_field(tmp_path, case):
     with pytest.raises(ValueError) as error:
         load_trace(path, tokenizer=WordTokenizer())
     assert message in str(error.value)
+
+
+def test_negative_prompt_and_returned_counts_read_as_0_with_one_warning(tmp_path, caplog):
+    # As the released trace's requests 7_2, 13_2, 16_2 and 25 (segment 5): the reference sends [0] * -2, nothing.
+    data = {"7_2": [{"prompt_tokens": 10, **CALL, "api_token_length": -2}, LAST],
+            "25": [{"prompt_tokens": -3, **CALL}, {**CALL, "api_token_length": -2}, LAST],
+            "ok": GOOD}
+    with caplog.at_level("WARNING"):
+        trace = load_trace(write(tmp_path, data))
+    assert trace["7_2"].segments == (Segment(3, 0.5, 0), Segment(2))
+    assert trace["25"].prompt_tokens == 0
+    assert trace["25"].segments == (Segment(3, 0.5, 4), Segment(3, 0.5, 0), Segment(2))
+    assert trace["ok"] == load_trace(write(tmp_path, {"ok": GOOD}))["ok"]
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "read 3 negative token count(s) as 0" in message
+    for quirk in ("request '7_2' segment 0: api_token_length -2", "request '25' segment 0: prompt_tokens -3",
+                  "request '25' segment 1: api_token_length -2"):
+        assert quirk in message
+
+
+def test_a_trace_without_negative_counts_loads_without_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        load_trace(write(tmp_path, {"ok": GOOD}))
+    assert not caplog.records
+
+
+def test_an_empty_trace_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="the trace has no requests"):
+        load_trace(write(tmp_path, {}))
 
 
 def test_describe_groups_by_kind():

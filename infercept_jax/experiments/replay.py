@@ -29,6 +29,8 @@ def sample_arrivals(trace: dict[str, TraceRequest], qps: float, window: float,
     """(arrival time, request) pairs inside the window, as the reference benchmark draws them."""
     if qps <= 0 or window <= 0:
         raise ValueError(f"qps and window must be > 0, got {qps} and {window}")
+    if not trace:
+        raise ValueError("the trace has no requests to sample")
     keys = random.Random(seed).choices(sorted(trace), k=max(1, int(4 * qps * window)))
     rng = np.random.default_rng(seed)
     arrivals, t = [], 0.0

@@ -33,6 +33,7 @@ sd is 0); calls per request are rounded normals clipped to [1, max]. [mine] mark
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 KINDS = ("math", "qa", "ve", "chat", "image", "tts")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,26 @@ def parse_trace(data: Any, tokenizer: Tokenizer | None = None) -> Trace:
 
     Only segment 0's prompt is read (later ones are the running context). Text-form strings are
     measured as `len(tokenizer.encode(text))`, as the reference benchmark does. A segment without
-    api fields has no call and must be the last one.
+    api fields has no call and must be the last one. Requests keep the file's order, which the
+    reference's sampling depends on.
+
+    A negative prompt_tokens or api_token_length is read as 0, as the reference does (it sends
+    `[0] * n` tokens, empty when n < 0; the released trace has four api_token_length of -2), with
+    one warning naming them all.
     """
     if not isinstance(data, dict):
         raise ValueError(f"a trace must be a JSON object of request key -> segments, got {type(data).__name__}")
-    return {str(key): _parse_request(str(key), segments, tokenizer) for key, segments in data.items()}
+    if not data:
+        raise ValueError("the trace has no requests (an empty JSON object)")
+    negatives: list[str] = []       # "request 'k' segment i: name n", read as 0
+    trace = {str(key): _parse_request(str(key), segments, tokenizer, negatives) for key, segments in data.items()}
+    if negatives:
+        log.warning(f"read {len(negatives)} negative token count(s) as 0, as the reference benchmark does: "
+                    + "; ".join(negatives))
+    return trace
 
 
-def _parse_request(key: str, segments: Any, tokenizer: Tokenizer | None) -> TraceRequest:
+def _parse_request(key: str, segments: Any, tokenizer: Tokenizer | None, negatives: list[str]) -> TraceRequest:
     where = f"request {key!r}"
     if not isinstance(segments, list) or not segments:
         raise ValueError(f"{where}: must be a non-empty list of segments, got {_short(segments)}")
@@ -144,11 +159,11 @@ def _parse_request(key: str, segments: Any, tokenizer: Tokenizer | None) -> Trac
         form = seg_form
         prompt_name, completion_name, result_name = _FORMS[form]
         if i == 0:
-            prompt = _length(seg, prompt_name, at, tokenizer)
+            prompt = _length(seg, prompt_name, at, tokenizer, negatives)
             kind = seg.get("kind")
             if kind is not None and not isinstance(kind, str):
                 raise ValueError(f"{at}: kind must be a string, got {_short(kind)}")
-        completion = _length(seg, completion_name, at, tokenizer)
+        completion = _length(seg, completion_name, at, tokenizer, negatives)
         if ("api_time" in seg) != (result_name in seg):
             present, missing = ("api_time", result_name) if "api_time" in seg else (result_name, "api_time")
             raise ValueError(f"{at}: {present} without {missing}")
@@ -161,11 +176,16 @@ def _parse_request(key: str, segments: Any, tokenizer: Tokenizer | None) -> Trac
         if isinstance(api_time, bool) or not isinstance(api_time, (int, float)) \
                 or not math.isfinite(api_time) or api_time < 0:
             raise ValueError(f"{at}: api_time must be a number >= 0, got {_short(api_time)}")
-        parsed.append(Segment(completion, float(api_time), _length(seg, result_name, at, tokenizer)))
+        parsed.append(Segment(completion, float(api_time), _length(seg, result_name, at, tokenizer, negatives)))
     return TraceRequest(key, prompt, tuple(parsed), kind)
 
 
-def _length(seg: dict, name: str, at: str, tokenizer: Tokenizer | None) -> int:
+# Counts the reference replays as `[0] * n` tokens, so a negative one means none. A negative
+# completion_tokens is refused: the reference would never trigger that segment's call.
+_ZERO_IF_NEGATIVE = ("prompt_tokens", "api_token_length")
+
+
+def _length(seg: dict, name: str, at: str, tokenizer: Tokenizer | None, negatives: list[str]) -> int:
     """A token count, read directly (token-count form) or by tokenizing a string (text form)."""
     if name not in seg:
         raise ValueError(f"{at}: missing field {name!r}")
@@ -176,7 +196,12 @@ def _length(seg: dict, name: str, at: str, tokenizer: Tokenizer | None) -> int:
         if tokenizer is None:
             raise ValueError(f"{at}: field {name!r} is text, which needs a tokenizer (load_trace(path, tokenizer))")
         return len(tokenizer.encode(value))
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{at}: {name} must be an integer >= 0, got {_short(value)}")
+    if value < 0 and name in _ZERO_IF_NEGATIVE:
+        negatives.append(f"{at}: {name} {value}")
+        return 0
+    if value < 0:
         raise ValueError(f"{at}: {name} must be an integer >= 0, got {_short(value)}")
     return value
 
