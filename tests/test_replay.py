@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,7 @@ from infercept_jax.experiments.replay import (_stats, generated_tokens, replay, 
                                               segment_params)
 from infercept_jax.experiments.simulator import simulated_engine
 from infercept_jax.experiments.sweeps import builtin_trace, format_table, lamps_options, run_replays, simulated_engines
-from infercept_jax.experiments.workload import Segment, TraceRequest, generate_workload
+from infercept_jax.experiments.workload import Segment, TraceRequest, generate_workload, load_trace
 from scheduling.lamps import LampsOptions
 from scheduling.profile import PAPER_PROFILES, HardwareProfile
 from scheduling.request import SegmentHint
@@ -217,6 +218,21 @@ def test_sample_arrivals_defaults_to_seed_0_and_refuses_a_zero_rate_or_window():
     for qps, window in [(0.0, 10.0), (1.0, 0.0), (-1.0, 10.0), (1.0, -1.0)]:
         with pytest.raises(ValueError):
             sample_arrivals(trace, qps, window)
+
+
+def test_sample_arrivals_draws_the_requests_the_reference_draws_from_the_files_order(tmp_path):
+    keys = ["7_2", "25", "13_2", "100", "3", "16_2", "b", "a"]          # deliberately not sorted
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({key: [{"prompt_tokens": 4, "completion_tokens": 2}] for key in keys}))
+    qps, window, seed = 2.0, 3.0, 5
+    # The reference (spec 1.3): random.seed(seed); random.choices(keys, k=4 * qps * window), keys as json.load gives them.
+    state = random.getstate()
+    random.seed(seed)
+    with open(path) as f:
+        expected = random.choices(list(json.load(f)), k=int(4 * qps * window))
+    random.setstate(state)
+    drawn = [request.key for _, request in sample_arrivals(load_trace(path), qps, window, seed)]
+    assert drawn == expected[:len(drawn)] and len(drawn) >= 3
 
 
 def test_sample_arrivals_refuses_an_empty_trace():

@@ -26,12 +26,13 @@ from scheduling.request import Request, SegmentHint
 
 def sample_arrivals(trace: dict[str, TraceRequest], qps: float, window: float,
                     seed: int = 0) -> list[tuple[float, TraceRequest]]:
-    """(arrival time, request) pairs inside the window, as the reference benchmark draws them."""
+    """(arrival time, request) pairs inside the window, as the reference benchmark draws them: the
+    same seed picks the same requests, so the keys are drawn in the trace's (the file's) order."""
     if qps <= 0 or window <= 0:
         raise ValueError(f"qps and window must be > 0, got {qps} and {window}")
     if not trace:
         raise ValueError("the trace has no requests to sample")
-    keys = random.Random(seed).choices(sorted(trace), k=max(1, int(4 * qps * window)))
+    keys = random.Random(seed).choices(list(trace), k=max(1, int(4 * qps * window)))
     rng = np.random.default_rng(seed)
     arrivals, t = [], 0.0
     for i, key in enumerate(keys):
