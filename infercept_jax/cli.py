@@ -4,6 +4,7 @@
     infercept generate --chat --prompt "Write a haiku about the sea." --stream
     infercept profile --model smollm2-135m -o profile.json    # then LLM(..., profile="profile.json")
     infercept workload --kind mixed --n 400 --seed 0 -o mixed.json
+    infercept workload --describe merged_exp_uniform.json            # token counts as a replay loads them
     infercept replay --trace mixed.json --simulate --profile a100-gptj-6b --qps 1 --qps 2 --out results/sim
     infercept predictor --trace mixed.json -o length-model.json     # LAMPS-style output-length predictor
     infercept serve --model smollm2-135m --port 8000               # OpenAI-compatible, with transparent resume
@@ -84,18 +85,24 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _workload(args: argparse.Namespace) -> int:
-    from infercept_jax.experiments.workload import describe, generate_workload, save_trace
+    from infercept_jax.experiments.workload import ModelTokenizer, describe, generate_workload, load_trace, save_trace
 
     try:
-        trace = generate_workload(args.kind, args.n, seed=args.seed, single_call=args.single_call,
-                                  max_context=args.max_context)
-    except ValueError as e:
+        if args.describe is not None:
+            trace = load_trace(args.describe, ModelTokenizer(args.tokenizer))
+        elif args.out is None:
+            raise ValueError("give -o/--out to write a generated trace, or --describe FILE to measure one")
+        else:
+            trace = generate_workload(args.kind, args.n, seed=args.seed, single_call=args.single_call,
+                                      max_context=args.max_context)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_trace(trace, args.out)
     for kind, stats in describe(trace).items():
         print(f"{kind:>8}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
-    print(f"wrote {len(trace)} requests to {args.out}")
+    if args.describe is None:
+        save_trace(trace, args.out)
+        print(f"wrote {len(trace)} requests to {args.out}")
     return 0
 
 
@@ -112,15 +119,11 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _predictor(args: argparse.Namespace) -> int:
     from infercept_jax.experiments.length_training import fit_length_model, segment_examples
-    from infercept_jax.experiments.workload import load_trace
+    from infercept_jax.experiments.workload import ModelTokenizer, load_trace
     from scheduling.length_model import evaluate
 
     try:
-        tokenizer = None
-        if args.model is not None:
-            from models.registry import load_tokenizer
-            tokenizer = load_tokenizer(args.model)
-        trace = load_trace(args.trace, tokenizer)
+        trace = load_trace(args.trace, ModelTokenizer(args.tokenizer))
         if len(trace) < 2:
             raise ValueError(f"has {len(trace)} request(s); need at least 2, to train on some and test on others")
         started = time.perf_counter()
@@ -130,8 +133,7 @@ def _predictor(args: argparse.Namespace) -> int:
         print(f"error: {args.trace} is not JSON: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
-        hint = "; pass --model to measure its text with that model's tokenizer" if "tokenizer" in str(e) else ""
-        print(f"error: {args.trace}: {e}{hint}", file=sys.stderr)
+        print(f"error: {args.trace}: {e}", file=sys.stderr)
         return 2
     by_kind: dict[str, dict] = defaultdict(dict)
     for key, request in held_out.items():
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--swap-space-gb", type=float)
     prof.set_defaults(run=_profile)
 
-    from infercept_jax.experiments.sweeps import add_replay_arguments
+    from infercept_jax.experiments.sweeps import add_replay_arguments, add_tokenizer_argument
     from infercept_jax.experiments.workload import KINDS
     from scheduling.policies import POLICIES
 
@@ -235,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--n", type=int, default=400, help="number of requests")
     work.add_argument("--seed", type=int, default=0)
     work.add_argument("--max-context", type=int, default=2048, help="longest final context in tokens")
-    work.add_argument("-o", "--out", required=True, help="where to write the trace JSON")
+    work.add_argument("-o", "--out", help="where to write the trace JSON")
+    work.add_argument("--describe", metavar="FILE", help="instead: load a trace file and print its per-kind "
+                      "token counts and calls, as a replay would see them")
+    add_tokenizer_argument(work)
     work.set_defaults(run=_workload)
 
     rep = sub.add_parser("replay", help="replay a trace under policies and request rates (real or simulated)")
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("-o", "--out", required=True, help="where to write the model JSON")
     pred.add_argument("--seed", type=int, default=0, help="for the split and the training order")
     pred.add_argument("--test-fraction", type=float, default=0.2, help="share of requests held out")
-    pred.add_argument("--model", help="model name or path whose tokenizer measures a text-form trace")
+    add_tokenizer_argument(pred, "--model")
     pred.set_defaults(run=_predictor)
 
     serve = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, tools) over HTTP; a tool "

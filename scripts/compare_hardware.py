@@ -19,7 +19,7 @@ import time
 
 from infercept_jax.experiments.capacity import (BASELINE, FRACTIONS, capacity_rps, format_compare, latency_slo,
                                                 plot_gains, summarize, sweep)
-from infercept_jax.experiments.sweeps import resolve_trace, simulated_engines
+from infercept_jax.experiments.sweeps import add_tokenizer_argument, resolve_trace, simulated_engines
 from infercept_jax.experiments.workload import KINDS
 from scheduling.policies import POLICIES
 from scheduling.profile import PAPER_PROFILES, load_profile
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--profile", action="append", help="a profile name or JSON file; repeat for several "
                         f"(default: {', '.join(PAPER_PROFILES)} and {DEMO_PROFILE} if it exists)")
     parser.add_argument("--trace", default="builtin:mixed", help="builtin:NAME or a trace file (default builtin:mixed)")
+    add_tokenizer_argument(parser)
     parser.add_argument("--policy", action="append", choices=POLICIES,
                         help=f"repeat for several (default: {' '.join(DEFAULT_POLICIES)}); discard always runs")
     parser.add_argument("--window", type=float, default=1800.0, help="seconds of arrivals per run (default 1800)")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     runs, rows, notes = [], [], []
     for label, profile, trace_spec in setups:
-        trace = resolve_trace(trace_spec)
+        trace = resolve_trace(trace_spec, args.tokenizer)
         capacity = capacity_rps(profile, trace)
         rates = [capacity * f for f in FRACTIONS]
         print(f"{label} ({trace_spec}): rates {', '.join(f'{r:.3g}' for r in rates)} req/s", flush=True)

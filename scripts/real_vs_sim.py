@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="results/real_vs_sim")
     args = parser.parse_args(argv)
     policies, rates = args.policy or list(DEFAULT_POLICIES), args.qps or [1.0]
-    trace = resolve_trace(args.trace)
+    trace = resolve_trace(args.trace, MODEL)      # a text-form file is measured as MODEL serves it
     os.makedirs(args.out, exist_ok=True)
     replay = dict(window=args.window, seed=args.seed, time_scale=args.time_scale)
 

@@ -12,6 +12,7 @@ from helpers import FakeRunner, engine_with
 from infercept_jax import SamplingParams
 from infercept_jax.cli import build_parser, main
 from infercept_jax.experiments import replay as replay_module
+from infercept_jax.experiments import sweeps as sweeps_module
 from infercept_jax.experiments.replay import (_stats, generated_tokens, replay, sample_arrivals, segment_hint,
                                               segment_params)
 from infercept_jax.experiments.simulator import simulated_engine
@@ -408,3 +409,85 @@ def test_on_a_wall_clock_replay_sleeps_in_short_naps_until_the_next_arrival(monk
 def test_stats_of_no_values_and_of_four():
     assert _stats([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
     assert _stats([4.0, 1.0, 3.0, 2.0]) == pytest.approx({"mean": 2.5, "p50": 2.5, "p90": 3.7, "p99": 3.97})
+
+
+TEXT_TRACE = {
+    "95_2": [{"prompt": "Write a poem about the sea.", "completion": "The waves roll in, the gulls cry out.",
+              "api_token": "Generate an image about this. ", "api_time": 2.5},
+             {"prompt": "ignored", "completion": "Here is a generated image. "}],
+    "31": [{"prompt": "Hello there!", "completion": "Hi! How can I help you today?",
+            "api_token": "Tell me a joke.", "api_time": 4.0},
+           {"prompt": "ignored", "completion": "Why did the chicken cross the road?"}],
+}
+
+
+def served_length(text: str) -> int:
+    """Tokens of `text` as the default model's engine encodes it."""
+    from models.registry import load_tokenizer
+
+    return len(load_tokenizer("smollm2-135m").encode(text))
+
+
+def test_a_text_form_trace_replays_in_the_simulator_counted_by_the_models_tokenizer(tmp_path, monkeypatch):
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps(TEXT_TRACE))
+    replayed = {}
+
+    def recording(trace, *args, **kwargs):
+        replayed.update(trace)
+        return run_replays(trace, *args, **kwargs)
+    monkeypatch.setattr(sweeps_module, "run_replays", recording)
+    assert main(["replay", "--trace", str(path), "--simulate", "--profile", "a100-gptj-6b", "--policy", "preserve",
+                 "--qps", "1", "--window", "20", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    request = replayed["95_2"]
+    assert request.prompt_tokens == served_length("Write a poem about the sea.")
+    assert request.segments == (Segment(served_length("The waves roll in, the gulls cry out."), 2.5,
+                                        served_length("Generate an image about this. ")),
+                                Segment(served_length("Here is a generated image. ")))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results[0]["num_submitted"] >= 2
+
+
+def test_replay_tokenizer_option_is_loaded_only_for_a_text_form_trace(tmp_path, capsys):
+    args = ["--simulate", "--profile", "a100-gptj-6b", "--policy", "preserve", "--window", "5", "--quiet",
+            "--out", str(tmp_path / "out"), "--tokenizer", "no-such-model"]
+    text, counts = tmp_path / "text.json", tmp_path / "counts.json"
+    text.write_text(json.dumps(TEXT_TRACE))
+    counts.write_text(json.dumps({"a": [{"prompt_tokens": 4, "completion_tokens": 2}]}))
+    assert main(["replay", "--trace", str(counts), *args]) == 0
+    assert main(["replay", "--trace", str(text), *args]) == 2
+    assert "cannot load model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_workload_describe_prints_the_token_counts_the_load_produced(tmp_path, capsys):
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps(TEXT_TRACE))
+    assert main(["workload", "--describe", str(path)]) == 0
+    prompts = [served_length("Write a poem about the sea."), served_length("Hello there!")]
+    returned = [served_length("Generate an image about this. "), served_length("Tell me a joke.")]
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("all:"))
+    assert "requests 2," in line and "calls 1," in line
+    assert f"prompt {sum(prompts) / 2:.3g}," in line and f"returned_tokens {sum(returned) / 2:.3g}," in line
+    assert not (tmp_path / "trace.json").exists()
+    assert main(["workload", "--describe", str(path), "--tokenizer", "no-such-model"]) == 2
+    assert "cannot load model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_workload_needs_an_output_or_a_file_to_describe(capsys):
+    assert main(["workload", "--kind", "qa", "--n", "3"]) == 2
+    assert "give -o/--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [[], ["--model", "smollm2-135m"], ["--tokenizer", "smollm2-135m"]])
+def test_predictor_measures_a_text_form_trace_with_the_default_or_named_tokenizer(tmp_path, option):
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps(TEXT_TRACE))
+    assert main(["predictor", "--trace", str(path), "-o", str(tmp_path / "model.json"), "--test-fraction", "0.5",
+                 *option]) == 0
+
+
+def test_predictor_model_option_names_the_tokenizer(tmp_path, capsys):
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps(TEXT_TRACE))
+    assert main(["predictor", "--trace", str(path), "-o", str(tmp_path / "model.json"), "--model", "no-such-model"]) == 2
+    assert "cannot load model 'no-such-model'" in capsys.readouterr().err

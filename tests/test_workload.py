@@ -218,7 +218,8 @@ def test_describe_groups_by_kind():
     trace["loaded"] = TraceRequest("loaded", 8, (Segment(4, 1.0, 2), Segment(3)))
     stats = describe(trace)
     assert stats["unknown"] == {"requests": 1, "calls": 1.0, "api_time": 1.0, "prompt": 8.0,
-                                "completion_tokens": 7.0, "final_context": 17.0, "max_final_context": 17}
+                                "completion_tokens": 7.0, "returned_tokens": 2.0, "final_context": 17.0,
+                                "max_final_context": 17}
     assert stats["all"]["requests"] == 61
     assert sum(stats[k]["requests"] for k in stats if k != "all") == 61
 

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from infercept_jax.engine import Engine
 from infercept_jax.experiments.replay import replay, sample_arrivals
 from infercept_jax.experiments.simulator import simulated_engine
-from infercept_jax.experiments.workload import KINDS, TraceRequest, generate_workload, load_trace, scale_tokens
+from infercept_jax.experiments.workload import (DEFAULT_TOKENIZER, KINDS, ModelTokenizer, TraceRequest, generate_workload,
+                                               load_trace, scale_tokens)
 from scheduling.estimators import ESTIMATORS
 from scheduling.lamps import LampsOptions
 from scheduling.policies import HEURISTICS, POLICIES
@@ -36,11 +37,12 @@ def builtin_trace(name: str) -> dict[str, TraceRequest]:
     return scale_tokens(trace, SMALL_SCALE) if name.endswith("-small") else trace
 
 
-def resolve_trace(spec: str, tokenizer=None) -> dict[str, TraceRequest]:
-    """`builtin:NAME` or the path of a trace JSON file."""
+def resolve_trace(spec: str, tokenizer: str = DEFAULT_TOKENIZER) -> dict[str, TraceRequest]:
+    """`builtin:NAME` or the path of a trace JSON file, whose text-form segments are measured with
+    the tokenizer of the model `tokenizer` (a name or path; loaded only if the file has text)."""
     if spec.startswith("builtin:"):
         return builtin_trace(spec.removeprefix("builtin:"))
-    return load_trace(spec, tokenizer)
+    return load_trace(spec, ModelTokenizer(tokenizer))
 
 
 def real_engines(model: str, estimator: str = "oracle", **engine_options) -> Callable[[str], Engine]:
@@ -192,6 +194,7 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         "a JSON file from `infercept profile`; required with --simulate; for the real engine "
                         "it is measured here (quick) when infercept or heuristic runs without one")
     parser.add_argument("--model", default="smollm2-135m", help="real engine: model name or path")
+    add_tokenizer_argument(parser, default=None)
     parser.add_argument("--num-kv-blocks", type=int, help="device KV blocks (default: the profile's, or the "
                         "engine's default)")
     parser.add_argument("--num-host-blocks", type=int, help="host KV blocks for swap")
@@ -203,6 +206,13 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         "and KV dtype (default auto)")
     parser.add_argument("--out", required=True, help="folder for results.json and the plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_tokenizer_argument(parser: argparse.ArgumentParser, *aliases: str, default: str | None = DEFAULT_TOKENIZER) -> None:
+    """`--tokenizer NAME_OR_PATH`: whose tokenizer measures a text-form trace file (None: the replay's --model)."""
+    parser.add_argument("--tokenizer", *aliases, dest="tokenizer", default=default, metavar="NAME_OR_PATH",
+                        help="model name or path whose tokenizer measures the text of a text-form trace file, as "
+                        f"that model would serve it; loaded only for such a file (default: {default or '--model'})")
 
 
 def add_lamps_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +240,7 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
                                                      "max_model_len", "dtype")}
     options = {name: value for name, value in given.items() if value is not None}
     decisions = {"heuristic": args.heuristic, "estimator_error": args.estimator_error, "lamps": lamps_options(args)}
+    trace = resolve_trace(args.trace, args.tokenizer or args.model)
     if args.simulate:
         if args.profile is None:
             raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")
@@ -238,7 +249,6 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
         if args.num_kv_blocks is not None:
             options["num_device_blocks"] = args.num_kv_blocks
         make_engine = simulated_engines(load_profile(args.profile), estimator=args.estimator, **decisions, **options)
-        trace = resolve_trace(args.trace)
     else:
         if args.num_kv_blocks is not None:
             options["num_kv_blocks"] = args.num_kv_blocks
@@ -251,7 +261,6 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
         if args.profile is not None:
             options["profile"] = args.profile
         make_engine = real_engines(args.model, args.estimator, **decisions, **options)
-        trace = resolve_trace(args.trace, _tokenizer_for(args.trace, args.model))
     results = run_replays(trace, make_engine, policies, rates, args.window, seed=args.seed,
                           time_scale=args.time_scale, show_progress=not args.quiet)
     print(format_table(results))
@@ -259,11 +268,3 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
         print(f"wrote {path}")
     return results
 
-
-def _tokenizer_for(trace: str, model: str):
-    """The served model's tokenizer, needed only for a text-form trace file (the weights are not read)."""
-    if trace.startswith("builtin:"):
-        return None
-    from models.registry import load_tokenizer
-
-    return load_tokenizer(model)

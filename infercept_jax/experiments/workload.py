@@ -98,6 +98,26 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> Sequence[int]: ...
 
 
+DEFAULT_TOKENIZER = "smollm2-135m"     # the default model's
+
+
+class ModelTokenizer:
+    """A model's tokenizer (name or path, as `models.registry.load_tokenizer` takes), loaded at the
+    first text it measures: a token-count trace loads none, and the simulator imports no model code
+    until a text-form trace needs it. It encodes as the engine does, so counts match a real replay."""
+
+    def __init__(self, name_or_path: str = DEFAULT_TOKENIZER):
+        self.name_or_path = name_or_path
+        self._tokenizer: Tokenizer | None = None
+
+    def encode(self, text: str) -> Sequence[int]:
+        if self._tokenizer is None:
+            from models.registry import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.name_or_path)
+        return self._tokenizer.encode(text)
+
+
 # ---- loading and saving ---------------------------------------------------------------------
 
 # (prompt, completion, returned) field names of the two segment forms; api_time is shared.
@@ -358,6 +378,7 @@ def describe(trace: Trace) -> dict[str, dict[str, float]]:
             "api_time": float(np.mean(times)) if times else 0.0,
             "prompt": float(np.mean([r.prompt_tokens for r in requests])),
             "completion_tokens": float(np.mean([r.total_completion_tokens for r in requests])),
+            "returned_tokens": float(np.mean([r.total_api_tokens for r in requests])),
             "final_context": float(np.mean([r.final_context for r in requests])),
             "max_final_context": max(r.final_context for r in requests),
         }
