@@ -5,6 +5,7 @@ measure (spec 5.2: InferCept sustains 1.6-2x the rate of vLLM). The measure and 
 
     .venv/bin/python scripts/compare_hardware.py            # the paper profiles + this machine's (make demo)
     .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --per-kind
+    .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --policy infercept --estimator dynamic
 
 Writes OUT/compare.md (the table), OUT/results.json (every run, with its profile and trace) and
 OUT/gain_over_discard.png; with --per-kind, the same for each augmentation kind on the first
@@ -21,6 +22,7 @@ from infercept_jax.experiments.capacity import (BASELINE, FRACTIONS, capacity_rp
                                                 plot_gains, summarize, sweep)
 from infercept_jax.experiments.sweeps import add_tokenizer_argument, resolve_trace, simulated_engines
 from infercept_jax.experiments.workload import KINDS
+from scheduling.estimators import ESTIMATORS
 from scheduling.policies import POLICIES
 from scheduling.profile import PAPER_PROFILES, load_profile
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_tokenizer_argument(parser)
     parser.add_argument("--policy", action="append", choices=POLICIES,
                         help=f"repeat for several (default: {' '.join(DEFAULT_POLICIES)}); discard always runs")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="oracle",
+                        help="call durations for the policies that weigh them (default oracle, as the released code)")
     parser.add_argument("--window", type=float, default=1800.0, help="seconds of arrivals per run (default 1800)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-factor", type=float, default=2.0, help="SLO = this x the best latency at the lowest rate")
@@ -62,8 +66,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         capacity = capacity_rps(profile, trace)
         rates = [capacity * f for f in FRACTIONS]
         print(f"{label} ({trace_spec}): rates {', '.join(f'{r:.3g}' for r in rates)} req/s", flush=True)
-        results = sweep(trace, simulated_engines(profile), policies, rates, args.window, seed=args.seed,
-                        slo_factor=args.slo_factor)
+        results = sweep(trace, simulated_engines(profile, estimator=args.estimator), policies, rates, args.window,
+                        seed=args.seed, slo_factor=args.slo_factor)
         slo = latency_slo(results, args.slo_factor)
         rows += summarize(results, label, slo)
         runs += [{"profile": profile.name, "trace": trace_spec, **r} for r in results]
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     table = format_compare(rows, column)
     header = (f"{args.trace if not args.per_kind else 'builtin:KIND'} on the simulator, window {args.window:g} s, "
-              f"seed {args.seed}, SLO {args.slo_factor:g}x the best latency at the lowest rate, "
+              f"seed {args.seed}, estimator {args.estimator}, SLO {args.slo_factor:g}x the best latency at the lowest rate, "
               f"rates = capacity x {', '.join(map(str, FRACTIONS))}\n\n" + "\n".join(notes))
     print(f"\n{header}\n\n{table}\n")
     print(f"simulator: {steps:,} steps in {wall:.0f} s of real time = {steps / wall:,.0f} steps/s")

@@ -112,3 +112,22 @@ def test_compare_hardware_writes_the_table_results_and_plot(tmp_path):
     assert all(r["trace"] == "builtin:mixed" and r["steps"] > 0 for r in runs)
     assert "| a100-gptj-6b | infercept |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "gain_over_discard.png").stat().st_size > 0
+
+
+def test_compare_hardware_gives_the_policies_the_estimator_asked_for(tmp_path, monkeypatch):
+    built, original = [], compare_hardware.simulated_engines
+
+    def recording(profile, **options):
+        make = original(profile, **options)
+
+        def build(policy):
+            engine = make(policy)
+            built.append((policy, type(engine.scheduler.policy.estimator).__name__))
+            return engine
+        return build
+
+    monkeypatch.setattr(compare_hardware, "simulated_engines", recording)
+    compare_hardware.main(["--profile", "a100-gptj-6b", "--policy", "infercept", "--estimator", "dynamic",
+                           "--window", "4", "--out", str(tmp_path)])
+    assert ("infercept", "DynamicEstimator") in built
+    assert "estimator dynamic" in (tmp_path / "compare.md").read_text()
