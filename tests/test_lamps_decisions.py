@@ -13,6 +13,17 @@ from scheduling.predictors import SegmentPrediction
 from scheduling.request import Interception, PauseMode, RequestStatus
 
 
+def run_one_step_then_requeue(sched, request) -> None:
+    """The request runs one step, then goes back to the waiting queue (as if preempted)."""
+    sched.waiting.remove(request)
+    sched.running.append(request)
+    request.status = RequestStatus.RUNNING
+    sched.schedule()
+    sched.running.remove(request)
+    sched.waiting.append(request)
+    request.status = RequestStatus.WAITING
+
+
 def lamps(**options) -> LampsPolicy:
     return LampsPolicy(HAND_PROFILE, LampsOptions(**options))
 
@@ -122,13 +133,7 @@ def test_a_quantum_that_ends_while_running_restarts_the_count():
     for _ in range(3):                              # steps 1 to 3
         sched.schedule()
     assert policy.is_starving(late)
-    sched.waiting.remove(late)
-    sched.running.append(late)
-    late.status = RequestStatus.RUNNING
-    sched.schedule()                                # step 4, running
-    sched.running.remove(late)
-    sched.waiting.append(late)
-    late.status = RequestStatus.WAITING
+    run_one_step_then_requeue(sched, late)          # step 4, running
     front = []
     for _ in range(2):
         sched.schedule()
@@ -225,13 +230,7 @@ def test_running_without_a_quantum_restarts_the_count():
     sched.add(late)
     sched.schedule()
     sched.schedule()                                # queued 2 steps: one short of the threshold
-    sched.waiting.remove(late)                      # it runs one step ...
-    sched.running.append(late)
-    late.status = RequestStatus.RUNNING
-    sched.schedule()
-    sched.running.remove(late)                      # ... and is queued again (preempted)
-    sched.waiting.append(late)
-    late.status = RequestStatus.WAITING
+    run_one_step_then_requeue(sched, late)
     granted = []
     for _ in range(3):
         sched.schedule()
