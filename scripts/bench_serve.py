@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
 import openai
 
 from infercept_jax.experiments.records import write_result
@@ -139,7 +140,8 @@ async def session(url: str, index: int, args, tally: Tally, stop_at: float) -> N
                 tally.walked_away += 1
                 return
             call = calls[0]
-            await asyncio.sleep(PARAMS[rng.choice(kinds)].cycle[0].api_time.draw(_numpy_rng(rng)))
+            call_time = PARAMS[rng.choice(kinds)].cycle[0].api_time
+            await asyncio.sleep(call_time.draw(np.random.default_rng(rng.randrange(2**32))))
             messages = messages + [
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": call.id, "type": "function",
@@ -151,12 +153,6 @@ async def session(url: str, index: int, args, tally: Tally, stop_at: float) -> N
                 return
             tally.ttft_after_tool.append(ttft)
             messages = messages + [{"role": "assistant", "content": text}]
-
-
-def _numpy_rng(rng: random.Random):
-    import numpy as np
-
-    return np.random.default_rng(rng.randrange(2**32))
 
 
 def metrics(url: str) -> dict[str, float]:

@@ -216,13 +216,11 @@ def _length(seg: dict, name: str, at: str, tokenizer: Tokenizer | None, negative
         if tokenizer is None:
             raise ValueError(f"{at}: field {name!r} is text, which needs a tokenizer (load_trace(path, tokenizer))")
         return len(tokenizer.encode(value))
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and name not in _ZERO_IF_NEGATIVE):
         raise ValueError(f"{at}: {name} must be an integer >= 0, got {_short(value)}")
-    if value < 0 and name in _ZERO_IF_NEGATIVE:
+    if value < 0:
         negatives.append(f"{at}: {name} {value}")
         return 0
-    if value < 0:
-        raise ValueError(f"{at}: {name} must be an integer >= 0, got {_short(value)}")
     return value
 
 

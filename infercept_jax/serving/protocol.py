@@ -48,13 +48,10 @@ class _Sampling(BaseModel):
             raise BadRequest(f"not supported by this server: {', '.join(asked)} (leave them out or at their defaults)")
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        try:
-            return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                                  top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                                  seed=self.seed, stop=stop)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+        """The request's SamplingParams; their own checks raise ValueError, which the server answers with 400."""
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                              top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                              seed=self.seed, stop=self.stop or [])
 
 
 class CompletionRequest(_Sampling):
