@@ -26,7 +26,8 @@ def build_engine(config: EngineConfig, make_runner: Callable[[BlockManager, Engi
                  kv_bytes_per_token: int, vocab_size: int, model_max_len: int, eos_token_ids=(),
                  tokenizer=None, clock: Callable[[], float] = time.monotonic) -> Engine:
     """An engine for `config`: its profile fixes the step budget S, its policy gets its estimator,
-    its pools are sized in blocks of `kv_bytes_per_token * block_size` bytes, and
+    its pools are sized in blocks of `kv_bytes_per_token * block_size` bytes (split over
+    `tensor_parallel_size` devices; the memory options are per device), and
     `make_runner(block_manager, resolved config)` makes the runner. The resolved config has
     `max_model_len` (the config's, else `model_max_len`) and `max_num_batched_tokens` (S) set."""
     profile = engine_profile(config, kv_bytes_per_token)
@@ -35,7 +36,7 @@ def build_engine(config: EngineConfig, make_runner: Callable[[BlockManager, Engi
     noise = {"relative_error": config.estimator_error, "seed": config.seed}
     estimator = make_estimator(config.resolved_estimator, **(noise if config.estimator == "noisy-oracle" else {}))
     policy = make_policy(config.policy, profile, estimator, config.heuristic, config.lamps, config.seed)
-    bytes_per_block = kv_bytes_per_token * config.block_size
+    bytes_per_block = kv_bytes_per_token * config.block_size // config.tensor_parallel_size
     num_blocks = config.num_kv_blocks
     if num_blocks is None:
         num_blocks = max(2, int(config.kv_cache_memory_gb * 2**30) // bytes_per_block)

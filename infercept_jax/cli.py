@@ -35,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
         # No tool calls here, so nothing pauses: the policy does not matter, and preserve needs
         # neither a hardware profile nor a host pool.
         llm = LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_gb,
-                  policy="preserve")
+                  tensor_parallel_size=args.tensor_parallel_size, policy="preserve")
         if args.chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         if args.stream:
@@ -60,7 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
 # `profile` options that are passed to LLM(...) when given; the rest keep the engine's defaults,
 # so the profile describes the engine a user builds with the same options.
 PROFILE_ENGINE_OPTIONS = ("dtype", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size",
-                          "kv_cache_memory_gb", "swap_space_gb")
+                          "kv_cache_memory_gb", "swap_space_gb", "tensor_parallel_size")
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -165,7 +165,7 @@ def _predictor(args: argparse.Namespace) -> int:
 
 # `serve` options that are passed to AsyncLLM(...) when given.
 SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
-                        "max_num_seqs", "max_num_batched_tokens", "swap_space_gb", "seed")
+                        "max_num_seqs", "max_num_batched_tokens", "swap_space_gb", "seed", "tensor_parallel_size")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -191,6 +191,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+TP_HELP = "devices the weights and the KV cache are split over (tensor parallelism; default 1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--max-model-len", type=int, default=2048)
-    gen.add_argument("--kv-cache-gb", type=float, default=1.0)
+    gen.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per device")
+    gen.add_argument("--tensor-parallel-size", type=int, default=1, help=TP_HELP)
     gen.set_defaults(run=_generate)
 
     prof = sub.add_parser("profile", help="measure this machine's hardware profile (InferCept's constants)")
@@ -225,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--block-size", type=int)
     prof.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
     prof.add_argument("--swap-space-gb", type=float)
+    prof.add_argument("--tensor-parallel-size", type=int, help=TP_HELP)
     prof.set_defaults(run=_profile)
 
     from infercept_jax.experiments.sweeps import add_replay_arguments, add_tokenizer_argument
@@ -280,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int)
     serve.add_argument("--max-num-batched-tokens", type=int)
     serve.add_argument("--swap-space-gb", type=float)
+    serve.add_argument("--tensor-parallel-size", type=int, help=TP_HELP)
     serve.add_argument("--seed", type=int)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)

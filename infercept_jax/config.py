@@ -65,7 +65,8 @@ class EngineConfig:
     max_model_len: int | None = None     # None: the model's max_position_embeddings
     block_size: int = 16                 # tokens per KV page
     num_kv_blocks: int | None = None     # None: sized from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 2.0
+    kv_cache_memory_gb: float = 2.0      # per device
+    tensor_parallel_size: int = 1        # devices the weights and the KV pools are split over
     max_num_seqs: int = 64               # requests holding KV at once
     max_num_batched_tokens: int | None = None   # S, query tokens per step; None: the profile's, else 384
     row_width: int = 32                  # query tokens per attention row in chunked steps
@@ -81,12 +82,12 @@ class EngineConfig:
     estimator: str | None = None         # call durations: oracle, noisy-oracle, tool-mean, dynamic;
                                          #   None: dynamic, or tool-mean under the heuristic policy
     estimator_error: float = 0.0         # noisy-oracle: each call's oracle duration times uniform [1-e, 1+e]
-    swap_space_gb: float = 1.0           # host KV pool for swapped-out blocks
+    swap_space_gb: float = 1.0           # host KV pool for swapped-out blocks, per device
     num_host_blocks: int | None = None   # None: sized from swap_space_gb
     lamps: LampsOptions = field(default_factory=LampsOptions)   # policy="lamps" (scheduling/lamps.py)
 
     def __post_init__(self) -> None:
-        positive = ["block_size", "max_num_seqs", "row_width", "attn_chunk_tokens"]
+        positive = ["block_size", "max_num_seqs", "row_width", "attn_chunk_tokens", "tensor_parallel_size"]
         if self.max_num_batched_tokens is not None:
             positive.append("max_num_batched_tokens")
         for name in positive:

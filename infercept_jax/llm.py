@@ -17,6 +17,7 @@ from infercept_jax.build import build_engine
 from infercept_jax.config import EngineConfig, SamplingParams
 from infercept_jax.model_runner import ModelRunner
 from infercept_jax.outputs import RequestOutput
+from infercept_jax.parallel import check_tensor_parallel, tp_mesh
 from infercept_jax.tools import Tool, ToolCalls
 from kvcache.block_manager import BlockManager
 from models.llama import Llama
@@ -49,18 +50,21 @@ class LLM:
         from models.registry import load_model
 
         config = EngineConfig.from_kwargs(**engine_options)
+        mesh = tp_mesh(config.tensor_parallel_size)
         spec, tensors, tokenizer = load_model(model)
-        llama = Llama.from_hf_weights(spec, tensors, dtype=resolve_dtype(config.dtype))
-        self._build(llama, tokenizer, config)
+        check_tensor_parallel(spec, config.tensor_parallel_size)
+        llama = Llama.from_hf_weights(spec, tensors, dtype=resolve_dtype(config.dtype), mesh=mesh)
+        self._build(llama, tokenizer, config, mesh)
 
     @classmethod
     def from_model(cls, model: Llama, tokenizer=None, **engine_options) -> "LLM":
         """Serve an already built model (tests, custom weights)."""
         llm = cls.__new__(cls)
-        llm._build(model, tokenizer, EngineConfig.from_kwargs(**engine_options))
+        config = EngineConfig.from_kwargs(**engine_options)
+        llm._build(model, tokenizer, config, tp_mesh(config.tensor_parallel_size))
         return llm
 
-    def _build(self, model: Llama, tokenizer, config: EngineConfig) -> None:
+    def _build(self, model: Llama, tokenizer, config: EngineConfig, mesh) -> None:
         spec = model.spec
         self._tool_pool: ThreadPoolExecutor | None = None
         if config.compile_cache:
@@ -74,7 +78,7 @@ class LLM:
             return ModelRunner(
                 model, blocks, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens, row_width=config.row_width,
-                attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile)
+                attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile, mesh=mesh)
 
         self.engine = build_engine(
             config, make_runner, kv_bytes_per_token=spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize),

@@ -19,7 +19,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from infercept_jax.parallel import check_tensor_parallel, kv_pool_sharding, tensor_parallel_size, tp_mesh
 from infercept_jax.sampling import sample
 from kvcache.block_manager import BlockManager
 from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
@@ -92,8 +94,12 @@ def _ceil_div(a: int, b: int) -> int:
 class ModelRunner:
     def __init__(self, model: Llama, block_manager: BlockManager, *, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, row_width: int = 32,
-                 attn_chunk_tokens: int = 128, strict_compile: bool = True):
+                 attn_chunk_tokens: int = 128, strict_compile: bool = True, mesh: Mesh | None = None):
+        """`mesh` (None: one device) splits the weights and the KV pools for tensor parallelism;
+        a model built elsewhere is moved to its splits."""
         self.spec = model.spec
+        self.mesh = mesh or tp_mesh(1)
+        check_tensor_parallel(self.spec, tensor_parallel_size(self.mesh))
         self.blocks = block_manager
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
@@ -108,15 +114,18 @@ class ModelRunner:
         self.decode_buckets = token_buckets(max(2, min(max_num_seqs, max_num_batched_tokens)), smallest=2)
         self.chunk_buckets = token_buckets(max_num_batched_tokens, smallest=16)
 
+        model.shard(self.mesh)
         graphdef, state = nnx.split(model)
         self._params, treedef = jax.tree.flatten(state)
+        pool_sharding = kv_pool_sharding(self.mesh)
         self.k_pool, self.v_pool = allocate_pools(
             self.spec.num_layers, block_manager.device.num_blocks, self.block_size,
-            self.spec.num_kv_heads, self.spec.head_dim, model.dtype)
+            self.spec.num_kv_heads, self.spec.head_dim, model.dtype, sharding=pool_sharding)
         self.host_pool = None
         if block_manager.host.num_blocks:
             self.host_pool = HostKVPool(self.spec.num_layers, block_manager.host.num_blocks, self.block_size,
-                                        self.spec.num_kv_heads, self.spec.head_dim, model.dtype)
+                                        self.spec.num_kv_heads, self.spec.head_dim, model.dtype,
+                                        sharding=pool_sharding)
         pages_per_chunk = self.pages_per_chunk
 
         def step(params, k_pool, v_pool, batch: StepBatch):
@@ -127,7 +136,13 @@ class ModelRunner:
             tokens = sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps)
             return tokens, k_pool, v_pool
 
-        self._step = jax.jit(step, donate_argnums=(1, 2))
+        # Explicit shardings (see infercept_jax/parallel.py): the weights keep their splits, the
+        # pools stay split by KV heads, the step's inputs and sampled tokens are replicated.
+        replicated = NamedSharding(self.mesh, P())
+        param_shardings = [p.sharding for p in self._params]
+        self._step = jax.jit(step, donate_argnums=(1, 2),
+                             in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated),
+                             out_shardings=(replicated, pool_sharding, pool_sharding))
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
 
     # ----------------------------------------------------------------- shapes

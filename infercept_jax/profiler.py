@@ -153,7 +153,7 @@ def swap_bandwidth(llm, num_blocks: int, repeats: int) -> tuple[float, float]:
         in_s = median_seconds(swap_in, repeats)
     finally:
         blocks.free(seq)
-    nbytes = num_blocks * (pool.k[:, 0].nbytes + pool.v[:, 0].nbytes)
+    nbytes = num_blocks * pool.block_bytes
     return nbytes / out_s / 1e9, nbytes / in_s / 1e9
 
 
@@ -183,11 +183,11 @@ def measure_profile(llm, *, name: str = "measured", model: str = "", repeats: in
         raise ValueError("no free device or host KV blocks to measure swap bandwidth with")
     out_gbps, in_gbps = swap_bandwidth(llm, num_blocks, repeats)
     fwd_s = (a * s + c) / 1e3
-    device = jax.devices()[0]
+    devices = list(runner.mesh.devices.flat)   # the devices the step runs on (tensor parallel: several)
     return HardwareProfile(
         name=name, fwd_ms_per_token=a, fwd_base_ms=c, saturation_tokens=s,
         swap_limit_tokens=fwd_s * min(out_gbps, in_gbps) * 1e9 / kv_bytes,
         kv_bytes_per_token=kv_bytes, block_size=blocks.block_size,
         swap_out_gb_per_s=out_gbps, swap_in_gb_per_s=in_gbps,
         num_device_blocks=blocks.device.num_blocks, num_host_blocks=blocks.host.num_blocks,
-        device=f"{jax.device_count()} x {device.device_kind} ({device.platform})", model=model)
+        device=f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})", model=model)

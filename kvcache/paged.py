@@ -75,11 +75,12 @@ def _attend_rows(q_padded: jax.Array, k_pool: jax.Array, v_pool: jax.Array, laye
 
     q_rows = q_padded[group.row_token_index].reshape(rows, width, num_kv_heads, kv_group, head_dim)
     q_rows = q_rows.astype(jnp.float32) * (head_dim ** -0.5)
-    # Pages as rows of a [layers * blocks, page] view: a gather of whole contiguous pages, which
-    # XLA:CPU runs about a quarter faster than indexing [layer, pages] of the 5-D pool.
+    # Pages as rows of a [layers * blocks, page...] view: a gather of whole contiguous pages, which
+    # XLA:CPU runs about a quarter faster than indexing [layer, pages] of the 5-D pool. The KV-head
+    # axis stays an axis of its own, so a pool split over KV heads stays split (no all-gather).
     num_blocks = k_pool.shape[1]
-    k_pages = k_pool.reshape(-1, block_size * num_kv_heads * head_dim)
-    v_pages = v_pool.reshape(-1, block_size * num_kv_heads * head_dim)
+    k_pages = k_pool.reshape(-1, block_size, num_kv_heads, head_dim)
+    v_pages = v_pool.reshape(-1, block_size, num_kv_heads, head_dim)
 
     def body(c, carry):
         m, l, acc = carry

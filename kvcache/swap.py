@@ -3,9 +3,11 @@
 Swap-out gathers the victim pages on the device into one staging array per copy (a jitted
 gather), then moves it to host memory in one transfer: a `device_put` to the `pinned_host` memory
 kind where the backend has one (probed at start; not on the CPU backend, whose device memory is
-host memory), otherwise an async device-to-host copy into numpy. The copies are issued before the step is dispatched, and land in the numpy pool after it,
-so they overlap the step. Swap-in reads the host pages with one numpy gather, moves them with one
-`device_put` and scatters them into the donated device pools just before the step runs.
+host memory), otherwise an async device-to-host copy into numpy. The copies are issued before the
+step is dispatched, and land in the numpy pool after it, so they overlap the step. Swap-in reads
+the host pages with one numpy gather, moves them with one `device_put` per device and scatters
+them into the donated device pools just before the step runs. Under tensor parallelism every copy
+works per shard: each device's part of the pages goes to, and comes back from, its own host array.
 
 Block counts are padded to powers of two (padding copies the reserved block 0, which nothing
 reads), and copies longer than the largest bucket are split, so swaps never compile after
@@ -62,42 +64,56 @@ def _scatter(k_pool: jax.Array, v_pool: jax.Array, blocks: jax.Array, k: jax.Arr
 
 
 class HostKVPool:
-    """`num_blocks` pages per layer for K and V in host memory, shaped like the device pools."""
+    """`num_blocks` pages per layer for K and V in host memory, one numpy array per local device.
+
+    Each array holds the part of the pool its device holds (`sharding` splits the pools over KV
+    heads under tensor parallelism), so a swap copies every shard between its own device and its
+    own host array, and a process of a multi-host run keeps only its devices' parts.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype, max_blocks_per_copy: int = 64, transfer: str = "auto"):
+                 head_dim: int, dtype, sharding: jax.sharding.Sharding | None = None,
+                 max_blocks_per_copy: int = 64, transfer: str = "auto"):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.sharding = sharding or SingleDeviceSharding(jax.devices()[0])
+        parts = self.sharding.addressable_devices_indices_map(shape)
+        self.devices = sorted(parts, key=lambda d: d.id)
+        local_shape = lambda d: tuple(len(range(n)[i]) for n, i in zip(shape, parts[d]))  # noqa: E731
         # Filled now, not lazily zero-mapped: first-touch page faults would land in a step.
-        self.k = np.empty(shape, jnp.dtype(dtype))
-        self.v = np.empty(shape, jnp.dtype(dtype))
-        self.k.fill(0)
-        self.v.fill(0)
-        self.device = jax.devices()[0]
+        self.k = [np.empty(local_shape(d), jnp.dtype(dtype)) for d in self.devices]
+        self.v = [np.empty(local_shape(d), jnp.dtype(dtype)) for d in self.devices]
+        for array in self.k + self.v:
+            array.fill(0)
+        self._slot = {d: i for i, d in enumerate(self.devices)}
         self.transfer = self._pick_transfer(transfer)
-        self.host_sharding = (SingleDeviceSharding(self.device, memory_kind="pinned_host")
-                              if self.transfer == "pinned_host" else None)
-        log.info("host KV pool: %d blocks (%.2f GB); device->host copies via %s", num_blocks,
-                 2 * self.k.nbytes / 1e9, self.transfer)
+        log.info("host KV pool: %d blocks (%.2f GB) on %d device(s); device->host copies via %s", num_blocks,
+                 self.block_bytes * num_blocks / 1e9, len(self.devices), self.transfer)
         self.buckets = copy_buckets(max_blocks_per_copy)
-        self._gather_jit = jax.jit(_gather)
-        self._scatter_jit = jax.jit(_scatter, donate_argnums=(0, 1))
+        self._gather_jit = jax.jit(_gather, out_shardings=(self.sharding, self.sharding))
+        self._scatter_jit = jax.jit(_scatter, donate_argnums=(0, 1), out_shardings=(self.sharding, self.sharding))
         # Compiled ahead of time per bucket, like the step: a jit call would retrace when the pools
         # come out of the AOT-compiled step rather than from allocation.
         self._gathers: dict[int, jax.stages.Compiled] = {}
         self._scatters: dict[int, jax.stages.Compiled] = {}
         self._pending: list[tuple[np.ndarray, tuple[jax.Array, jax.Array]]] = []
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block, K and V, every layer, over this process's devices."""
+        return sum(a[:, 0].nbytes for a in self.k + self.v)
+
     def _pick_transfer(self, transfer: str) -> str:
         """`pinned_host` where the backend has that memory kind, else `numpy`. On the CPU backend
         `auto` picks numpy: device memory already is host memory, and a pinned copy would be one
         more memcpy (swap-out of 64 SmolLM2 blocks: 1.5 GB/s through pinned_host, 2.3-2.6 through numpy)."""
-        kinds = {m.kind for m in self.device.addressable_memories()}
+        device = self.devices[0]
+        kinds = {m.kind for m in device.addressable_memories()}
         if transfer == "auto":
-            transfer = "pinned_host" if "pinned_host" in kinds and self.device.platform != "cpu" else "numpy"
+            transfer = "pinned_host" if "pinned_host" in kinds and device.platform != "cpu" else "numpy"
         if transfer not in ("pinned_host", "numpy"):
             raise ValueError(f"transfer must be auto, pinned_host or numpy, got {transfer!r}")
         if transfer == "pinned_host" and "pinned_host" not in kinds:
-            raise ValueError(f"the {self.device.platform} backend has no pinned_host memory")
+            raise ValueError(f"the {device.platform} backend has no pinned_host memory")
         return transfer
 
     def _chunks(self, pairs: list[tuple[int, int]]):
@@ -116,8 +132,8 @@ class HostKVPool:
             if size not in self._gathers:
                 self._gathers[size] = self._gather_jit.lower(k_pool, v_pool, padded).compile()
             staged = self._gathers[size](k_pool, v_pool, padded)
-            if self.host_sharding is not None:
-                staged = jax.device_put(staged, self.host_sharding)
+            if self.transfer == "pinned_host":
+                staged = jax.device_put(staged, self.sharding.with_memory_kind("pinned_host"))
             else:
                 for array in staged:
                     array.copy_to_host_async()
@@ -125,10 +141,11 @@ class HostKVPool:
 
     def land(self) -> None:
         """Write the started swap-outs into the host pool (waits for their transfers)."""
-        for host_blocks, (k, v) in self._pending:
+        for host_blocks, staged in self._pending:
             n = len(host_blocks)
-            self.k[:, host_blocks] = np.asarray(k)[:, :n]
-            self.v[:, host_blocks] = np.asarray(v)[:, :n]
+            for pool, array in zip((self.k, self.v), staged):
+                for shard in array.addressable_shards:
+                    pool[self._slot[shard.device]][:, host_blocks] = np.asarray(shard.data)[:, :n]
         self._pending.clear()
 
     def copy_in(self, k_pool: jax.Array, v_pool: jax.Array,
@@ -143,11 +160,17 @@ class HostKVPool:
             sources[:len(host_blocks)] = host_blocks
             targets = np.full(size, PAD_BLOCK, np.int32)
             targets[:len(device_blocks)] = device_blocks
-            k, v = jax.device_put((self.k[:, sources], self.v[:, sources]), self.device)
+            k, v = (self._to_devices(pool, sources, k_pool.shape) for pool in (self.k, self.v))
             if size not in self._scatters:
                 self._scatters[size] = self._scatter_jit.lower(k_pool, v_pool, targets, k, v).compile()
             k_pool, v_pool = self._scatters[size](k_pool, v_pool, targets, k, v)
         return k_pool, v_pool
+
+    def _to_devices(self, pool: list[np.ndarray], sources: np.ndarray, pool_shape) -> jax.Array:
+        """Blocks `sources` of every local part, each moved to its device, as one array split like the pools."""
+        parts = [jax.device_put(part[:, sources], d) for part, d in zip(pool, self.devices)]
+        shape = (pool_shape[0], len(sources)) + tuple(pool_shape[2:])
+        return jax.make_array_from_single_device_arrays(shape, self.sharding, parts)
 
     def warmup(self, k_pool: jax.Array, v_pool: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Compile the gather and scatter of every bucket (they touch only block 0)."""

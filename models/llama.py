@@ -4,29 +4,43 @@ RMSNorm, rotate-half RoPE (with the llama3 frequency scaling), GQA, SwiGLU, tied
 The layers' weights are stacked on a leading axis and the forward scans over them, so compile
 time does not grow with depth. Attention reads and writes the paged KV pools, which are plain
 arrays passed in and returned (the runner donates them), never module state.
+
+Tensor parallelism (Megatron): every weight has a `PartitionSpec` over the mesh axis `tp`
+(`PARAM_SPECS`). q/k/v and gate/up are split by output (heads, MLP units), o and down by input
+rows, the embedding and the untied head by vocabulary. The fused weights keep their parts on
+axes of their own (`wqkv` is [D, kv_heads, group + 2, head_dim]: a KV head's query heads, its key,
+its value), so a split along KV heads or MLP units gives every device whole heads and units, with
+the same layout for any number of devices.
 """
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from kvcache.paged import AttentionInputs, paged_attention, write_kv
 from models.spec import ModelSpec
 
-# our stacked layer weight -> the HF weights (inside model.layers.{i}) concatenated along the output
-# axis; linear weights are stored [in, out]. q/k/v and gate/up are fused: one wider matmul each.
-_LAYER_WEIGHTS = {
-    "attn_norm": ["input_layernorm.weight"],
-    "wqkv": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-    "wo": ["self_attn.o_proj.weight"],
-    "mlp_norm": ["post_attention_layernorm.weight"],
-    "w_gate_up": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-    "w_down": ["mlp.down_proj.weight"],
+TP = "tp"   # the mesh axis tensor parallelism splits over
+
+# Each weight's split over the mesh (stacked layer weights have the layer axis first).
+PARAM_SPECS = {
+    "embed": P(TP, None),                          # [V, D] by vocabulary
+    "attn_norm": P(), "mlp_norm": P(), "final_norm": P(), "inv_freq": P(),
+    "wqkv": P(None, None, TP, None, None),         # [L, D, Hkv, G + 2, Dh] by KV head
+    "wo": P(None, TP, None),                       # [L, H * Dh, D] by input rows (heads)
+    "w_gate_up": P(None, None, None, TP),          # [L, D, 2, F] by MLP unit
+    "w_down": P(None, TP, None),                   # [L, F, D] by input rows (MLP units)
+    "lm_head": P(None, TP),                        # [D, V] by vocabulary
 }
+
+# Our stacked layer weights, in the forward's order.
+_LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
 
 
 def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
@@ -44,6 +58,12 @@ def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
     medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
     scaled = np.where(medium, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
     return scaled.astype(np.float32)
+
+
+def swiglu(x: jax.Array, w_gate_up: jax.Array) -> jax.Array:
+    """x [T, D], w_gate_up [D, 2, F] -> silu(x @ gate) * (x @ up), [T, F]."""
+    gate_up = jnp.einsum("td,dkf->tkf", x, w_gate_up)
+    return jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -67,43 +87,58 @@ class Llama(nnx.Module):
         self.dtype = dtype
         rngs = rngs or nnx.Rngs(0)
         L, D, F = spec.num_layers, spec.hidden_size, spec.intermediate_size
-        hq, hkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        hq = spec.num_heads * spec.head_dim
 
         def dense(*shape):
             return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02).astype(dtype))
 
         self.embed = dense(spec.vocab_size, D)
         self.attn_norm = nnx.Param(jnp.ones((L, D), dtype))
-        self.wqkv, self.wo = dense(L, D, hq + 2 * hkv), dense(L, hq, D)
+        group = spec.num_heads // spec.num_kv_heads
+        self.wqkv, self.wo = dense(L, D, spec.num_kv_heads, group + 2, spec.head_dim), dense(L, hq, D)
         self.mlp_norm = nnx.Param(jnp.ones((L, D), dtype))
-        self.w_gate_up, self.w_down = dense(L, D, 2 * F), dense(L, F, D)
+        self.w_gate_up, self.w_down = dense(L, D, 2, F), dense(L, F, D)
         self.final_norm = nnx.Param(jnp.ones((D,), dtype))
         self.lm_head = None if spec.tie_word_embeddings else dense(D, spec.vocab_size)
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(spec)))
 
     @classmethod
-    def from_hf_weights(cls, spec: ModelSpec, tensors: dict[str, np.ndarray], *, dtype=jnp.float32) -> "Llama":
-        """Build from HF-named tensors ([out, in] linear weights), stacking the layers."""
+    def from_hf_weights(cls, spec: ModelSpec, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
+                        mesh: Mesh | None = None) -> "Llama":
+        """Build from HF-named tensors ([out, in] linear weights), each weight placed by its
+        `PARAM_SPECS` split over `mesh` (None: the default device). Every device's part is built
+        layer by layer in the target dtype, so no stacked or float32 copy of a whole weight is made."""
         model = nnx.eval_shape(lambda: cls(spec, dtype=dtype, rngs=nnx.Rngs(0)))
+        missing = sorted(set(hf_weight_names(spec)) - set(tensors))
+        if missing:
+            raise ValueError(f"weights are missing {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))
+        target = np.dtype(dtype)
 
-        def take(name: str) -> np.ndarray:
-            if name not in tensors:
-                raise ValueError(f"weights are missing {name!r}")
-            return tensors[name]
+        def layer_part(name: str, i: int) -> np.ndarray:
+            return np.asarray(_layer_weight(spec, name, lambda hf: tensors[f"model.layers.{i}.{hf}"]), target)
 
-        def put(arr: np.ndarray) -> jax.Array:
-            return jnp.asarray(np.asarray(arr, np.float32)).astype(dtype)
+        def place(name: str, build) -> jax.Array:
+            shape = getattr(model, name).shape
+            return jax.make_array_from_callback(shape, param_sharding(name, mesh), build)
 
-        for ours, hf_names in _LAYER_WEIGHTS.items():
-            stacked = np.stack([np.concatenate([take(f"model.layers.{i}.{hf}") for hf in hf_names])
-                                for i in range(spec.num_layers)])
-            getattr(model, ours).set_value(put(stacked.swapaxes(1, 2) if stacked.ndim == 3 else stacked))
-        model.embed.set_value(put(take("model.embed_tokens.weight")))
-        model.final_norm.set_value(put(take("model.norm.weight")))
+        for name in _LAYER_WEIGHTS:
+            getattr(model, name).set_value(place(name, lambda index, name=name: np.stack([
+                layer_part(name, i)[index[1:]] for i in range(spec.num_layers)[index[0]]])))
+        whole = {"embed": tensors["model.embed_tokens.weight"], "final_norm": tensors["model.norm.weight"],
+                 "inv_freq": rope_inv_freq(spec)}
         if not spec.tie_word_embeddings:
-            model.lm_head.set_value(put(take("lm_head.weight").T))
-        model.inv_freq.set_value(jnp.asarray(rope_inv_freq(spec)))
+            whole["lm_head"] = tensors["lm_head.weight"].T
+        for name, tensor in whole.items():
+            getattr(model, name).set_value(place(name, lambda index, t=tensor, name=name: np.asarray(
+                t[index], np.float32 if name == "inv_freq" else target)))
         return model
+
+    def shard(self, mesh: Mesh | None) -> None:
+        """Move every weight to its split over `mesh` (None: the default device), in place."""
+        for name in PARAM_SPECS:
+            variable = getattr(self, name)
+            if variable is not None:
+                variable.set_value(jax.device_put(variable[...], param_sharding(name, mesh)))
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                  meta: AttentionInputs, pages_per_chunk: int):
@@ -120,31 +155,64 @@ class Llama(nnx.Module):
             h, k_pool, v_pool = carry
             w, idx = xs
             x = rms_norm(h, w["attn_norm"], spec.rms_norm_eps)
-            q, k, v = self.split_qkv(x @ w["wqkv"])
+            q, k, v = self.project_qkv(x, w["wqkv"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_pool = write_kv(k_pool, idx, meta.slot_mapping, k)
             v_pool = write_kv(v_pool, idx, meta.slot_mapping, v)
             attn = paged_attention(q, k_pool, v_pool, idx, meta, pages_per_chunk)
             h = h + attn.reshape(num_tokens, -1) @ w["wo"]
             x = rms_norm(h, w["mlp_norm"], spec.rms_norm_eps)
-            gate, up = jnp.split(x @ w["w_gate_up"], 2, axis=-1)
-            h = h + (jax.nn.silu(gate) * up) @ w["w_down"]
+            h = h + swiglu(x, w["w_gate_up"]) @ w["w_down"]
             return (h, k_pool, v_pool), None
 
         layer_ids = jnp.arange(spec.num_layers, dtype=jnp.int32)
         (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, k_pool, v_pool), (layer_weights, layer_ids))
         return rms_norm(h, self.final_norm[...], spec.rms_norm_eps), k_pool, v_pool
 
-    def split_qkv(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[T, (H + 2 Hkv) * D] -> q [T, H, D], k and v [T, Hkv, D]."""
-        spec = self.spec
-        hq, hkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        n = qkv.shape[0]
-        return (qkv[:, :hq].reshape(n, spec.num_heads, spec.head_dim),
-                qkv[:, hq:hq + hkv].reshape(n, spec.num_kv_heads, spec.head_dim),
-                qkv[:, hq + hkv:].reshape(n, spec.num_kv_heads, spec.head_dim))
+    def project_qkv(self, x: jax.Array, wqkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [T, D] -> q [T, H, Dh], k and v [T, Hkv, Dh] with one matmul."""
+        qkv = jnp.einsum("td,dhgk->thgk", x, wqkv)                 # [T, Hkv, G + 2, Dh]
+        group = qkv.shape[2] - 2
+        q = qkv[:, :, :group].reshape(x.shape[0], self.spec.num_heads, self.spec.head_dim)
+        return q, qkv[:, :, group], qkv[:, :, group + 1]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[N, D] -> float32 logits [N, V]."""
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return (hidden @ head).astype(jnp.float32)
+
+
+def param_sharding(name: str, mesh: Mesh | None):
+    """Where weight `name` lives: split by `PARAM_SPECS` over `mesh`, or on the default device."""
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, PARAM_SPECS[name])
+
+
+def hf_weight_names(spec: ModelSpec) -> list[str]:
+    """The HF tensor names a checkpoint of `spec` must have."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if spec.tie_word_embeddings else ["lm_head.weight"])
+    per_layer = ["input_layernorm", "post_attention_layernorm"] + [f"self_attn.{p}_proj" for p in "qkvo"] + \
+        [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    return names + [f"model.layers.{i}.{p}.weight" for i in range(spec.num_layers) for p in per_layer]
+
+
+def _layer_weight(spec: ModelSpec, name: str, hf) -> np.ndarray:
+    """One layer's slice of our stacked weight `name`, from `hf(name inside model.layers.{i})`."""
+    if name == "attn_norm":
+        return hf("input_layernorm.weight")
+    if name == "mlp_norm":
+        return hf("post_attention_layernorm.weight")
+    if name == "wqkv":
+        hkv, dh = spec.num_kv_heads, spec.head_dim
+        q = hf("self_attn.q_proj.weight").T.reshape(-1, hkv, spec.num_heads // hkv, dh)
+        k = hf("self_attn.k_proj.weight").T.reshape(-1, hkv, 1, dh)
+        v = hf("self_attn.v_proj.weight").T.reshape(-1, hkv, 1, dh)
+        return np.concatenate([q, k, v], axis=2)
+    if name == "wo":
+        return hf("self_attn.o_proj.weight").T
+    if name == "w_gate_up":
+        return np.stack([hf("mlp.gate_proj.weight").T, hf("mlp.up_proj.weight").T], axis=1)
+    if name == "w_down":
+        return hf("mlp.down_proj.weight").T
+    raise KeyError(name)

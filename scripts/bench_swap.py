@@ -183,7 +183,7 @@ def main() -> None:
     profile = measure_profile(llm, name=f"{args.model}-bench", model=args.model, repeats=args.repeats,
                               quick=args.quick)
     print(f"profile: {profile}", flush=True)
-    block_mb = (pool.k[:, 0].nbytes + pool.v[:, 0].nbytes) / 1e6
+    block_mb = pool.block_bytes / 1e6
     throughput = []
     for n in args.block_counts:
         out_gbps, in_gbps = swap_bandwidth(llm, n, args.repeats)

@@ -55,10 +55,11 @@ def random_hf_tensors(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def paged_logits(model: Llama, token_ids: list[int], block_size: int = 4, row_width: int | None = None,
-                 chunk_pages: int = 2) -> np.ndarray:
+                 chunk_pages: int = 2, pool_sharding=None) -> np.ndarray:
     """Logits [n, V] of one sequence prefilled in one pass through the paged path.
 
-    Blocks are handed out in a scrambled order so that paging is exercised.
+    Blocks are handed out in a scrambled order so that paging is exercised. A model split over a
+    mesh needs its pools split over the same mesh (`pool_sharding`).
     """
     n = len(token_ids)
     q = row_width or n
@@ -78,7 +79,7 @@ def paged_logits(model: Llama, token_ids: list[int], block_size: int = 4, row_wi
     meta = AttentionInputs(slot, pos.copy(), (group,))
     spec = model.spec
     k_pool, v_pool = allocate_pools(spec.num_layers, num_blocks + 1, block_size, spec.num_kv_heads,
-                                    spec.head_dim, model.dtype)
+                                    spec.head_dim, model.dtype, sharding=pool_sharding)
     hidden, _, _ = model(jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), k_pool, v_pool, meta, chunk_pages)
     return np.asarray(model.logits(hidden))
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import LLAMA3_SCALING, paged_logits, random_hf_tensors, tiny_spec, torch_llama
-from models.llama import Llama, apply_rope, rms_norm
+from models.llama import Llama, apply_rope, rms_norm, swiglu
 
 
 @pytest.mark.parametrize("tied, scaling", [(False, None), (True, None), (False, LLAMA3_SCALING)],
@@ -35,15 +35,14 @@ def dense_logits(model: Llama, ids: list[int]) -> np.ndarray:
     group = spec.num_heads // spec.num_kv_heads
     for i in range(spec.num_layers):
         x = rms_norm(h, model.attn_norm[...][i], spec.rms_norm_eps)
-        q, k, v = model.split_qkv(x @ model.wqkv[...][i])
+        q, k, v = model.project_qkv(x, model.wqkv[...][i])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
         s = jnp.einsum("qhd,khd->hqk", q, k) / np.sqrt(spec.head_dim)
         p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
         h = h + jnp.einsum("hqk,khd->qhd", p, v).reshape(n, -1) @ model.wo[...][i]
         x = rms_norm(h, model.mlp_norm[...][i], spec.rms_norm_eps)
-        gate, up = jnp.split(x @ model.w_gate_up[...][i], 2, axis=-1)
-        h = h + (jax.nn.silu(gate) * up) @ model.w_down[...][i]
+        h = h + swiglu(x, model.w_gate_up[...][i]) @ model.w_down[...][i]
     return np.asarray(model.logits(rms_norm(h, model.final_norm[...], spec.rms_norm_eps)))
 
 

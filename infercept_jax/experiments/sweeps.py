@@ -204,6 +204,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, help="longest context (default: the model's; 2048 simulated)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="real engine: weights "
                         "and KV dtype (default auto)")
+    parser.add_argument("--tensor-parallel-size", type=int, help="real engine: devices the weights and the KV "
+                        "cache are split over (default 1)")
     parser.add_argument("--out", required=True, help="folder for results.json and the plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -237,15 +239,16 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
     policies = args.policy or list(DEFAULT_POLICIES)
     rates = args.qps or [1.0]
     given = {name: getattr(args, name) for name in ("num_host_blocks", "max_num_seqs", "max_num_batched_tokens",
-                                                     "max_model_len", "dtype")}
+                                                     "max_model_len", "dtype", "tensor_parallel_size")}
     options = {name: value for name, value in given.items() if value is not None}
     decisions = {"heuristic": args.heuristic, "estimator_error": args.estimator_error, "lamps": lamps_options(args)}
     trace = resolve_trace(args.trace, args.tokenizer or args.model)
     if args.simulate:
         if args.profile is None:
             raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")
-        if args.dtype is not None:
-            raise ValueError("--dtype is for the real engine; the simulator runs no model")
+        for flag in ("dtype", "tensor_parallel_size"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} is for the real engine; the simulator runs no model")
         if args.num_kv_blocks is not None:
             options["num_device_blocks"] = args.num_kv_blocks
         make_engine = simulated_engines(load_profile(args.profile), estimator=args.estimator, **decisions, **options)
