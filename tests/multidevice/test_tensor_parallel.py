@@ -12,6 +12,7 @@ import pytest
 from helpers import count_compiles, paged_logits, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from infercept_jax.parallel import kv_pool_sharding, tp_mesh
+from infercept_jax.profiler import measure_profile
 from kvcache.swap import HostKVPool
 from models.llama import PARAM_SPECS, Llama
 
@@ -129,3 +130,28 @@ def test_a_model_that_does_not_split_is_refused():
         LLM.from_model(model, None, tensor_parallel_size=2, num_kv_blocks=8, compile_cache=False, warmup=False)
     with pytest.raises(ValueError, match="needs 8 devices; this run has 4"):
         tp_mesh(8)
+
+
+def test_a_profile_measured_on_a_split_engine_describes_the_whole_model(engines):
+    """Like the paper's 13B TP2 profile: M is the whole model's KV bytes per token (the swap copies
+    of all shards together move them), and the device names the mesh."""
+    llm = engines[2]
+    profile = measure_profile(llm, name="tiny-tp2", model="tiny-random", quick=True)
+    assert profile.device.startswith("2 x ") and profile.device.endswith("(cpu)")
+    assert profile.kv_bytes_per_token == SPEC.kv_bytes_per_token(4)
+    assert profile.swap_out_gb_per_s > 0 and profile.swap_in_gb_per_s > 0
+    assert profile.num_device_blocks == 40 and profile.saturation_tokens in llm.runner.chunk_buckets
+    blocks = llm.engine.blocks
+    assert blocks.num_free == blocks.device.capacity and blocks.host.num_free == blocks.host.capacity
+
+
+def test_memory_options_are_per_device():
+    """kv_cache_memory_gb buys twice the blocks when the pools are split over two devices."""
+    block_gb = SPEC.kv_bytes_per_token(4) * 4 / 2**30
+    model = Llama.from_hf_weights(SPEC, random_hf_tensors(SPEC))
+    sizes = {}
+    for tp in (1, 2):
+        llm = LLM.from_model(model, None, tensor_parallel_size=tp, policy="preserve", block_size=4,
+                             kv_cache_memory_gb=100 * block_gb, warmup=False, compile_cache=False)
+        sizes[tp] = llm.engine.blocks.device.num_blocks
+    assert sizes == {1: 100, 2: 200}
