@@ -34,3 +34,16 @@ def test_cli_generates_with_the_default_model(capsys):
                  "--max-model-len", "256", "--kv-cache-gb", "0.1"]) == 0
     out = capsys.readouterr().out
     assert '"finish_reason": "length"' in out and "Paris" in out
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["profile", "--quick"], ["serve"]])
+def test_more_devices_than_the_run_has_is_an_error(capsys, command):
+    assert main(command + ["--tensor-parallel-size", "2"]) == 2
+    assert "tensor_parallel_size=2 needs 2 devices; this run has 1 (cpu)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--dtype", "bfloat16"], ["--tensor-parallel-size", "2"]])
+def test_replay_refuses_real_engine_options_in_the_simulator(capsys, tmp_path, flag):
+    command = ["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b", "--out", str(tmp_path)]
+    assert main(command + flag) == 2
+    assert f"{flag[0]} is for the real engine; the simulator runs no model" in capsys.readouterr().err
