@@ -5,10 +5,12 @@ SmolLM2-135M on this machine replays builtin:mixed-small (tool-call durations x 
 KV pool of examples/demo.py, so that memory is contended; the simulator replays the same arrivals
 with the profile measured here first, the same pools and the same step budget S. Per policy and
 rate: mean normalized latency and completed requests of each, and the simulator's relative
-difference. Each real run takes about 10 s of warm-up plus the window.
+difference. With several rates, also each policy's sustainable rate and its gain over discard
+(capacity.py's measure: the SLO is twice the lowest latency at the lowest rate), on the real engine
+and as the simulator predicts it. Each real run takes about 10 s of warm-up plus the window.
 
     .venv/bin/python scripts/real_vs_sim.py                      # 1 req/s, 30 s windows: a few minutes
-    .venv/bin/python scripts/real_vs_sim.py --qps 0.5 --qps 1 --window 60
+    .venv/bin/python scripts/real_vs_sim.py --policy discard --policy infercept --qps 0.25 --qps 0.5 --qps 1 --qps 2
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import os
 import time
 
+from infercept_jax.experiments.capacity import format_compare, latency_slo, summarize
 from infercept_jax.experiments.sweeps import measure_here, real_engines, resolve_trace, run_replays, simulated_engines
 from scheduling.policies import POLICIES
 
@@ -94,9 +97,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\n{args.trace}, tool calls x {args.time_scale:g}, window {args.window:g} s, {DEVICE_BLOCKS} device "
           f"blocks; real engine {real_seconds:.0f} s, simulator {sim_seconds:.1f} s\n")
     print(format_rows(rows))
+    capacity = []
+    if len(rates) > 1:
+        capacity = summarize(real, "real engine", latency_slo(real)) + summarize(sim, "simulator", latency_slo(sim))
+        print("\nsustainable rates (SLO: 2x the lowest normalized latency at the lowest rate, per engine)\n")
+        print(format_compare(capacity, "engine"))
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as f:
-        json.dump({"profile": profile.to_dict(), "comparison": rows,
+        json.dump({"profile": profile.to_dict(), "comparison": rows, "sustainable": capacity,
                    "runs": [{"engine": "real", **r} for r in real] + [{"engine": "sim", **s} for s in sim]}, f, indent=2)
     print(f"wrote {path}")
     return rows
