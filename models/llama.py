@@ -15,6 +15,7 @@ the same layout for any number of devices.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Mapping
 
 import jax
@@ -103,35 +104,48 @@ class Llama(nnx.Module):
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(spec)))
 
     @classmethod
+    def abstract(cls, spec: ModelSpec, dtype=jnp.float32) -> "Llama":
+        """The model's structure with shapes and dtypes and no values (nothing allocated), to fill in."""
+        return nnx.eval_shape(lambda: cls(spec, dtype=dtype, rngs=nnx.Rngs(0)))
+
+    @classmethod
     def from_hf_weights(cls, spec: ModelSpec, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
                         mesh: Mesh | None = None) -> "Llama":
-        """Build from HF-named tensors ([out, in] linear weights), each weight placed by its
-        `PARAM_SPECS` split over `mesh` (None: the default device). Every device's part is built
-        layer by layer in the target dtype, so no stacked or float32 copy of a whole weight is made."""
-        model = nnx.eval_shape(lambda: cls(spec, dtype=dtype, rngs=nnx.Rngs(0)))
+        """Build from HF-named tensors ([out, in] linear weights, any float dtype; a lazy mapping
+        such as `SafetensorsWeights` is read one tensor at a time), each weight placed by its
+        `PARAM_SPECS` split over `mesh` (None: the default device).
+
+        A stacked layer weight starts as zeros on the devices and is filled one layer at a time:
+        the layer is built once on the host in the target dtype, each device gets its slice, and a
+        donated in-place update writes it. So the host holds one layer of one weight at a time,
+        never a stacked or float32 copy, and the work does not grow with the number of devices."""
+        model = cls.abstract(spec, dtype)
         missing = sorted(set(hf_weight_names(spec)) - set(tensors))
         if missing:
             raise ValueError(f"weights are missing {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))
         target = np.dtype(dtype)
 
-        def layer_part(name: str, i: int) -> np.ndarray:
-            return np.asarray(_layer_weight(spec, name, lambda hf: tensors[f"model.layers.{i}.{hf}"]), target)
-
-        def place(name: str, build) -> jax.Array:
-            shape = getattr(model, name).shape
-            return jax.make_array_from_callback(shape, param_sharding(name, mesh), build)
+        def place(array: np.ndarray, sharding) -> jax.Array:
+            return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
         for name in _LAYER_WEIGHTS:
-            getattr(model, name).set_value(place(name, lambda index, name=name: np.stack([
-                layer_part(name, i)[index[1:]] for i in range(spec.num_layers)[index[0]]])))
-        whole = {"embed": tensors["model.embed_tokens.weight"], "final_norm": tensors["model.norm.weight"],
-                 "inv_freq": rope_inv_freq(spec)}
+            variable, sharding = getattr(model, name), param_sharding(name, mesh)
+            stacked = jnp.zeros(variable.shape, dtype, device=sharding)
+            for i in range(spec.num_layers):
+                layer = _layer_weight(spec, name, lambda hf: tensors[f"model.layers.{i}.{hf}"])
+                stacked = _write_layer(stacked, place(np.asarray(layer, target), _layer_sharding(sharding)), i)
+            variable.set_value(stacked)
+        whole = {"embed": tensors["model.embed_tokens.weight"], "final_norm": tensors["model.norm.weight"]}
         if not spec.tie_word_embeddings:
             whole["lm_head"] = tensors["lm_head.weight"].T
         for name, tensor in whole.items():
-            getattr(model, name).set_value(place(name, lambda index, t=tensor, name=name: np.asarray(
-                t[index], np.float32 if name == "inv_freq" else target)))
+            getattr(model, name).set_value(place(np.asarray(tensor, target), param_sharding(name, mesh)))
+        model.inv_freq.set_value(place(rope_inv_freq(spec), param_sharding("inv_freq", mesh)))
         return model
+
+    def weights(self) -> dict[str, jax.Array]:
+        """Every weight by its `PARAM_SPECS` name (an untied head only if the model has one)."""
+        return {name: getattr(self, name).get_value() for name in PARAM_SPECS if getattr(self, name) is not None}
 
     def shard(self, mesh: Mesh | None) -> None:
         """Move every weight to its split over `mesh` (None: the default device), in place."""
@@ -187,6 +201,18 @@ def param_sharding(name: str, mesh: Mesh | None):
     if mesh is None:
         return SingleDeviceSharding(jax.devices()[0])
     return NamedSharding(mesh, PARAM_SPECS[name])
+
+
+def _layer_sharding(stacked):
+    """One layer's split of a stacked weight split as `stacked`: the same, less the layer axis."""
+    if isinstance(stacked, NamedSharding):
+        return NamedSharding(stacked.mesh, P(*stacked.spec[1:]))
+    return stacked
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked: jax.Array, layer: jax.Array, i: int) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
 
 
 def hf_weight_names(spec: ModelSpec) -> list[str]:

@@ -1,15 +1,19 @@
-"""Read Llama weights from an HF folder (safetensors) or a GGUF file into float32 numpy under HF names.
+"""Read Llama weights from an HF folder (safetensors) or a GGUF file as numpy arrays under HF names.
 
 Both loaders return the same thing, `(ModelSpec, {hf_name: array})`, with HF shapes ([out, in] for
 linear layers) and HF's rotate-half RoPE layout, so the model code only ever sees one convention.
+Safetensors are read lazily, one tensor at a time in its stored dtype; GGUF tensors are dequantized
+to float32 up front (GGUF models here are small).
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
@@ -18,8 +22,8 @@ from models.spec import ModelSpec
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
-# safetensors dtype names -> numpy; BF16 is handled apart since numpy has no bfloat16.
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+# safetensors dtype names -> numpy (little-endian, as the format stores them; bfloat16 from ml_dtypes).
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": jnp.bfloat16}
 
 # GGUF llama tensor names -> HF names: whole-model tensors, then the per-layer `blk.N.<part>.weight` parts.
 _GGUF_GLOBAL = {
@@ -41,8 +45,8 @@ _GGUF_LAYER = {
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
-def load_hf_folder(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    """Spec and float32 tensors (HF names) of a Llama checkpoint folder: config.json + *.safetensors."""
+def load_hf_folder(path: str | Path) -> tuple[ModelSpec, "SafetensorsWeights"]:
+    """Spec and lazily read tensors (HF names, stored dtypes) of a Llama checkpoint folder: config.json + *.safetensors."""
     folder = Path(path)
     cfg = json.loads((folder / "config.json").read_text())
     archs = cfg.get("architectures") or []
@@ -54,37 +58,52 @@ def load_hf_folder(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {folder}")
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        tensors.update(_read_safetensors(file))
-    return ModelSpec.from_hf_config(cfg), tensors
+    return ModelSpec.from_hf_config(cfg), SafetensorsWeights(files)
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one file as float32.
+class SafetensorsWeights(Mapping[str, np.ndarray]):
+    """The tensors of some safetensors files by name, each read from disk when asked for, in its stored dtype.
 
-    Parsed by hand (8-byte header size, JSON header, raw little-endian data) because numpy has no
-    bfloat16, so safetensors' numpy backend refuses BF16 tensors, the usual dtype of HF checkpoints.
+    So a checkpoint is never held whole on the host: the model is built from one tensor at a time,
+    converted straight to its dtype. BF16 comes back as `ml_dtypes.bfloat16` (jnp.bfloat16), never
+    widened. The headers are parsed by hand (8-byte size, JSON, raw little-endian data) because
+    safetensors' numpy backend refuses BF16; a tensor is read with a plain file read, not a memory
+    map, so its pages leave the process once the caller drops it.
     """
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        raw, dtype = data[start:end], info["dtype"]
-        if dtype == "BF16":
-            # bf16 is the top half of an f32: widen the bits and shift them into place.
-            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        elif dtype in _SAFETENSORS_DTYPES:
-            arr = raw.view(np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<")).astype(np.float32)
-        else:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        out[name] = arr.reshape(info["shape"])
-    return out
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, np.dtype, tuple[int, ...], int]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_size))
+            data_start, file_size = 8 + header_size, path.stat().st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                if name in self._where:
+                    raise ValueError(f"{path}: tensor {name!r} is also in {self._where[name][0]}")
+                dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+                start, end = info["data_offsets"]
+                if end - start != math.prod(shape) * dtype.itemsize or data_start + end > file_size:
+                    raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) does not fit "
+                                     f"bytes {start}..{end} of a {file_size - data_start}-byte data section: "
+                                     f"the file is truncated or corrupt")
+                self._where[name] = (path, dtype, shape, data_start + start)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, dtype, shape, offset = self._where[name]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return np.fromfile(f, dtype=dtype, count=math.prod(shape)).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def load_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:

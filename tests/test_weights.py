@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
@@ -50,10 +51,10 @@ def test_hf_folder_matches_state_dict(tmp_path: Path, tied: bool, dtype: str) ->
     expected = {k: v.float().numpy() for k, v in model.state_dict().items()}
     if tied:
         del expected["lm_head.weight"]
-    assert tensors.keys() == expected.keys()
+    assert set(tensors) == expected.keys() and len(tensors) == len(expected)
     for name, want in expected.items():
-        assert tensors[name].dtype == np.float32
-        np.testing.assert_array_equal(tensors[name], want, err_msg=name)
+        assert tensors[name].dtype == np.dtype(getattr(jnp, dtype)), name  # as stored: never widened
+        np.testing.assert_array_equal(tensors[name].astype(np.float32), want, err_msg=name)
     assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers) == (4, 2, 16, 2)
     assert spec.tie_word_embeddings is tied and spec.rope_theta == 5000.0 and spec.eos_token_ids == (3,)
 
