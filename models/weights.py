@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
@@ -23,7 +23,7 @@ from models.spec import ModelSpec
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 # safetensors dtype names -> numpy (little-endian, as the format stores them; bfloat16 from ml_dtypes).
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": jnp.bfloat16}
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfloat16}
 
 # GGUF llama tensor names -> HF names: whole-model tensors, then the per-layer `blk.N.<part>.weight` parts.
 _GGUF_GLOBAL = {
@@ -48,6 +48,15 @@ _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 def load_hf_folder(path: str | Path) -> tuple[ModelSpec, "SafetensorsWeights"]:
     """Spec and lazily read tensors (HF names, stored dtypes) of a Llama checkpoint folder: config.json + *.safetensors."""
     folder = Path(path)
+    spec = load_hf_spec(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {folder}")
+    return spec, SafetensorsWeights(files)
+
+
+def load_hf_spec(folder: Path) -> ModelSpec:
+    """The spec in a folder's config.json, refused unless it is a Llama."""
     cfg = json.loads((folder / "config.json").read_text())
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
@@ -55,17 +64,14 @@ def load_hf_folder(path: str | Path) -> tuple[ModelSpec, "SafetensorsWeights"]:
             f"unsupported architecture {archs or cfg.get('model_type')!r} in {folder}: "
             f"only {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama') is supported"
         )
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {folder}")
-    return ModelSpec.from_hf_config(cfg), SafetensorsWeights(files)
+    return ModelSpec.from_hf_config(cfg)
 
 
 class SafetensorsWeights(Mapping[str, np.ndarray]):
     """The tensors of some safetensors files by name, each read from disk when asked for, in its stored dtype.
 
     So a checkpoint is never held whole on the host: the model is built from one tensor at a time,
-    converted straight to its dtype. BF16 comes back as `ml_dtypes.bfloat16` (jnp.bfloat16), never
+    converted straight to its dtype. BF16 comes back as `ml_dtypes.bfloat16` (= jnp.bfloat16), never
     widened. The headers are parsed by hand (8-byte size, JSON, raw little-endian data) because
     safetensors' numpy backend refuses BF16; a tensor is read with a plain file read, not a memory
     map, so its pages leave the process once the caller drops it.

@@ -28,7 +28,7 @@ from infercept_jax.build import DEFAULT_TOKEN_BUDGET
 from infercept_jax.config import SamplingParams
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.llm import LLM
-from models.registry import resolve_model
+from models.registry import hf_reference_folder
 from models.spec import ModelSpec
 
 MODEL = "smollm2-135m"
@@ -197,7 +197,7 @@ def load_hf():
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(os.cpu_count())
-    model = LlamaForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(hf_reference_folder(MODEL), dtype=torch.float32).eval()
     bench_hf(model, prompts_for(1, 16, 0), 2, 1, math.inf)  # untimed: first-call overhead of torch
     return model
 

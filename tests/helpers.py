@@ -3,6 +3,8 @@ engines around stand-in runners."""
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,34 @@ def random_hf_tensors(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     if not spec.tie_word_embeddings:
         t["lm_head.weight"] = w(spec.vocab_size, D)
     return t
+
+
+def write_hf_folder(folder: Path, spec: ModelSpec, tensors: dict[str, np.ndarray]) -> Path:
+    """An HF checkpoint folder: config.json and one model.safetensors holding `tensors` in their own
+    dtypes (bfloat16 too), written by hand as the format says: 8-byte header size, JSON header, data."""
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(jnp.bfloat16): "BF16",
+             np.dtype(np.int8): "I8"}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header).encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(spec.to_hf_config()))
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(t).tobytes())
+    return folder
+
+
+def assert_same_weights(model: Llama, want: Llama) -> None:
+    """Every weight of `model` has the dtype and values of `want`'s."""
+    got, expected = model.weights(), want.weights()
+    assert got.keys() == expected.keys()
+    for name, w in expected.items():
+        assert got[name].dtype == w.dtype, name
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(w), err_msg=name)
 
 
 def paged_logits(model: Llama, token_ids: list[int], block_size: int = 4, row_width: int | None = None,

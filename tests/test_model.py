@@ -68,7 +68,7 @@ def test_greedy_generation_matches_transformers_on_smollm2():
     import transformers
 
     from infercept_jax import LLM, SamplingParams
-    from models.registry import resolve_model
+    from models.registry import hf_reference_folder
 
     llm = LLM("smollm2-135m", max_num_seqs=8, max_num_batched_tokens=128, kv_cache_memory_gb=0.25,
               max_model_len=1024)
@@ -77,7 +77,7 @@ def test_greedy_generation_matches_transformers_on_smollm2():
     prompts.append("def fibonacci(n):")
     ours = llm.generate(prompts, params)
 
-    ref = transformers.LlamaForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
+    ref = transformers.LlamaForCausalLM.from_pretrained(hf_reference_folder("smollm2-135m"), dtype=torch.float32).eval()
     for prompt, out in zip(prompts, ours):
         ids = torch.tensor([llm.tokenizer.encode(prompt)])
         with torch.no_grad():

@@ -9,7 +9,6 @@ import pytest
 from infercept_jax import LLM
 from infercept_jax.async_llm import AsyncLLM
 from infercept_jax.serving.app import OpenAIServer
-from models.llama import Llama
 from models.registry import load_model
 from test_serving import client, idle, metrics, serving
 
@@ -32,8 +31,7 @@ CONVERSATION = example("Rome", "Sunny, 24 C") + example("Oslo", "Snow, -3 C") + 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    spec, tensors, tokenizer = load_model(MODEL)
-    return Llama.from_hf_weights(spec, tensors), tokenizer
+    return load_model(MODEL)
 
 
 @pytest.mark.slow

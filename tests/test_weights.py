@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import gguf
 import jax.numpy as jnp
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
-from models import registry
-from models.registry import load_model, resolve_model
+from helpers import assert_same_weights, paged_logits, random_hf_tensors, tiny_spec, write_hf_folder
+from models import checkpoint, registry
+from models.llama import Llama
+from models.registry import hf_reference_folder, load_model, resolve_model
 from models.tokenizer import Tokenizer, tokenizer_from_gguf
 from models.weights import load_gguf, load_hf_folder, unpermute_rope_rows
 
@@ -64,6 +67,76 @@ def test_hf_folder_rejects_other_architectures(tmp_path: Path) -> None:
                                                       "model_type": "mistral"}))
     with pytest.raises(ValueError, match="MistralForCausalLM"):
         load_hf_folder(tmp_path)
+
+
+class RecordedReads(Mapping[str, np.ndarray]):
+    """A tensor mapping that records the name and dtype of every tensor it hands out."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.tensors, self.reads = tensors, []
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor = self.tensors[name]
+        self.reads.append((name, tensor.dtype))
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def test_bf16_folder_loads_into_bf16_model_without_widening(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    bf16 = {k: v.astype(jnp.bfloat16) for k, v in random_hf_tensors(spec, seed=7).items()}
+    loaded_spec, stored = load_hf_folder(write_hf_folder(tmp_path, spec, bf16))
+    assert loaded_spec == spec
+    reads = RecordedReads(stored)
+    model = Llama.from_hf_weights(spec, reads, dtype=jnp.bfloat16)
+    assert sorted(name for name, _ in reads.reads) == sorted(bf16)      # each tensor read once, when needed
+    assert {dtype for _, dtype in reads.reads} == {np.dtype(jnp.bfloat16)}  # as stored: no float32 copy
+    # The old loader widened every tensor to float32 first; the model must not change.
+    widened = Llama.from_hf_weights(spec, {k: v.astype(np.float32) for k, v in bf16.items()}, dtype=jnp.bfloat16)
+    assert_same_weights(model, widened)
+    ids = list(range(3, 40))
+    np.testing.assert_array_equal(paged_logits(model, ids), paged_logits(widened, ids))
+
+
+def test_f32_folder_loads_into_bf16_model(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    tensors = random_hf_tensors(spec, seed=8)
+    model = Llama.from_hf_weights(*load_hf_folder(write_hf_folder(tmp_path, spec, tensors)), dtype=jnp.bfloat16)
+    assert {name for name, w in model.weights().items() if w.dtype != jnp.bfloat16} == {"inv_freq"}
+    bf16 = lambda name: tensors[name].astype(jnp.bfloat16)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), bf16("model.embed_tokens.weight"))
+    np.testing.assert_array_equal(np.asarray(model.wo[...][1]), bf16("model.layers.1.self_attn.o_proj.weight").T)
+    np.testing.assert_array_equal(np.asarray(model.w_gate_up[...][0, :, 1]), bf16("model.layers.0.mlp.up_proj.weight").T)
+    np.testing.assert_array_equal(np.asarray(model.lm_head[...]), bf16("lm_head.weight").T)
+
+
+def test_bad_hf_folders_give_clear_errors(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    tensors = random_hf_tensors(spec)
+    folder = write_hf_folder(tmp_path / "truncated", spec, tensors)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="'lm_head.weight'.*truncated or corrupt"):
+        load_hf_folder(folder)
+
+    folder = write_hf_folder(tmp_path / "int8", spec, tensors | {"extra": np.zeros(3, np.int8)})
+    with pytest.raises(ValueError, match="'extra' has unsupported dtype I8"):
+        load_hf_folder(folder)
+
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    spec_, stored = load_hf_folder(write_hf_folder(tmp_path / "missing", spec, tensors))
+    with pytest.raises(ValueError, match="missing 'model.layers.1.mlp.up_proj.weight'"):
+        Llama.from_hf_weights(spec_, stored)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(spec.to_hf_config()))
+    with pytest.raises(ValueError, match=r"no \*.safetensors files"):
+        load_model(str(tmp_path / "empty"))
 
 
 # --- GGUF --------------------------------------------------------------------------------------
@@ -273,11 +346,14 @@ def test_resolve_gguf_path_converts_once(tiny_gguf: tuple[Path, dict[str, np.nda
     monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
     folder = resolve_model(str(path))
     assert Path(folder) == tmp_path / "cache" / f"tiny-{path.stat().st_size}-v{registry.CONVERTER_VERSION}"
-    spec, loaded, tok = load_model(folder)
-    assert loaded.keys() == tensors.keys()
-    for name, want in tensors.items():
-        np.testing.assert_array_equal(loaded[name], want, err_msg=name)
-    assert spec == load_gguf(path)[0]
+    assert sorted(p.name for p in Path(folder).iterdir()) == [
+        "config.json", "generation_config.json", "orbax", "tokenizer.json", "tokenizer_config.json"]
+    spec = load_gguf(path)[0]
+    model, tok = load_model(folder)
+    assert model.spec == spec
+    assert_same_weights(model, Llama.from_hf_weights(spec, tensors))  # the checkpoint holds float32 exactly
+    bf16, _ = load_model(str(path), dtype=jnp.bfloat16)                 # cast as it is restored
+    assert_same_weights(bf16, Llama.from_hf_weights(spec, tensors, dtype=jnp.bfloat16))
     assert tok.encode("<|im_start|> t") == [1, len(tensors["model.embed_tokens.weight"]) - 1]
     assert tok.eos_token_id == 2 and tok.apply_chat_template([{"role": "user", "content": "x"}]) == \
         "<|im_start|>x<|im_end|>"
@@ -288,6 +364,22 @@ def test_resolve_gguf_path_converts_once(tiny_gguf: tuple[Path, dict[str, np.nda
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(folder).name]  # no temp folders left
 
 
+def test_hf_reference_folder_of_a_gguf(tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path, tensors = tiny_gguf
+    monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
+    folder = hf_reference_folder(str(path))
+    assert folder == resolve_model(str(path)) + "-hf"
+    spec, stored = load_hf_folder(folder)
+    assert spec == load_gguf(path)[0] and set(stored) == tensors.keys()
+    for name, want in tensors.items():
+        np.testing.assert_array_equal(stored[name], want, err_msg=name)
+    assert Tokenizer.from_folder(folder).encode("<|im_start|> t") == [1, len(tensors["model.embed_tokens.weight"]) - 1]
+    monkeypatch.setattr(registry, "load_gguf", lambda p: pytest.fail("written twice"))
+    assert hf_reference_folder(str(path)) == folder
+    assert hf_reference_folder(folder) == folder  # an HF folder is its own reference
+
+
 def test_crashed_conversion_leaves_nothing(tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
@@ -295,7 +387,7 @@ def test_crashed_conversion_leaves_nothing(tiny_gguf: tuple[Path, dict[str, np.n
     def crash(*args: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(registry, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save_weights", crash)
     with pytest.raises(RuntimeError, match="disk on fire"):
         resolve_model(str(tiny_gguf[0]))
     assert list((tmp_path / "cache").iterdir()) == []
@@ -310,20 +402,20 @@ def test_smollm2_conversion(smollm2_tensors: tuple, tmp_path_factory: pytest.Tem
     monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
     folder = resolve_model("SmolLM2-135M-Instruct")
     assert resolve_model("smollm2-135m") == folder and Path(folder).name == registry.SMOLLM2_CACHE_NAME
-    spec, tensors, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m")
     gguf_spec, gguf_tensors = smollm2_tensors
-    assert spec == gguf_spec and tensors.keys() == gguf_tensors.keys()
-    for name, want in gguf_tensors.items():
-        np.testing.assert_array_equal(tensors[name], want, err_msg=name)
+    assert model.spec == gguf_spec
+    assert_same_weights(model, Llama.from_hf_weights(gguf_spec, gguf_tensors))
 
-    model = LlamaForCausalLM.from_pretrained(folder).eval()
-    assert model.config.tie_word_embeddings and model.config.eos_token_id == 2
-    hf = model.state_dict()
+    # The reference folder for transformers holds the same tensors.
+    reference = LlamaForCausalLM.from_pretrained(hf_reference_folder("smollm2-135m")).eval()
+    assert reference.config.tie_word_embeddings and reference.config.eos_token_id == 2
+    hf = reference.state_dict()
     for name in ("model.embed_tokens.weight", "model.layers.5.self_attn.k_proj.weight"):
-        np.testing.assert_array_equal(hf[name].numpy(), tensors[name])
-    np.testing.assert_array_equal(hf["lm_head.weight"].numpy(), tensors["model.embed_tokens.weight"])  # tied
+        np.testing.assert_array_equal(hf[name].numpy(), gguf_tensors[name])
+    np.testing.assert_array_equal(hf["lm_head.weight"].numpy(), gguf_tensors["model.embed_tokens.weight"])  # tied
     # Wrongly laid-out q/k would still run; a greedy answer that makes sense shows RoPE lines up.
     ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user",
                                                              "content": "What is the capital of France?"}]))])
-    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    out = reference.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:].tolist())

@@ -49,11 +49,9 @@ def real_engines(model: str, estimator: str = "oracle", **engine_options) -> Cal
     """A factory of real engines for `run_replays`: the model is loaded once, each policy gets its
     own engine (pools, warm-up) around it."""
     from infercept_jax.llm import LLM, resolve_dtype
-    from models.llama import Llama
     from models.registry import load_model
 
-    spec, tensors, tokenizer = load_model(model)
-    llama = Llama.from_hf_weights(spec, tensors, dtype=resolve_dtype(engine_options.get("dtype", "auto")))
+    llama, tokenizer = load_model(model, dtype=resolve_dtype(engine_options.get("dtype", "auto")))
 
     def build(policy: str) -> Engine:
         return LLM.from_model(llama, tokenizer, policy=policy, estimator=estimator, **engine_options).engine
