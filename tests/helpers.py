@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,24 @@ def write_hf_folder(folder: Path, spec: ModelSpec, tensors: dict[str, np.ndarray
         for t in tensors.values():
             f.write(np.ascontiguousarray(t).tobytes())
     return folder
+
+
+class RecordedReads(Mapping[str, np.ndarray]):
+    """A tensor mapping that records the name and dtype of every tensor it hands out."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.tensors, self.reads = tensors, []
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor = self.tensors[name]
+        self.reads.append((name, tensor.dtype))
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def assert_same_weights(model: Llama, want: Llama) -> None:

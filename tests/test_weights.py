@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import gguf
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
-from helpers import assert_same_weights, paged_logits, random_hf_tensors, tiny_spec, write_hf_folder
+from helpers import RecordedReads, assert_same_weights, paged_logits, random_hf_tensors, tiny_spec, write_hf_folder
 from models import checkpoint, registry
 from models.llama import Llama
 from models.registry import hf_reference_folder, load_model, resolve_model
@@ -67,24 +66,6 @@ def test_hf_folder_rejects_other_architectures(tmp_path: Path) -> None:
                                                       "model_type": "mistral"}))
     with pytest.raises(ValueError, match="MistralForCausalLM"):
         load_hf_folder(tmp_path)
-
-
-class RecordedReads(Mapping[str, np.ndarray]):
-    """A tensor mapping that records the name and dtype of every tensor it hands out."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray]):
-        self.tensors, self.reads = tensors, []
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        tensor = self.tensors[name]
-        self.reads.append((name, tensor.dtype))
-        return tensor
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
 
 
 def test_bf16_folder_loads_into_bf16_model_without_widening(tmp_path: Path) -> None:
