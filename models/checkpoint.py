@@ -1,52 +1,80 @@
 """Our weights as an orbax checkpoint: the converted-model cache, restored straight into a mesh's splits.
 
-The checkpoint holds `Llama.weights()` in our layout (fused wqkv, stacked layers). A restore asks
-orbax for arrays with the target dtype and `PARAM_SPECS` shardings, so each device reads its own
-part of each weight from disk, cast on the way: no host copy of the whole model is ever made.
+The checkpoint holds `Llama.weights()` in our layout (fused wqkv, gate/up), with the stacked layer
+weights stored one entry per layer: `{"embed": ..., "layers": {"0": {"wqkv": ...}, ...}}`. A
+restore asks orbax for arrays in the target dtype with the `PARAM_SPECS` shardings, so each device
+reads its own part from disk, cast on the way, and it asks for one layer at a time, written into
+the stacked weight in place (`Llama.from_parts`): orbax reads an array into a host buffer before
+placing it, and one whole stacked weight at a time would cost a second copy of it.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from models.llama import Llama, param_sharding
+from models.llama import LAYER_WEIGHTS, Llama, layer_sharding, param_sharding
 from models.spec import ModelSpec
 
 
 def save_weights(model: Llama, path: Path) -> None:
     """Write the model's weights (as they are: dtype and values) to a new checkpoint folder `path`."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(path).absolute(), model.weights())
+    weights = model.weights()
+    tree: dict[str, Any] = {name: w for name, w in weights.items() if name not in LAYER_WEIGHTS}
+    tree["layers"] = {str(i): {name: weights[name][i] for name in LAYER_WEIGHTS}
+                      for i in range(model.spec.num_layers)}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
 
 
 def restore_llama(spec: ModelSpec, path: Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
     """The model of `spec` with its weights read from the checkpoint at `path`, in `dtype`, each
     weight split over `mesh` (None: the default device) as `PARAM_SPECS` says."""
     path = Path(path).absolute()
-    model = Llama.abstract(spec, dtype)
-    wanted = {name: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=param_sharding(name, mesh))
-              for name, s in model.weights().items()}
+    shapes = Llama.abstract(spec, dtype).weights()
+    whole = {name: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=param_sharding(name, mesh))
+             for name, s in shapes.items() if name not in LAYER_WEIGHTS}
+    layer = {name: jax.ShapeDtypeStruct(shapes[name].shape[1:], dtype, sharding=layer_sharding(name, mesh))
+             for name in LAYER_WEIGHTS}
     if not path.is_dir():
         raise ValueError(f"no orbax checkpoint at {path}: the folder does not exist")
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.PyTreeCheckpointer() as checkpointer:
         stored = checkpointer.metadata(path).item_metadata
         if stored is None:
             raise ValueError(f"{path} is not an orbax checkpoint (it has no metadata); if it is a converted "
                              f"model's, delete {path.parent} and it will be converted again")
-        stored_shapes = {name: tuple(array.shape) for name, array in stored.tree.items()}
-        for name in sorted(stored_shapes.keys() | wanted.keys()):
-            has, needs = stored_shapes.get(name), wanted[name].shape if name in wanted else None
-            if has != needs:
-                raise ValueError(f"the checkpoint at {path} does not fit its model config: weight {name!r} "
-                                 f"is {_shape(has)} in the checkpoint and {_shape(needs)} in the model")
-        weights = checkpointer.restore(path, wanted)
-    for name, array in weights.items():
-        getattr(model, name).set_value(array)
-    return model
+        _check_shapes(path, _flat_shapes(stored.tree), _flat_shapes({
+            **whole, "layers": {str(i): layer for i in range(spec.num_layers)}}))
+
+        def restore(item: dict) -> dict:
+            return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+
+        return Llama.from_parts(spec, restore(whole), lambda i: restore({"layers": {str(i): layer}})["layers"][str(i)],
+                                dtype=dtype, mesh=mesh)
+
+
+def _flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{"layers/0/wqkv": shape, ...} of a nested dict of arrays or array metadata."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat_shapes(value, f"{prefix}{key}/")
+        else:
+            out[prefix + key] = tuple(value.shape)
+    return out
+
+
+def _check_shapes(path: Path, stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]) -> None:
+    for name in sorted(stored.keys() | wanted.keys()):
+        has, needs = stored.get(name), wanted.get(name)
+        if has != needs:
+            raise ValueError(f"the checkpoint at {path} does not fit its model config: weight {name!r} "
+                             f"is {_shape(has)} in the checkpoint and {_shape(needs)} in the model")
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

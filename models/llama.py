@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ PARAM_SPECS = {
 }
 
 # Our stacked layer weights, in the forward's order.
-_LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
+LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
 
 
 def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
@@ -112,14 +112,10 @@ class Llama(nnx.Module):
     def from_hf_weights(cls, spec: ModelSpec, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
                         mesh: Mesh | None = None) -> "Llama":
         """Build from HF-named tensors ([out, in] linear weights, any float dtype; a lazy mapping
-        such as `SafetensorsWeights` is read one tensor at a time), each weight placed by its
-        `PARAM_SPECS` split over `mesh` (None: the default device).
-
-        A stacked layer weight starts as zeros on the devices and is filled one layer at a time:
-        the layer is built once on the host in the target dtype, each device gets its slice, and a
-        donated in-place update writes it. So the host holds one layer of one weight at a time,
-        never a stacked or float32 copy, and the work does not grow with the number of devices."""
-        model = cls.abstract(spec, dtype)
+        such as `SafetensorsWeights` is read one tensor at a time, each once), every weight placed
+        by its `PARAM_SPECS` split over `mesh` (None: the default device). A layer's weights are
+        built once on the host, in the target dtype, and each device gets its slice of them, so
+        the host never holds more than one layer and the work does not grow with the device count."""
         missing = sorted(set(hf_weight_names(spec)) - set(tensors))
         if missing:
             raise ValueError(f"weights are missing {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))
@@ -128,19 +124,34 @@ class Llama(nnx.Module):
         def place(array: np.ndarray, sharding) -> jax.Array:
             return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-        for name in _LAYER_WEIGHTS:
-            variable, sharding = getattr(model, name), param_sharding(name, mesh)
-            stacked = jnp.zeros(variable.shape, dtype, device=sharding)
-            for i in range(spec.num_layers):
-                layer = _layer_weight(spec, name, lambda hf: tensors[f"model.layers.{i}.{hf}"])
-                stacked = _write_layer(stacked, place(np.asarray(layer, target), _layer_sharding(sharding)), i)
-            variable.set_value(stacked)
+        def layer(i: int) -> dict[str, jax.Array]:
+            hf = lambda name: tensors[f"model.layers.{i}.{name}"]  # noqa: E731
+            return {name: place(np.asarray(_layer_weight(spec, name, hf), target), layer_sharding(name, mesh))
+                    for name in LAYER_WEIGHTS}
+
         whole = {"embed": tensors["model.embed_tokens.weight"], "final_norm": tensors["model.norm.weight"]}
         if not spec.tie_word_embeddings:
             whole["lm_head"] = tensors["lm_head.weight"].T
-        for name, tensor in whole.items():
-            getattr(model, name).set_value(place(np.asarray(tensor, target), param_sharding(name, mesh)))
-        model.inv_freq.set_value(place(rope_inv_freq(spec), param_sharding("inv_freq", mesh)))
+        whole = {name: place(np.asarray(t, target), param_sharding(name, mesh)) for name, t in whole.items()}
+        whole["inv_freq"] = place(rope_inv_freq(spec), param_sharding("inv_freq", mesh))
+        return cls.from_parts(spec, whole, layer, dtype=dtype, mesh=mesh)
+
+    @classmethod
+    def from_parts(cls, spec: ModelSpec, whole: Mapping[str, jax.Array], layer: Callable[[int], Mapping[str, jax.Array]],
+                   *, dtype=jnp.float32, mesh: Mesh | None = None) -> "Llama":
+        """A model from its unstacked weights (`whole`: embed, final_norm, inv_freq and an untied
+        lm_head, placed by `param_sharding`) and `layer(i)`, layer i's part of each stacked weight
+        (`LAYER_WEIGHTS`, placed by `layer_sharding`). A stacked weight starts as zeros on the
+        devices and each layer is written into it in place (donated), one layer at a time, so
+        loading never holds a second copy of a stacked weight."""
+        model = cls.abstract(spec, dtype)
+        stacked = {name: jnp.zeros(getattr(model, name).shape, dtype, device=param_sharding(name, mesh))
+                   for name in LAYER_WEIGHTS}
+        for i in range(spec.num_layers):
+            for name, part in layer(i).items():
+                stacked[name] = _write_layer(stacked[name], part, i)
+        for name, array in {**whole, **stacked}.items():
+            getattr(model, name).set_value(array)
         return model
 
     def weights(self) -> dict[str, jax.Array]:
@@ -163,7 +174,7 @@ class Llama(nnx.Module):
         freqs = positions.astype(jnp.float32)[:, None] * self.inv_freq[...][None, :]
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
-        layer_weights = {name: getattr(self, name)[...] for name in _LAYER_WEIGHTS}
+        layer_weights = {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
 
         def layer(carry, xs):
             h, k_pool, v_pool = carry
@@ -203,11 +214,11 @@ def param_sharding(name: str, mesh: Mesh | None):
     return NamedSharding(mesh, PARAM_SPECS[name])
 
 
-def _layer_sharding(stacked):
-    """One layer's split of a stacked weight split as `stacked`: the same, less the layer axis."""
-    if isinstance(stacked, NamedSharding):
-        return NamedSharding(stacked.mesh, P(*stacked.spec[1:]))
-    return stacked
+def layer_sharding(name: str, mesh: Mesh | None):
+    """Where one layer of stacked weight `name` lives: its split less the layer axis."""
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, P(*PARAM_SPECS[name][1:]))
 
 
 @partial(jax.jit, donate_argnums=0)

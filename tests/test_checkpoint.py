@@ -33,7 +33,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
         restore_llama(spec, tmp_path / "empty")
 
     save_weights(Llama.from_hf_weights(spec, random_hf_tensors(spec)), tmp_path / "ckpt")
-    with pytest.raises(ValueError, match=r"weight 'attn_norm' is \[2, 64\] in the checkpoint and \[3, 64\] in the model"):
+    with pytest.raises(ValueError, match=r"weight 'layers/2/attn_norm' is absent in the checkpoint and \[64\] in"):
         restore_llama(tiny_spec(num_layers=3), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"weight 'layers/0/w_down' is \[128, 64\] in the checkpoint and \[96, 64\]"):
+        restore_llama(tiny_spec(intermediate_size=96), tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"weight 'lm_head' is \[64, 256\] in the checkpoint and absent in the model"):
         restore_llama(tiny_spec(tied=True), tmp_path / "ckpt")
