@@ -114,8 +114,9 @@ class Llama(nnx.Module):
         """Build from HF-named tensors ([out, in] linear weights, any float dtype; a lazy mapping
         such as `SafetensorsWeights` is read one tensor at a time, each once), every weight placed
         by its `PARAM_SPECS` split over `mesh` (None: the default device). A layer's weights are
-        built once on the host, in the target dtype, and each device gets its slice of them, so
-        the host never holds more than one layer and the work does not grow with the device count."""
+        built once on the host, in the target dtype, and each device gets its slice of them: the
+        host holds one layer at a time (and the embedding), and the work does not grow with the
+        number of devices."""
         missing = sorted(set(hf_weight_names(spec)) - set(tensors))
         if missing:
             raise ValueError(f"weights are missing {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))

@@ -80,10 +80,8 @@ class SafetensorsWeights(Mapping[str, np.ndarray]):
     def __init__(self, files: list[Path]):
         self._where: dict[str, tuple[Path, np.dtype, tuple[int, ...], int]] = {}
         for path in files:
-            with open(path, "rb") as f:
-                header_size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_size))
-            data_start, file_size = 8 + header_size, path.stat().st_size
+            header, data_start = _safetensors_header(path)
+            file_size = path.stat().st_size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -110,6 +108,20 @@ class SafetensorsWeights(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header, and where its data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size) if size <= path.stat().st_size - 8 else b""
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: it does not start with a JSON header")
+    return header, 8 + size
 
 
 def load_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:

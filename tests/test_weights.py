@@ -105,6 +105,10 @@ def test_bad_hf_folders_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'lm_head.weight'.*truncated or corrupt"):
         load_hf_folder(folder)
 
+    (folder / "model.safetensors").write_bytes(b"\x10" + bytes(100))
+    with pytest.raises(ValueError, match="model.safetensors is not a safetensors file"):
+        load_hf_folder(folder)
+
     folder = write_hf_folder(tmp_path / "int8", spec, tensors | {"extra": np.zeros(3, np.int8)})
     with pytest.raises(ValueError, match="'extra' has unsupported dtype I8"):
         load_hf_folder(folder)
