@@ -138,8 +138,9 @@ class Llama(nnx.Module):
         return cls.from_parts(spec, whole, layer, dtype=dtype, mesh=mesh)
 
     @classmethod
-    def from_parts(cls, spec: ModelSpec, whole: Mapping[str, jax.Array], layer: Callable[[int], Mapping[str, jax.Array]],
-                   *, dtype=jnp.float32, mesh: Mesh | None = None) -> "Llama":
+    def from_parts(cls, spec: ModelSpec, whole: Mapping[str, jax.Array],
+                   layer: Callable[[int], Mapping[str, jax.Array]], *, dtype=jnp.float32,
+                   mesh: Mesh | None = None) -> "Llama":
         """A model from its unstacked weights (`whole`: embed, final_norm, inv_freq and an untied
         lm_head, placed by `param_sharding`) and `layer(i)`, layer i's part of each stacked weight
         (`LAYER_WEIGHTS`, placed by `layer_sharding`). A stacked weight starts as zeros on the

@@ -46,7 +46,7 @@ _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
 def load_hf_folder(path: str | Path) -> tuple[ModelSpec, "SafetensorsWeights"]:
-    """Spec and lazily read tensors (HF names, stored dtypes) of a Llama checkpoint folder: config.json + *.safetensors."""
+    """Spec and lazily read tensors (HF names, stored dtypes) of a Llama folder: config.json + *.safetensors."""
     folder = Path(path)
     spec = load_hf_spec(folder)
     files = sorted(folder.glob("*.safetensors"))

@@ -62,9 +62,10 @@ def write_checkpoint(folder: Path) -> int:
     if (folder / "model.safetensors").is_file():
         return offset
     need = 2.2 * offset   # the safetensors file and the orbax checkpoint, with some room
-    free = shutil.disk_usage(folder.parent if folder.parent.exists() else "/").free
+    disk = next(p for p in folder.parents if p.exists())
+    free = shutil.disk_usage(disk).free
     if free < need:
-        sys.exit(f"{folder.parent} has {free / 1e9:.1f} GB free; this benchmark needs {need / 1e9:.1f} GB")
+        sys.exit(f"{disk} has {free / 1e9:.1f} GB free; this benchmark needs {need / 1e9:.1f} GB")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(SPEC.to_hf_config()))
     raw = json.dumps(header).encode()
@@ -97,19 +98,20 @@ def child(variant: str, folder: Path) -> None:
     from models.llama import Llama
     from models.weights import load_hf_folder
 
-    if variant == "save-orbax":
-        from models.checkpoint import save_weights
+    def from_safetensors() -> Llama:
+        return Llama.from_hf_weights(*load_hf_folder(folder), dtype=jnp.bfloat16)
 
-        save_weights(Llama.from_hf_weights(*load_hf_folder(folder), dtype=jnp.bfloat16), folder / "orbax")
-        return
-    if variant == "orbax":
-        from models.checkpoint import restore_llama
+    load = from_safetensors
+    if variant != "safetensors":   # a baseline tree may have no models.checkpoint
+        from models.checkpoint import restore_llama, save_weights
+
+        if variant == "save-orbax":
+            save_weights(from_safetensors(), folder / "orbax")
+            return
+        load = lambda: restore_llama(SPEC, folder / "orbax", dtype=jnp.bfloat16)  # noqa: E731
     jax.devices()
     baseline = memory_kb("VmRSS")
-    if variant == "orbax":
-        model = restore_llama(SPEC, folder / "orbax", dtype=jnp.bfloat16)
-    else:
-        model = Llama.from_hf_weights(*load_hf_folder(folder), dtype=jnp.bfloat16)
+    model = load()
     jax.block_until_ready([getattr(model, name)[...] for name in ("embed", "wqkv", "w_gate_up", "w_down")])
     print(json.dumps({"baseline_kb": baseline, "peak_kb": memory_kb("VmHWM")}))
 

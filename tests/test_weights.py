@@ -92,7 +92,8 @@ def test_f32_folder_loads_into_bf16_model(tmp_path: Path) -> None:
     bf16 = lambda name: tensors[name].astype(jnp.bfloat16)  # noqa: E731
     np.testing.assert_array_equal(np.asarray(model.embed[...]), bf16("model.embed_tokens.weight"))
     np.testing.assert_array_equal(np.asarray(model.wo[...][1]), bf16("model.layers.1.self_attn.o_proj.weight").T)
-    np.testing.assert_array_equal(np.asarray(model.w_gate_up[...][0, :, 1]), bf16("model.layers.0.mlp.up_proj.weight").T)
+    up = bf16("model.layers.0.mlp.up_proj.weight")
+    np.testing.assert_array_equal(np.asarray(model.w_gate_up[...][0, :, 1]), up.T)
     np.testing.assert_array_equal(np.asarray(model.lm_head[...]), bf16("lm_head.weight").T)
 
 
