@@ -3,12 +3,13 @@
 The checkpoint holds `Llama.weights()` in our layout (fused wqkv, gate/up), with the stacked layer
 weights stored one entry per layer: `{"embed": ..., "layers": {"0": {"wqkv": ...}, ...}}`. A
 restore asks orbax for arrays in the target dtype with the `PARAM_SPECS` shardings, so each device
-reads its own part from disk, cast on the way, and it asks for one layer at a time, written into
-the stacked weight in place (`Llama.from_parts`): orbax reads an array into a host buffer before
-placing it, and one whole stacked weight at a time would cost a second copy of it.
+reads its own part from disk, cast on the way, and it asks for a few layers at a time, written into
+the stacked weights in place (`Llama.from_parts`): orbax reads an array into a host buffer before
+placing it, and a whole stacked weight at a time would cost a second copy of it.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from jax.sharding import Mesh
 
 from models.llama import LAYER_WEIGHTS, Llama, layer_sharding, param_sharding
 from models.spec import ModelSpec
+
+# At most this many bytes of layers (or one layer) are read per orbax call: a call costs ~20 ms per
+# array, so a small model is read in a few calls, and a large one holds one extra layer at a time.
+READ_BYTES = 256 << 20
 
 
 def save_weights(model: Llama, path: Path) -> None:
@@ -54,8 +59,17 @@ def restore_llama(spec: ModelSpec, path: Path, *, dtype=jnp.float32, mesh: Mesh 
             return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
 
-        return Llama.from_parts(spec, restore(whole), lambda i: restore({"layers": {str(i): layer}})["layers"][str(i)],
-                                dtype=dtype, mesh=mesh)
+        per_read = max(1, READ_BYTES // sum(math.prod(s.shape) * s.dtype.itemsize for s in layer.values()))
+        read: dict[str, dict] = {}
+
+        def layer_weights(i: int) -> dict:
+            """Layer i's weights, read together with the next layers that fit in READ_BYTES."""
+            if str(i) not in read:
+                ids = range(i, min(i + per_read, spec.num_layers))
+                read.update(restore({"layers": {str(j): layer for j in ids}})["layers"])
+            return read.pop(str(i))
+
+        return Llama.from_parts(spec, restore(whole), layer_weights, dtype=dtype, mesh=mesh)
 
 
 def _flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple[int, ...]]:

@@ -8,13 +8,17 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import assert_same_weights, random_hf_tensors, tiny_spec
+from models import checkpoint
 from models.checkpoint import restore_llama, save_weights
 from models.llama import Llama
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_round_trip_is_exact_and_casts_like_loading(tmp_path: Path, tied: bool) -> None:
-    spec = tiny_spec(tied)
+@pytest.mark.parametrize("tied, read_bytes", [(False, checkpoint.READ_BYTES), (True, 1)],
+                         ids=["untied-all-layers-in-one-read", "tied-a-layer-per-read"])
+def test_round_trip_is_exact_and_casts_like_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool,
+                                                    read_bytes: int) -> None:
+    monkeypatch.setattr(checkpoint, "READ_BYTES", read_bytes)
+    spec = tiny_spec(tied, num_layers=3)
     tensors = random_hf_tensors(spec, seed=9)
     model = Llama.from_hf_weights(spec, tensors)
     save_weights(model, tmp_path / "ckpt")
