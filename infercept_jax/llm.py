@@ -176,9 +176,16 @@ class LLM:
             self._tool_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="infercept-tool")
         return self._tool_pool
 
+    def follow(self) -> int:
+        """Multi-host: on every process but 0, run the device side of process 0's steps until
+        process 0 closes its LLM; returns the number of steps. Only process 0 schedules, so only
+        it generates or serves; every process builds the LLM with the same arguments first."""
+        return self.runner.follow()
+
     def close(self) -> None:
-        """Stop the tool threads. A call still running (past its timeout) is not waited for, but
-        Python still waits for its thread at exit."""
+        """Stop the tool threads and, on process 0 of a multi-host run, the other processes. A call
+        still running (past its timeout) is not waited for, but Python still waits for its thread at exit."""
+        self.runner.close()
         if self._tool_pool is not None:
             self._tool_pool.shutdown(wait=False, cancel_futures=True)
             self._tool_pool = None

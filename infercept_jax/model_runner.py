@@ -5,7 +5,9 @@ Every shape is compiled ahead of time at warm-up and the KV pools are donated, s
 copies the pools nor compiles. With `strict_compile`, a shape that was not compiled at warm-up
 raises instead of compiling silently. The step's swap copies (`kvcache.swap`) are issued before the
 step is dispatched, in the order that makes reusing a block in the same step safe: swap-out
-gathers, then swap-in scatters, then the step's own KV writes.
+gathers, then swap-in scatters, then the step's own KV writes. In a multi-host run process 0
+sends each step's inputs (copies, shape, padded batch) to the other processes before it makes the
+step, and they make the same device calls (`follow`).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import NamedTuple
 
 import jax
@@ -21,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from infercept_jax.parallel import check_tensor_parallel, kv_pool_sharding, tensor_parallel_size, tp_mesh
+from infercept_jax.parallel import StepChannel, check_tensor_parallel, kv_pool_sharding, tensor_parallel_size, tp_mesh
 from infercept_jax.sampling import sample
 from kvcache.block_manager import BlockManager
 from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
@@ -144,6 +146,8 @@ class ModelRunner:
                              in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated),
                              out_shardings=(replicated, pool_sharding, pool_sharding))
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
+        # A run of several processes: process 0 schedules, the others follow its steps.
+        self.channel = StepChannel() if jax.process_count() > 1 else None
 
     # ----------------------------------------------------------------- shapes
     def all_shapes(self) -> list[StepShape]:
@@ -255,29 +259,79 @@ class ModelRunner:
         """Make the step's swap copies and run it.
 
         Returns (request, sampled token) for each request that samples, and the seconds the host
-        spent issuing swap copies before it could dispatch the step (the swap stall).
+        spent issuing swap copies before it could dispatch the step (the swap stall). In a
+        multi-host run this is process 0's; it first sends the step's inputs to the other processes.
         """
-        start = time.perf_counter()
-        if output.swap_out:
-            self.host_pool.copy_out(self.k_pool, self.v_pool, output.swap_out)
-        if output.swap_in:
-            self.k_pool, self.v_pool = self.host_pool.copy_in(self.k_pool, self.v_pool, output.swap_in)
-        stall = time.perf_counter() - start
-        if not output.scheduled:
-            if output.swap_out:
-                self.host_pool.land()
-            return [], stall
-        shape = self.shape_for(output)
-        fn = self._compiled.get(shape)
-        if fn is None:
-            if self.strict_compile:
+        if self.channel is not None and not self.channel.is_sender:
+            raise RuntimeError("in a multi-host run only process 0 runs the engine; the other processes call follow()")
+        shape, batch, sampled = None, None, []
+        if output.scheduled:
+            shape = self.shape_for(output)
+            if self.strict_compile and shape not in self._compiled:
                 raise RuntimeError(f"step shape {shape} was not compiled at warm-up")
-            fn = self.compile(shape)
-        batch, sampled = self.prepare(output, shape)
-        tokens, self.k_pool, self.v_pool = fn(self._params, self.k_pool, self.v_pool, batch)
-        if output.swap_out:
-            self.host_pool.land()
+            batch, sampled = self.prepare(output, shape)
+        if self.channel is not None:
+            self.channel.send(_step_message(output.swap_out, output.swap_in, shape, batch))
+        tokens, stall = self._run(output.swap_out, output.swap_in, shape, batch)
         if not sampled:
             return [], stall
         tokens = np.asarray(tokens)
+        if self.channel is not None:   # the step's collectives needed every process: all have read its message
+            self.channel.forget_read()
         return list(zip(sampled, tokens[:len(sampled)].tolist())), stall
+
+    def _run(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], shape: StepShape | None,
+             batch: StepBatch | None) -> tuple[jax.Array | None, float]:
+        """The device side of a step, the same on every process: the swap copies, then the step
+        (if `shape`). Returns the sampled tokens (on device) and the swap stall in seconds."""
+        start = time.perf_counter()
+        if swap_out:
+            self.host_pool.copy_out(self.k_pool, self.v_pool, swap_out)
+        if swap_in:
+            self.k_pool, self.v_pool = self.host_pool.copy_in(self.k_pool, self.v_pool, swap_in)
+        stall = time.perf_counter() - start
+        tokens = None
+        if shape is not None:
+            tokens, self.k_pool, self.v_pool = self.compile(shape)(self._params, self.k_pool, self.v_pool, batch)
+        if swap_out:
+            self.host_pool.land()
+        return tokens, stall
+
+    def follow(self) -> int:
+        """On every process of a multi-host run but 0: make the device calls of process 0's steps
+        on this process's devices, in its order, until process 0 closes its runner. Returns the
+        number of steps followed."""
+        if self.channel is None or self.channel.is_sender:
+            raise RuntimeError("follow() is for the processes other than 0 of a multi-host run")
+        steps = 0
+        while (message := self.channel.receive()) is not None:
+            steps += 1
+            shape = StepShape(*message["shape"].tolist()) if "shape" in message else None
+            batch = None
+            if shape is not None:
+                template = self.prepare(SchedulerOutput(), shape)[0]
+                leaves = [message[f"leaf{i}"] for i in range(len(jax.tree.leaves(template)))]
+                batch = jax.tree.unflatten(jax.tree.structure(template), leaves)
+            self._run(_pairs(message["swap_out"]), _pairs(message["swap_in"]), shape, batch)
+        return steps
+
+    def close(self) -> None:
+        """Multi-host, on process 0: tell the other processes to stop following."""
+        if self.channel is not None and self.channel.is_sender:
+            self.channel.send(None)
+            self.channel = None
+
+
+def _step_message(swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], shape: StepShape | None,
+                  batch: StepBatch | None) -> dict[str, np.ndarray]:
+    """A step's runner inputs as named arrays: the copies' block pairs, the shape and the batch's leaves."""
+    message = {"swap_out": np.array(swap_out, np.int64).reshape(-1, 2),
+               "swap_in": np.array(swap_in, np.int64).reshape(-1, 2)}
+    if shape is not None:
+        message["shape"] = np.array(astuple(shape), np.int64)
+        message.update((f"leaf{i}", leaf) for i, leaf in enumerate(jax.tree.leaves(batch)))
+    return message
+
+
+def _pairs(array: np.ndarray) -> list[tuple[int, int]]:
+    return [tuple(pair) for pair in array.tolist()]

@@ -5,9 +5,9 @@ machine with an LLM's own runner, as a HardwareProfile.
     measure_profile(llm, name="my-box", model="smollm2-135m").to_json("profile.json")
     LLM("smollm2-135m", profile="profile.json")
 
-Everything runs through the paths the engine uses: steps are `runner.execute` of synthetic
-SchedulerOutputs and swaps are `runner.host_pool` copies, on blocks the block manager hands out (and
-takes back), so other sequences' KV is never touched. Every time is the median of `repeats` runs
+Everything runs through the path the engine uses, `runner.execute` of synthetic SchedulerOutputs
+(steps, and swap copies without a step), on blocks the block manager hands out (and takes back), so
+other sequences' KV is never touched. Every time is the median of `repeats` runs
 after an untimed one (compilation, first touch).
 """
 from __future__ import annotations
@@ -131,17 +131,17 @@ def host_pool(llm) -> HostKVPool:
 def swap_bandwidth(llm, num_blocks: int, repeats: int) -> tuple[float, float]:
     """(device->host, host->device) GB/s of copying `num_blocks` KV blocks through the host pool.
 
-    Swap-out is `copy_out` + `land` (the gather, the transfer and the write into the host pool);
-    swap-in is `copy_in` until the device pools are updated.
+    Both are steps with copies and no tokens, through `runner.execute` as the engine makes them
+    (so the other processes of a multi-host run make them too). Swap-out is the gather, the
+    transfer and the write into the host pool; swap-in lasts until the device pools are updated.
     """
     runner, blocks, pool = llm.runner, llm.engine.blocks, host_pool(llm)
 
     def swap_out():
-        pool.copy_out(runner.k_pool, runner.v_pool, out_pairs)
-        pool.land()
+        runner.execute(SchedulerOutput(swap_out=out_pairs))
 
     def swap_in():
-        runner.k_pool, runner.v_pool = pool.copy_in(runner.k_pool, runner.v_pool, in_pairs)
+        runner.execute(SchedulerOutput(swap_in=in_pairs))
         jax.block_until_ready((runner.k_pool, runner.v_pool))
 
     seq = "profile-swap"

@@ -75,7 +75,7 @@ class HostKVPool:
                  head_dim: int, dtype, sharding: jax.sharding.Sharding | None = None,
                  max_blocks_per_copy: int = 64, transfer: str = "auto"):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.sharding = sharding or SingleDeviceSharding(jax.devices()[0])
+        self.sharding = sharding or SingleDeviceSharding(jax.local_devices()[0])
         parts = self.sharding.addressable_devices_indices_map(shape)
         self.devices = sorted(parts, key=lambda d: d.id)
         local_shape = lambda d: tuple(len(range(n)[i]) for n, i in zip(shape, parts[d]))  # noqa: E731
