@@ -21,6 +21,7 @@ from collections import defaultdict
 
 def _generate(args: argparse.Namespace) -> int:
     from infercept_jax import LLM, SamplingParams
+    from infercept_jax.parallel import initialize_distributed
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -32,10 +33,17 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop or [])
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         # No tool calls here, so nothing pauses: the policy does not matter, and preserve needs
         # neither a hardware profile nor a host pool.
         llm = LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_gb,
                   tensor_parallel_size=args.tensor_parallel_size, policy="preserve")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _followed_process_0(llm):
+        return 0
+    try:
         if args.chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         if args.stream:
@@ -48,6 +56,8 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        llm.close()
     for out in outputs:
         if args.json:
             print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
@@ -55,6 +65,17 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             print(out.text)
     return 0
+
+
+def _followed_process_0(llm) -> bool:
+    """Multi-host: on every process but 0, follow process 0's steps until it closes its LLM, and
+    say so (that process has nothing else to do: process 0 alone schedules, prints and serves)."""
+    import jax
+
+    if jax.process_index() == 0:
+        return False
+    llm.follow()
+    return True
 
 
 # `profile` options that are passed to LLM(...) when given; the rest keep the engine's defaults,
@@ -65,18 +86,28 @@ PROFILE_ENGINE_OPTIONS = ("dtype", "max_num_batched_tokens", "max_num_seqs", "ma
 
 def _profile(args: argparse.Namespace) -> int:
     from infercept_jax import LLM
+    from infercept_jax.parallel import initialize_distributed
     from infercept_jax.profiler import measure_profile
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = {k: getattr(args, k) for k in PROFILE_ENGINE_OPTIONS if getattr(args, k) is not None}
     try:
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         # Any policy with a host pool will do; `swap` needs no profile, so none is asked for.
         llm = LLM(args.model, policy="swap", **options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _followed_process_0(llm):
+        return 0
+    try:
         profile = measure_profile(llm, name=args.name or f"{args.model}-measured", model=args.model,
                                   repeats=args.repeats, quick=args.quick)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        llm.close()
     profile.to_json(args.out)
     print(json.dumps(profile.to_dict(), indent=2))
     print(f"wrote {args.out}; use it with LLM({args.model!r}, profile={args.out!r}), which also sets the "
@@ -169,14 +200,21 @@ SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "max_model_len", "kv_cache
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import jax
     import uvicorn
 
+    from infercept_jax import LLM
     from infercept_jax.async_llm import AsyncLLM
+    from infercept_jax.parallel import initialize_distributed
     from infercept_jax.serving.app import OpenAIServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     options = {k: getattr(args, k) for k in SERVE_ENGINE_OPTIONS if getattr(args, k) is not None}
     try:
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        if jax.process_index() != 0:    # multi-host: process 0 serves HTTP, the others follow its steps
+            LLM(args.model, **options).follow()
+            return 0
         llm = AsyncLLM(args.model, max_queue=args.max_queue, **options)
         server = OpenAIServer(llm, args.served_model_name or args.model, resume=not args.no_resume,
                               pause_timeout=args.pause_timeout, call_start=args.tool_call_start,
@@ -188,10 +226,21 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         llm.shutdown()
+        llm.llm.close()
     return 0
 
 
 TP_HELP = "devices the weights and the KV cache are split over (tensor parallelism; default 1)"
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """A multi-host run: every host starts the same command with its own --process-id."""
+    group = parser.add_argument_group("multi-host (one process per host; only process 0 prints or serves)")
+    group.add_argument("--coordinator-address", help="host:port of process 0, where the processes meet "
+                       "(default: JAX_COORDINATOR_ADDRESS; neither: one process)")
+    group.add_argument("--num-processes", type=int, help="processes in the run (default: JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 to num-processes - 1 "
+                       "(default: JAX_PROCESS_ID)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per device")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, help=TP_HELP)
+    add_distributed_arguments(gen)
     gen.set_defaults(run=_generate)
 
     prof = sub.add_parser("profile", help="measure this machine's hardware profile (InferCept's constants)")
@@ -230,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
     prof.add_argument("--swap-space-gb", type=float)
     prof.add_argument("--tensor-parallel-size", type=int, help=TP_HELP)
+    add_distributed_arguments(prof)
     prof.set_defaults(run=_profile)
 
     from infercept_jax.experiments.sweeps import add_replay_arguments, add_tokenizer_argument
@@ -288,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=int, help=TP_HELP)
     serve.add_argument("--seed", type=int)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_distributed_arguments(serve)
     serve.set_defaults(run=_serve)
     return parser
 
