@@ -149,6 +149,27 @@ def torch_llama(spec: ModelSpec, tensors: dict[str, np.ndarray]):
     return ref
 
 
+def paused_run(llm, prompts: list[list[int]], params) -> list[list[int]]:
+    """Generate for `prompts` on `llm`'s engine, each pausing as `params` says (intercept_after);
+    a paused request is resumed with three result tokens two steps later, so a swapping policy
+    swaps it out and back in."""
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    waiting, done = {}, {}
+    while len(done) < len(ids):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+            elif out.paused:
+                waiting[out.request_id] = 2
+        for rid in list(waiting):
+            waiting[rid] -= 1
+            if not waiting[rid]:
+                engine.resume(rid, [3, 4, 5])
+                del waiting[rid]
+    return [done[rid] for rid in ids]
+
+
 @contextlib.contextmanager
 def count_compiles():
     """Yield a list that collects the JAX compile events of the block (the no-compile guards)."""

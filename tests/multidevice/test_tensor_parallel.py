@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import count_compiles, paged_logits, random_hf_tensors, tiny_spec
+from helpers import count_compiles, paged_logits, paused_run, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from infercept_jax.parallel import kv_pool_sharding, tp_mesh
 from infercept_jax.profiler import measure_profile
@@ -50,37 +50,17 @@ def engines() -> dict[int, LLM]:
             for tp in (1, 2, 4)}
 
 
-def paused_run(llm: LLM, params: SamplingParams) -> list[list[int]]:
-    """PROMPTS, each pausing every 4 tokens; a paused request (swapped out) is resumed with three
-    result tokens two steps later."""
-    engine = llm.engine
-    ids = [engine.add_request(p, params) for p in PROMPTS]
-    waiting, done = {}, {}
-    while len(done) < len(ids):
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-            elif out.paused:
-                waiting[out.request_id] = 2
-        for rid in list(waiting):
-            waiting[rid] -= 1
-            if not waiting[rid]:
-                engine.resume(rid, [3, 4, 5])
-                del waiting[rid]
-    return [done[rid] for rid in ids]
-
-
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, intercept_after=4),
                                     SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7, max_tokens=16,
                                                    ignore_eos=True, intercept_after=4)],
                          ids=["greedy", "sampled"])
 def test_tokens_equal_one_device_through_swaps_without_compiling(engines, params):
-    one = paused_run(engines[1], params)
+    one = paused_run(engines[1], PROMPTS, params)
     for tp in (2, 4):
         llm = engines[tp]
         swaps = llm.engine.waste.swap_out_blocks, llm.engine.waste.swap_in_blocks
         with count_compiles() as compiles:
-            assert paused_run(llm, params) == one, tp
+            assert paused_run(llm, PROMPTS, params) == one, tp
         assert llm.engine.waste.swap_out_blocks > swaps[0] and llm.engine.waste.swap_in_blocks > swaps[1]
         assert compiles == [], compiles
 
