@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,18 @@ WORKER_TIMEOUT_S = 600
 
 
 def free_port() -> int:
+    """A port nothing listens on now; the coordinator binds it a moment later."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def exit_code(worker: subprocess.Popen, deadline: float) -> int | str:
+    """The worker's exit code, or why there is none."""
+    try:
+        return worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return "still running at the deadline"
 
 
 def test_two_processes_give_the_tokens_of_one_device_through_swaps(tmp_path):
@@ -32,15 +42,17 @@ def test_two_processes_give_the_tokens_of_one_device_through_swaps(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
                JAX_NUM_PROCESSES="2", PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+    command = [sys.executable, str(TESTS / "multihost_worker.py")]
     logs = [tmp_path / f"process-{i}.log" for i in (0, 1)]
     workers = []
     try:
         for i, log in enumerate(logs):
             with open(log, "w") as out:
-                workers.append(subprocess.Popen([sys.executable, str(TESTS / "multihost_worker.py")], cwd=TESTS.parent,
-                                                env=dict(env, JAX_PROCESS_ID=str(i)), stdout=out, stderr=subprocess.STDOUT))
+                workers.append(subprocess.Popen(command, cwd=TESTS.parent, env=dict(env, JAX_PROCESS_ID=str(i)),
+                                                stdout=out, stderr=subprocess.STDOUT))
         one_device = paused_run(build_llm(1), PROMPTS, greedy_with_pauses())   # while the workers start
-        codes = [w.wait(timeout=WORKER_TIMEOUT_S) for w in workers]
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        codes = [exit_code(w, deadline) for w in workers]
     finally:
         for w in workers:
             if w.poll() is None:
