@@ -346,7 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    code = args.run(args)
+    if hasattr(args, "coordinator_address"):   # a command that may have joined a multi-host run
+        import jax
+
+        # Waits for every process (a no-op in a run of one), so process 0, which hosts the
+        # coordinator, exits last: JAX aborts a process that outlives it. Not after an error:
+        # exiting is then what stops the others.
+        jax.distributed.shutdown()
+    return code
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def main() -> None:
     else:
         report = {"steps": llm.follow()}
     print(json.dumps(report), flush=True)
+    jax.distributed.shutdown()      # process 0 hosts the coordinator: it must not exit before process 1
 
 
 if __name__ == "__main__":
