@@ -75,7 +75,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
     JAX reads only the address from the environment, so the count and the id are read here. It
     must run before anything touches a device: the devices of every process then make up
-    `jax.devices()`, and `tp_mesh` splits the model over all of them.
+    `jax.devices()`, and `tp_mesh` splits the model over all of them. Every process calls
+    `jax.distributed.shutdown()` once its work is done (the CLI does): it waits for all of them,
+    so process 0, which hosts the coordinator, exits last.
     """
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     if num_processes is None:
