@@ -18,12 +18,23 @@ def step_swap_budget(view: SchedulerView, profile: HardwareProfile) -> tuple[int
 
 class InferCeptPolicy(Policy):
     """Every paused request that holds device memory is scored by `min(preserve waste, chunked
-    discard waste)`. The most wasteful are swapped out (from the back, block by block) while this
-    step's swap-out budget lasts: swaps within the budget overlap the step and cost nothing. Each
-    of the rest is discarded when recomputing it in chunks wastes less than keeping it, and
-    preserved otherwise. The budget solves `in + out <= N(S)`, `in - out = F - S` with the host
-    room enforced. When nothing waits and the step has spare compute, the oldest swapped request is
-    recomputed instead of swapped in if that costs less time (`_active_discard`).
+    discard waste)` (eq. 5), where held memory is waste only when someone needs it (spec 8.1):
+    discarding a paused request while the device has room for all the queued work frees memory
+    that nobody takes, and costs a recompute. So a paused request keeps its KV until memory is
+    short, which shows in two ways:
+
+    * the step's swap-out budget opens (it solves `in + out <= N(S)`, `in - out = F - S`, so it
+      is 0 while free memory F exceeds S + N(S)): the most wasteful are swapped out (from the
+      back, block by block) while it lasts; swaps within the budget overlap the step, free;
+    * a running, swapped or waiting request needs blocks that are not free: the scheduler takes
+      them from `victims` (swapped out within the budget, else discarded), first the one whose
+      eviction saves the most, `w_p - w_d`: the discard waste is what giving memory up costs.
+
+    The released code also discarded at once every paused request whose chunked recompute wastes
+    less than keeping it, room or not; on long human-paced calls (chat) that recomputed the context
+    after every turn for memory nobody used (docs/policies.md, "the chat gap"). When nothing waits
+    and the step has spare compute, the oldest swapped request is recomputed instead of swapped in
+    if that costs less time (`_active_discard`).
     """
 
     name = "infercept"
@@ -38,18 +49,21 @@ class InferCeptPolicy(Policy):
 
     def plan(self, now: float) -> None:
         self._active_discard()
-        for waste, w_preserve, w_discard, request in self._scored(now):
-            if waste > 0 and self.view.swap_out(request, self.view.device_blocks(request), partial=True):
-                request.pause_mode = PauseMode.SWAP
-            elif w_discard < w_preserve:
-                self.view.discard(request)
+        if self.view.swap_out_blocks_left == 0:
+            return      # room for the queued work: no paused memory is wasted (the common case)
+        scored = sorted(self._scored(now), key=lambda s: (-min(s[0], s[1]), s[2].priority_time))
+        for w_preserve, w_discard, request in scored:
+            if min(w_preserve, w_discard) == 0 or not self.view.swap_out(request, self.view.device_blocks(request),
+                                                                         partial=True):
+                return
+            request.pause_mode = PauseMode.SWAP
 
     def victims(self, now: float) -> list[Request]:
-        return [request for _, _, _, request in self._scored(now)]
+        scored = sorted(self._scored(now), key=lambda s: (s[1] - s[0], s[2].priority_time))
+        return [request for _, _, request in scored]
 
-    def _scored(self, now: float) -> list[tuple[float, float, float, Request]]:
-        """(waste, preserve waste, discard waste, request) of paused requests holding device
-        blocks, most wasteful first."""
+    def _scored(self, now: float) -> list[tuple[float, float, Request]]:
+        """(preserve waste, discard waste, request) of the paused requests holding device blocks."""
         view = self.view
         running_query, running_context = view.running_tokens()
         scored = []
@@ -62,8 +76,7 @@ class InferCeptPolicy(Policy):
             w_preserve = preserve_waste(remaining, on_device)
             w_discard = chunked_discard_waste(request.num_computed_tokens, running_query, running_context,
                                               self.profile)
-            scored.append((min(w_preserve, w_discard), w_preserve, w_discard, request))
-        scored.sort(key=lambda item: (-item[0], item[3].priority_time))
+            scored.append((w_preserve, w_discard, request))
         return scored
 
     def _active_discard(self) -> None:

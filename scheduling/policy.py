@@ -81,6 +81,11 @@ class SchedulerView:
         """(query tokens, context tokens) of the running batch."""
         return self._scheduler.running_tokens()
 
+    @property
+    def swap_out_blocks_left(self) -> int:
+        """Blocks this step may still swap out within its budget."""
+        return self._scheduler.swap_out_blocks_left
+
     # ----------------------------------------------------------------- moving KV (within a step)
     def swap_out(self, request: Request, num_blocks: int, partial: bool = False) -> bool:
         """Move `num_blocks` of a paused request's device blocks (from the back) to the host pool

@@ -73,6 +73,11 @@ class Scheduler:
         return (sum(r.num_inflight_tokens for r in self.running),
                 sum(r.num_computed_tokens for r in self.running))
 
+    @property
+    def swap_out_blocks_left(self) -> int:
+        """Blocks the step being scheduled may still swap out within its budget."""
+        return self._swap_out_left
+
     # ----------------------------------------------------------------- the step
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
         out = self._out = SchedulerOutput()

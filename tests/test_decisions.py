@@ -53,28 +53,44 @@ def where(sched: Scheduler, request: Request) -> tuple[int, int, PauseMode]:
 
 
 # ------------------------------------------------------------------ InferCept's per-step plan (spec 3.5.1 item 4)
-def test_infercept_swaps_the_most_wasteful_then_discards_only_when_discard_wastes_less():
+def test_infercept_swaps_the_most_wasteful_within_the_budget_and_keeps_the_rest():
     sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 6))
     big = paused(sched, "big", 24, 10.0)        # w_p = 10 * 24 = 240, w_d = 0.792: score 0.792, the largest
-    mid = paused(sched, "mid", 16, 10.0)        # w_p = 160, w_d = 0.28 < w_p: score 0.28, discard
-    short = paused(sched, "short", 8, 0.001)    # w_p = 0.008 <= w_d = 0.064: score 0.008, preserve
+    mid = paused(sched, "mid", 16, 10.0)        # w_p = 160, w_d = 0.28 < w_p: score 0.28, kept (room left)
+    short = paused(sched, "short", 8, 0.001)    # w_p = 0.008 <= w_d = 0.064: score 0.008, kept
     sched.schedule(0.0)
     assert where(sched, big) == (0, 6, PauseMode.SWAP)       # the budget's 6 blocks: all of big
-    assert where(sched, mid) == (0, 0, PauseMode.DISCARD)
+    assert where(sched, mid) == (4, 0, PauseMode.PRESERVE)
     assert where(sched, short) == (2, 0, PauseMode.PRESERVE)
-    assert sched.num_discards == 1
+    assert sched.num_discards == 0
+
+
+def test_infercept_keeps_paused_memory_nobody_needs_and_gives_it_up_when_a_request_needs_it():
+    """Memory is waste only when someone needs it (spec 8.1; the chat gap in docs/policies.md): a
+    request whose chunked recompute wastes far less than keeping it (w_d = 0.28 < w_p = 160) keeps
+    its KV while the pool has room, and is discarded (no swap budget) when a new request needs its
+    blocks (5 usable: it holds 4, the new request needs 2)."""
+    sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 0), device_blocks=6)
+    held = paused(sched, "held", 16, 10.0)          # 4 of the 5 usable blocks
+    sched.schedule(0.0)
+    assert where(sched, held) == (4, 0, PauseMode.PRESERVE) and sched.num_discards == 0
+    sched.add(Request("new", [5] * 8, SamplingParams(max_tokens=4), 1.0))    # needs 2 blocks, 1 free
+    out = sched.schedule(1.0)
+    assert [(s.request.request_id, s.num_query_tokens) for s in out.scheduled] == [("new", 8)]
+    assert where(sched, held) == (0, 0, PauseMode.DISCARD) and sched.num_discards == 1
 
 
 def test_infercept_score_is_the_lesser_of_preserve_and_discard_waste():
-    """Spec 3.5.1 eq. 5: waste = min(w_p, w_d). Ranked by max(w_p, w_d) `long` would go first, by w_d
-    alone `blip` would (it ties `quick` and arrived first)."""
+    """Spec 3.5.1 eq. 5: the budget swaps out the largest min(w_p, w_d) first. Ranked by
+    max(w_p, w_d) `long` would go first, by w_d alone `blip` would (it ties `quick` and arrived
+    first)."""
     sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 6))
     quick = paused(sched, "quick", 24, 0.02, arrival=1.0)   # w_p = 0.48, w_d = 0.792: score 0.48
     long = paused(sched, "long", 16, 10.0, arrival=2.0)     # w_p = 160, w_d = 0.28: score 0.28
     blip = paused(sched, "blip", 24, 0.001, arrival=0.0)    # w_p = 0.024, w_d = 0.792: score 0.024
     sched.schedule(0.0)
     assert where(sched, quick) == (0, 6, PauseMode.SWAP)
-    assert where(sched, long) == (0, 0, PauseMode.DISCARD)
+    assert where(sched, long) == (4, 0, PauseMode.PRESERVE)
     assert where(sched, blip) == (6, 0, PauseMode.PRESERVE)
 
 
@@ -96,16 +112,19 @@ def test_infercept_leaves_a_call_that_is_over_preserved_never_swapped():
     assert sched.num_discards == 0
 
 
-def test_infercept_victims_most_wasteful_first_ties_by_priority_time():
+def test_infercept_victims_first_the_one_whose_eviction_saves_the_most_ties_by_priority_time():
+    """Victims by w_p - w_d, the waste that giving the memory up saves: `long_call` first (its call
+    runs 100 s), though by min(w_p, w_d) `big` (0.792) and `ending` (0.24) would go before it."""
     policy = InferCeptPolicy(HAND_PROFILE)
     sched = scheduler_with(policy)
-    late_twin = paused(sched, "late-twin", 16, 10.0, arrival=2.0)   # score 0.28
-    big = paused(sched, "big", 24, 10.0, arrival=3.0)               # score 0.792
-    early_twin = paused(sched, "early-twin", 16, 10.0, arrival=1.0)  # score 0.28
-    small = paused(sched, "small", 8, 0.001, arrival=0.0)            # score 0.008
+    late_twin = paused(sched, "late-twin", 16, 10.0, arrival=2.0)    # 160 - 0.28
+    big = paused(sched, "big", 24, 10.0, arrival=3.0)                # 240 - 0.792
+    early_twin = paused(sched, "early-twin", 16, 10.0, arrival=1.0)  # 160 - 0.28
+    long_call = paused(sched, "long-call", 8, 100.0, arrival=4.0)    # 800 - 0.064
+    ending = paused(sched, "ending", 24, 0.01, arrival=0.0)          # 0.24 - 0.792 < 0: last
     gone = paused(sched, "gone", 8, 10.0)
     sched.discard_paused(gone)                                       # holds nothing: not a victim
-    assert policy.victims(0.0) == [big, early_twin, late_twin, small]
+    assert policy.victims(0.0) == [long_call, big, early_twin, late_twin, ending]
 
 
 # ------------------------------------------------------------------ static heuristics (spec 3.4)
