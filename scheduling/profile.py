@@ -30,6 +30,8 @@ class HardwareProfile:
     num_host_blocks: int | None = None
     device: str = ""             # free-text description of the hardware
     model: str = ""
+    weights_gb: float | None = None   # the model's weights over all its GPUs (GB = 1e9 B), to size a pool
+    num_gpus: int = 1
 
     def fwd_seconds(self, num_tokens: float) -> float:
         """T_fwd(x) in seconds: the linear step-time model of spec 3.5.2."""
@@ -47,6 +49,16 @@ class HardwareProfile:
             bytes_per_s = min(self.swap_out_gb_per_s, self.swap_in_gb_per_s) * 1e9
             return num_tokens * self.kv_bytes_per_token / bytes_per_s
         return num_tokens * self.fwd_seconds(self.saturation_tokens) / self.swap_limit_tokens
+
+    def with_device_memory(self, gib_per_gpu: float) -> HardwareProfile:
+        """This machine and model with `gib_per_gpu` of memory on each GPU, its device pool sized by
+        the reference's rule: the papers capped the GPUs at 40 GB for 6B and 13B (spec 6.6)."""
+        if self.weights_gb is None:
+            raise ValueError(f"profile {self.name!r} does not give the size of its weights (weights_gb), so "
+                             "its device pool cannot be derived from the device memory")
+        blocks = device_pool_blocks(gib_per_gpu, self.num_gpus, self.weights_gb,
+                                    self.kv_bytes_per_token * self.block_size)
+        return dataclasses.replace(self, num_device_blocks=blocks)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,23 +92,41 @@ def _paper_swap_limit(a: float, b: float, s: int) -> float:
     return (1 + 2 * a) * s + 2 * b
 
 
-# Pool sizes follow the reference's rule (spec 2.2): device blocks = (memory * 0.9 - weights - peak
-# activations) / bytes per block, assuming A100-80GB and about 2 GB of activations per GPU; host
-# blocks = the benchmarks' --swap-space (128 GiB for 6B, 64 GiB per GPU for 13B-TP2) / bytes per block.
+GPU_MEMORY_UTILIZATION = 0.9    # the share of GPU memory the reference gives weights, activations and KV
+ACTIVATIONS_GB_PER_GPU = 2.0    # peak activation memory assumed on each GPU
+
+
+def device_pool_blocks(gib_per_gpu: float, num_gpus: int, weights_gb: float, bytes_per_block: int) -> int:
+    """The reference's device pool (spec 2.2): (memory x 0.9 - peak activations) on each GPU, less
+    the weights, in KV blocks. Memory in GiB, as GPUs are labelled (an A100-80GB has 80 GiB)."""
+    usable_gb = num_gpus * (gib_per_gpu * 2**30 * GPU_MEMORY_UTILIZATION / 1e9 - ACTIVATIONS_GB_PER_GPU) - weights_gb
+    blocks = int(usable_gb * 1e9 // bytes_per_block)
+    if blocks <= 0:
+        raise ValueError(f"{gib_per_gpu:g} GiB per GPU on {num_gpus} GPU(s) leaves no room for KV next to "
+                         f"{weights_gb:g} GB of weights and {ACTIVATIONS_GB_PER_GPU:g} GB of activations per GPU")
+    return blocks
+
+
+def _paper_profile(name: str, a: float, b: float, *, weights_gb: float, num_gpus: int, swap_space_gib: float,
+                   kv_bytes_per_token: int, **constants: Any) -> HardwareProfile:
+    """A profile of the released code's constants on A100-80GB GPUs; host blocks = the benchmark's
+    --swap-space / bytes per block."""
+    bytes_per_block = kv_bytes_per_token * 64
+    return HardwareProfile(
+        name=name, saturation_tokens=384, swap_limit_tokens=_paper_swap_limit(a, b, 384),
+        kv_bytes_per_token=kv_bytes_per_token, block_size=64, weights_gb=weights_gb, num_gpus=num_gpus,
+        num_device_blocks=device_pool_blocks(80, num_gpus, weights_gb, bytes_per_block),
+        num_host_blocks=int(swap_space_gib * 2**30 // bytes_per_block), **constants)
+
+
 PAPER_PROFILES: dict[str, HardwareProfile] = {
-    "a100-gptj-6b": HardwareProfile(
-        name="a100-gptj-6b", fwd_ms_per_token=0.0463, fwd_base_ms=10.0, saturation_tokens=384,
-        swap_limit_tokens=_paper_swap_limit(0.00462, 108.99, 384),    # about 605.5
-        kv_bytes_per_token=2 * 28 * 4096 * 2, block_size=64,           # 458752
-        num_device_blocks=2152,       # (77.3 - 12.1 - 2) GB / 29.36 MB
-        num_host_blocks=4681,         # 128 GiB / 29.36 MB
+    "a100-gptj-6b": _paper_profile(      # N(S) about 605.5; 2152 device blocks, 4681 host blocks
+        "a100-gptj-6b", 0.00462, 108.99, fwd_ms_per_token=0.0463, fwd_base_ms=10.0,
+        kv_bytes_per_token=2 * 28 * 4096 * 2, weights_gb=12.1, num_gpus=1, swap_space_gib=128,
         device="1x A100 (paper constants)", model="GPT-J-6B"),
-    "a100x2-vicuna-13b": HardwareProfile(
-        name="a100x2-vicuna-13b", fwd_ms_per_token=0.0279, fwd_base_ms=15.4, saturation_tokens=384,
-        swap_limit_tokens=_paper_swap_limit(-0.3297, 93.994, 384),    # about 318.8
-        kv_bytes_per_token=2 * 40 * 5120 * 2, block_size=64,           # 819200
-        num_device_blocks=2376,       # (2 * 77.3 - 26 - 4) GB / 52.43 MB
-        num_host_blocks=2621,         # 2 * 64 GiB / 52.43 MB
+    "a100x2-vicuna-13b": _paper_profile(  # N(S) about 318.8; 2376 device blocks, 2621 host blocks
+        "a100x2-vicuna-13b", -0.3297, 93.994, fwd_ms_per_token=0.0279, fwd_base_ms=15.4,
+        kv_bytes_per_token=2 * 40 * 5120 * 2, weights_gb=26.0, num_gpus=2, swap_space_gib=2 * 64,
         device="2x A100, TP=2 (paper constants)", model="Vicuna-13B"),
 }
 

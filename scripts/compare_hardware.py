@@ -3,7 +3,14 @@ policy sustains at a fixed normalized latency, and its gain over discard (vLLM),
 measure (spec 5.2: InferCept sustains 1.6-2x the rate of vLLM). The measure and the sweep are
 `infercept_jax.experiments.capacity`; this script picks the setups and writes the results.
 
-    .venv/bin/python scripts/compare_hardware.py            # the paper profiles + this machine's (make demo)
+The machines: the paper's constants (A100, GPT-J-6B and Vicuna-13B), and measured ones, marked
+"(measured)": an H200 (profiles/h200-smollm2-1.7b.json, SmolLM2-1.7B shape, measured by
+scripts/bench_swap.py) and this machine's, if `make demo` measured it. Each GPU's memory is capped
+at --device-memory-gb (40, as the papers ran 6B and 13B, spec 6.6) and the device pool sized from
+it by the reference's rule; a profile that does not give its weights' size keeps its own pool.
+
+    .venv/bin/python scripts/compare_hardware.py            # the profiles above, 40 GiB per GPU
+    .venv/bin/python scripts/compare_hardware.py --device-memory-gb 80   # A100-80GB pools
     .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --per-kind
     .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --policy infercept --estimator dynamic
 
@@ -24,16 +31,22 @@ from infercept_jax.experiments.sweeps import add_tokenizer_argument, resolve_tra
 from infercept_jax.experiments.workload import KINDS
 from scheduling.estimators import ESTIMATORS
 from scheduling.policies import POLICIES
-from scheduling.profile import PAPER_PROFILES, load_profile
+from scheduling.profile import PAPER_PROFILES, HardwareProfile, load_profile
 
 DEFAULT_POLICIES = ("discard", "improved-discard", "preserve", "swap", "infercept")
 DEMO_PROFILE = "results/demo/profile.json"   # this machine's, measured by `make demo`, with its pool sizes
+MEASURED_PROFILES = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "profiles",
+                                  "h200-smollm2-1.7b.json"),)
+PAPERS_DEVICE_MEMORY_GIB = 40.0   # the papers capped each GPU at 40 GB for 6B and 13B (spec 6.6)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", action="append", help="a profile name or JSON file; repeat for several "
-                        f"(default: {', '.join(PAPER_PROFILES)} and {DEMO_PROFILE} if it exists)")
+                        f"(default: {', '.join(PAPER_PROFILES)}, the measured H200 and {DEMO_PROFILE} if it exists)")
+    parser.add_argument("--device-memory-gb", type=float, default=PAPERS_DEVICE_MEMORY_GIB,
+                        help="GiB of memory per GPU, the device pool sized from it by the reference's rule "
+                        f"(default {PAPERS_DEVICE_MEMORY_GIB:g}, as the papers ran; 0: each profile's own pool)")
     parser.add_argument("--trace", default="builtin:mixed", help="builtin:NAME or a trace file (default builtin:mixed)")
     add_tokenizer_argument(parser)
     parser.add_argument("--policy", action="append", choices=POLICIES,
@@ -49,30 +62,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     policies = [BASELINE] + [p for p in (args.policy or DEFAULT_POLICIES) if p != BASELINE]
-    names = args.profile or [*PAPER_PROFILES, *([DEMO_PROFILE] if os.path.isfile(DEMO_PROFILE) else [])]
-    profiles = [load_profile(name) for name in names]
+    names = args.profile or [*PAPER_PROFILES, *MEASURED_PROFILES, *([DEMO_PROFILE] if os.path.isfile(DEMO_PROFILE) else [])]
+    profiles = [capped(load_profile(name), args.device_memory_gb) for name in names]
     if args.per_kind:
         suffix = "-small" if args.trace.endswith("-small") else ""
-        setups = [(kind, profiles[0], f"builtin:{kind}{suffix}") for kind in KINDS]
+        setups = [(kind, *profiles[0], f"builtin:{kind}{suffix}") for kind in KINDS]
         column, out = "kind", os.path.join(args.out, "per_kind")
     else:
-        setups = [(profile.name, profile, args.trace) for profile in profiles]
+        setups = [(label(profile), profile, pool, args.trace) for profile, pool in profiles]
         column, out = "profile", args.out
 
     start = time.perf_counter()
     runs, rows, notes = [], [], []
-    for label, profile, trace_spec in setups:
+    for setup, profile, pool, trace_spec in setups:
         trace = resolve_trace(trace_spec, args.tokenizer)
         capacity = capacity_rps(profile, trace)
         rates = [capacity * f for f in FRACTIONS]
-        print(f"{label} ({trace_spec}): rates {', '.join(f'{r:.3g}' for r in rates)} req/s", flush=True)
+        print(f"{setup} ({trace_spec}): rates {', '.join(f'{r:.3g}' for r in rates)} req/s", flush=True)
         results = sweep(trace, simulated_engines(profile, estimator=args.estimator), policies, rates, args.window,
                         seed=args.seed, slo_factor=args.slo_factor)
         slo = latency_slo(results, args.slo_factor)
-        rows += summarize(results, label, slo)
+        rows += summarize(results, setup, slo)
         runs += [{"profile": profile.name, "trace": trace_spec, **r} for r in results]
-        notes.append(f"* {label}: {profile.device or profile.name}, capacity {capacity:.3g} req/s, "
-                     f"SLO {slo:.4f} s/token, {len(results)} runs")
+        notes.append(f"* {setup}: {profile.device or profile.name}, {profile.num_device_blocks} device blocks of "
+                     f"{profile.block_size} tokens ({pool}), "
+                     f"capacity {capacity:.3g} req/s, SLO {slo:.4f} s/token, {len(results)} runs")
     wall = time.perf_counter() - start
     steps = sum(r["steps"] for r in runs)
 
@@ -90,6 +104,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plot_gains(rows, os.path.join(out, "gain_over_discard.png"), column)
     print(f"wrote {out}/compare.md, results.json, gain_over_discard.png")
     return rows
+
+
+def capped(profile: HardwareProfile, device_memory_gib: float) -> tuple[HardwareProfile, str]:
+    """The profile with its device pool sized from `device_memory_gib` per GPU where it gives the
+    size of its weights (0: its own pool), and where the pool's size came from."""
+    if device_memory_gib and profile.weights_gb is not None:
+        return profile.with_device_memory(device_memory_gib), f"{device_memory_gib:g} GiB per GPU"
+    return profile, "the profile's own pool"
+
+
+def label(profile: HardwareProfile) -> str:
+    """The profile's name, marked when its constants were measured rather than taken from a paper."""
+    return profile.name if profile.name in PAPER_PROFILES else f"{profile.name} (measured)"
 
 
 if __name__ == "__main__":

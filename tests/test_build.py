@@ -122,3 +122,11 @@ def test_replay_flags_reach_the_engine(monkeypatch, tmp_path):
         factories[1]("infercept")
     assert cli.main(["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b",
                      "--dtype", "bfloat16", "--out", str(tmp_path)]) == 2
+    assert cli.main(["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b",
+                     "--device-memory-gb", "40", "--out", str(tmp_path)]) == 0
+    assert factories[2]("discard").scheduler.blocks.device.num_blocks == 836   # 40 GiB per GPU (spec 6.6)
+    for wrong in (["--num-kv-blocks", "100"], ["--device-memory-gb", "14"]):  # two pool sizes; no room for KV
+        assert cli.main(["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b",
+                         "--device-memory-gb", "40", *wrong, "--out", str(tmp_path)]) == 2
+    assert cli.main(["replay", "--trace", "builtin:mixed-small", "--device-memory-gb", "40",   # the real engine
+                     "--out", str(tmp_path)]) == 2

@@ -131,3 +131,19 @@ def test_compare_hardware_gives_the_policies_the_estimator_asked_for(tmp_path, m
                            "--window", "4", "--out", str(tmp_path)])
     assert ("infercept", "DynamicEstimator") in built
     assert "estimator dynamic" in (tmp_path / "compare.md").read_text()
+
+
+def test_compare_hardware_caps_each_gpu_as_the_papers_did_and_marks_measured_profiles(tmp_path):
+    """Spec 6.6: 40 GiB per GPU by default (6B: 836 blocks, the H200: 10565), the profile's own pool
+    with 0; the measured H200 is in the default list, its rows marked as measured."""
+    h200 = compare_hardware.MEASURED_PROFILES[0]
+    rows = compare_hardware.main(["--profile", "a100-gptj-6b", "--profile", h200, "--policy", "infercept",
+                                  "--window", "4", "--out", str(tmp_path)])
+    assert [r["setup"] for r in rows] == ["a100-gptj-6b", "a100-gptj-6b",
+                                          "h200-smollm2-1.7b-bf16 (measured)", "h200-smollm2-1.7b-bf16 (measured)"]
+    text = (tmp_path / "compare.md").read_text()
+    assert "836 device blocks of 64 tokens (40 GiB per GPU)" in text
+    assert "10565 device blocks of 16 tokens (40 GiB per GPU)" in text
+    compare_hardware.main(["--profile", "a100-gptj-6b", "--policy", "infercept", "--device-memory-gb", "0",
+                           "--window", "4", "--out", str(tmp_path)])
+    assert "2152 device blocks of 64 tokens (the profile's own pool)" in (tmp_path / "compare.md").read_text()

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from scheduling.accounting import WasteMeter
-from scheduling.profile import PAPER_PROFILES, HardwareProfile, _paper_swap_limit, load_profile
+from scheduling.profile import PAPER_PROFILES, HardwareProfile, _paper_swap_limit, device_pool_blocks, load_profile
 from scheduling.waste import (SwapBudget, chunked_discard_waste, discard_waste, preserve_waste,
                               swap_budget, swap_waste)
 
@@ -37,6 +37,36 @@ def test_paper_swap_limit_rule():
     # import, before mutation testing switches a mutant on, so only a call here sees a change.
     assert _paper_swap_limit(0.00462, 108.99, 384) == pytest.approx(605.52816)
     assert _paper_swap_limit(-0.3297, 93.994, 384) == pytest.approx(318.7784)
+
+
+def test_paper_pools_by_the_reference_rule_on_80_and_40_gib_gpus():
+    """Spec 2.2: (GiB x 2^30 x 0.9 / 1e9 - 2 GB of activations) per GPU, less the weights, over the
+    bytes of a 64-token block. 80 GiB: 77.309 GB. 6B: (77.309 - 2 - 12.1) GB / 29.360128 MB = 2152.9;
+    13B-TP2: (2 * 75.309 - 26) GB / 52.4288 MB = 2376.9. 40 GiB (the papers' cap, spec 6.6):
+    38.655 GB; 6B: 24.555 / 0.029360128 = 836.3, 13B: 47.309 / 0.0524288 = 902.3."""
+    assert (GPTJ.num_device_blocks, VICUNA.num_device_blocks) == (2152, 2376)
+    assert (GPTJ.num_host_blocks, VICUNA.num_host_blocks) == (4681, 2621)   # 128 GiB and 2 x 64 GiB
+    assert GPTJ.with_device_memory(40).num_device_blocks == 836
+    assert VICUNA.with_device_memory(40).num_device_blocks == 902
+    assert GPTJ.with_device_memory(40).num_host_blocks == 4681                 # the host pool stays
+    assert device_pool_blocks(80, 1, 12.1, 458_752 * 64) == 2152               # the rule, called at test time
+
+
+def test_device_memory_that_cannot_hold_the_weights_or_a_profile_without_them_is_refused():
+    with pytest.raises(ValueError, match="leaves no room for KV"):
+        GPTJ.with_device_memory(14)         # 13.53 GB, less 2 of activations, is under 12.1 of weights
+    with pytest.raises(ValueError, match="weights_gb"):
+        ROUND.with_device_memory(40)
+
+
+def test_the_measured_h200_profile_loads_and_sizes_its_pool():
+    """The H200 profile measured by bench_swap (../shared/gpu), with the weights of its model:
+    1.711e9 parameters x 2 bytes. 40 GiB: (38.655 - 2 - 3.42) GB / (196608 B x 16) = 10565.6."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "profiles", "h200-smollm2-1.7b.json")
+    h200 = load_profile(path)
+    assert (h200.saturation_tokens, h200.block_size, h200.weights_gb) == (384, 16, 3.42)
+    assert h200.with_device_memory(40).num_device_blocks == 10565
 
 
 def test_fwd_seconds():

@@ -195,6 +195,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     add_tokenizer_argument(parser, default=None)
     parser.add_argument("--num-kv-blocks", type=int, help="device KV blocks (default: the profile's, or the "
                         "engine's default)")
+    parser.add_argument("--device-memory-gb", type=float, help="--simulate: GiB of memory per GPU, the device pool "
+                        "sized from it as the reference does (the papers capped it at 40 for 6B and 13B)")
     parser.add_argument("--num-host-blocks", type=int, help="host KV blocks for swap")
     parser.add_argument("--max-num-seqs", type=int, help="requests per step")
     parser.add_argument("--max-num-batched-tokens", type=int, help="the step budget S when there is no profile "
@@ -247,10 +249,17 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
         for flag in ("dtype", "tensor_parallel_size"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} is for the real engine; the simulator runs no model")
+        profile = load_profile(args.profile)
+        if args.device_memory_gb is not None:
+            if args.num_kv_blocks is not None:
+                raise ValueError("give --device-memory-gb or --num-kv-blocks, not both: each sets the device pool")
+            profile = profile.with_device_memory(args.device_memory_gb)
         if args.num_kv_blocks is not None:
             options["num_device_blocks"] = args.num_kv_blocks
-        make_engine = simulated_engines(load_profile(args.profile), estimator=args.estimator, **decisions, **options)
+        make_engine = simulated_engines(profile, estimator=args.estimator, **decisions, **options)
     else:
+        if args.device_memory_gb is not None:
+            raise ValueError("--device-memory-gb sizes the simulator's pool; the real engine takes --num-kv-blocks")
         if args.num_kv_blocks is not None:
             options["num_kv_blocks"] = args.num_kv_blocks
         if args.profile is None and {"infercept", "lamps"} & set(policies):
