@@ -1,6 +1,8 @@
 """Where device memory went, step by step (spec 5.1): the share of memory x time wasted, by cause.
 
-* preserve: device KV of paused requests, held while their tool runs;
+* preserve: device KV of paused requests, held while their tool runs; and apart, the part of it
+  held in steps where some request needed device blocks that were not free: memory that someone
+  could have used (spec 8.1), where the rest was held while the pool had room for everyone;
 * recompute: the step time spent recomputing discarded or preempted context, times the KV the
   step's batch holds (it all waits on work that was done before);
 * swap stall: host time the step spent on swap copies that did not overlap compute, times the KV
@@ -22,6 +24,7 @@ class WasteMeter:
     seconds: float = 0.0
     steps: int = 0
     preserve_token_s: float = 0.0
+    preserve_short_token_s: float = 0.0     # of preserve_token_s, in steps short of device memory
     recompute_token_s: float = 0.0
     swap_stall_token_s: float = 0.0
     recompute_tokens: int = 0
@@ -42,6 +45,8 @@ class WasteMeter:
         self.seconds += seconds
         self.steps += 1
         self.preserve_token_s += held_paused * seconds
+        if out.memory_short:
+            self.preserve_short_token_s += held_paused * seconds
         self.recompute_tokens += recompute
         self.recompute_seconds += recompute_s
         self.recompute_token_s += recompute_s * batch_tokens
@@ -57,6 +62,7 @@ class WasteMeter:
         pct = (lambda x: 100.0 * x / total) if total else (lambda x: 0.0)
         return {
             "waste_preserve_pct": pct(self.preserve_token_s),
+            "waste_preserve_short_pct": pct(self.preserve_short_token_s),
             "waste_recompute_pct": pct(self.recompute_token_s),
             "waste_swap_stall_pct": pct(self.swap_stall_token_s),
             "waste_total_pct": pct(self.preserve_token_s + self.recompute_token_s + self.swap_stall_token_s),

@@ -146,6 +146,7 @@ class Scheduler:
         rid = request.request_id
         n = min(self.blocks.num_host_blocks_of(rid), self._swap_in_left)
         while self.blocks.device.num_free < n:
+            self._out.memory_short = True
             if self._evict_paused(n - self.blocks.device.num_free, now):
                 continue
             if self.running or not self._preempt_swapped(request):
@@ -178,6 +179,7 @@ class Scheduler:
         (it may have preempted itself)."""
         rid = request.request_id
         while not self.blocks.can_ensure(rid, num_tokens):
+            self._out.memory_short = True
             if self._evict_paused(self.blocks.blocks_needed(rid, num_tokens) - self.blocks.num_free, now):
                 continue
             if not preempt_running:

@@ -72,11 +72,12 @@ def test_infercept_keeps_paused_memory_nobody_needs_and_gives_it_up_when_a_reque
     blocks (5 usable: it holds 4, the new request needs 2)."""
     sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), 0), device_blocks=6)
     held = paused(sched, "held", 16, 10.0)          # 4 of the 5 usable blocks
-    sched.schedule(0.0)
+    assert not sched.schedule(0.0).memory_short
     assert where(sched, held) == (4, 0, PauseMode.PRESERVE) and sched.num_discards == 0
     sched.add(Request("new", [5] * 8, SamplingParams(max_tokens=4), 1.0))    # needs 2 blocks, 1 free
     out = sched.schedule(1.0)
     assert [(s.request.request_id, s.num_query_tokens) for s in out.scheduled] == [("new", 8)]
+    assert out.memory_short
     assert where(sched, held) == (0, 0, PauseMode.DISCARD) and sched.num_discards == 1
 
 
@@ -380,6 +381,19 @@ def test_swapped_requests_share_the_steps_swap_in_budget_oldest_first():
     out = sched.schedule(1.0)
     assert len(out.swap_in) == 3 and old.status is RequestStatus.RUNNING
     assert where(sched, new)[:2] == (1, 1) and new.status is RequestStatus.SWAPPED
+
+
+def test_a_swap_in_short_of_device_blocks_marks_the_step_short_of_memory():
+    """The pool (4 usable blocks) is held by a paused victim whose call is over: bringing `s` back
+    needs its blocks, and that shortage is what the waste meter's preserve-while-short counts."""
+    policy = InferCeptPolicy(HAND_PROFILE)
+    policy.swap_budget = lambda: (4, 4)
+    sched = scheduler_with(policy, device_blocks=5)
+    s = swapped(sched, "s", 16, 4, inflight=0)
+    victim = paused(sched, "victim", 16, 1.0)
+    out = sched.schedule(5.0)
+    assert out.memory_short
+    assert where(sched, s)[:2] == (4, 0) and where(sched, victim) == (0, 4, PauseMode.SWAP)
 
 
 def test_a_swap_in_and_then_its_compute_take_from_the_paused_victims_exactly_the_blocks_they_lack():

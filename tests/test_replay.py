@@ -375,7 +375,7 @@ def test_the_metrics_names():
     m = replay(engine_at(10.0), [], window=1.0)
     assert set(m) == {"num_submitted", "num_finished", "num_rejected", "elapsed_s", "normalized_latency", "ttft",
                       "e2e", "tpot", "longest_wait_s", "completed_rps", "tokens_per_s", "memory_waste_pct",
-                      "waste_preserve_pct", "waste_recompute_pct", "waste_swap_stall_pct", "recompute_tokens",
+                      "waste_preserve_pct", "waste_preserve_short_pct", "waste_recompute_pct", "waste_swap_stall_pct", "recompute_tokens",
                       "swap_out_blocks", "swap_in_blocks", "steps"}
 
 

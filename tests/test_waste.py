@@ -191,12 +191,13 @@ def test_swap_budget_host_room():
 # --- accounting ------------------------------------------------------------------------------
 
 def test_waste_meter_summary_by_hand():
-    meter = WasteMeter(pool_tokens=100, seconds=2.0, steps=3, preserve_token_s=20.0, recompute_token_s=10.0,
+    meter = WasteMeter(pool_tokens=100, seconds=2.0, steps=3, preserve_token_s=20.0, preserve_short_token_s=6.0,
+                       recompute_token_s=10.0,
                        swap_stall_token_s=4.0, recompute_tokens=7, recompute_seconds=0.5,
                        swap_stall_seconds=0.25, swap_out_blocks=2, swap_in_blocks=1, preemptions=1)
     # the pool holds 100 tokens for 2 s = 200 token-seconds
     assert meter.summary() == {
-        "waste_preserve_pct": 10.0, "waste_recompute_pct": 5.0, "waste_swap_stall_pct": 2.0,
+        "waste_preserve_pct": 10.0, "waste_preserve_short_pct": 3.0, "waste_recompute_pct": 5.0, "waste_swap_stall_pct": 2.0,
         "waste_total_pct": 17.0, "seconds": 2.0, "steps": 3, "recompute_tokens": 7,
         "recompute_seconds": 0.5, "swap_stall_seconds": 0.25, "swap_out_blocks": 2, "swap_in_blocks": 1,
         "preemptions": 1}
@@ -219,18 +220,19 @@ def test_waste_meter_record_by_hand():
     a = NS(request=NS(num_computed_tokens=10, recompute_until=14), num_query_tokens=6)
     b = NS(request=NS(num_computed_tokens=20, recompute_until=5), num_query_tokens=2)
     out = NS(scheduled=[a, b], num_tokens=8, swap_out=[(1, 0)], swap_in=[(2, 3), (4, 5), (6, 7)],
-             preempted=["x", "y"])
+             preempted=["x", "y"], memory_short=False)
     meter = WasteMeter(pool_tokens=60)
     meter.record(sched, out, seconds=2.0, stall_seconds=0.5)
-    meter.record(sched, out, seconds=2.0, stall_seconds=0.5)
+    meter.record(sched, NS(**{**vars(out), "memory_short": True}), seconds=2.0, stall_seconds=0.5)
     s = meter.summary()
     # each step: paused 8 tokens x 2 s = 16; recompute 2 s x 4/8 = 1 s x batch (16 + 22) = 38;
     # stall 0.5 s x 38 = 19; the pool is 60 tokens x 4 s = 240 token-seconds
     assert (s["seconds"], s["steps"], s["recompute_tokens"], s["recompute_seconds"]) == (4.0, 2, 8, 2.0)
     assert s["waste_preserve_pct"] == pytest.approx(100 * 32 / 240)
+    assert s["waste_preserve_short_pct"] == pytest.approx(100 * 16 / 240)   # the second step only
     assert s["waste_recompute_pct"] == pytest.approx(100 * 76 / 240)
     assert s["waste_swap_stall_pct"] == pytest.approx(100 * 38 / 240)
     assert (s["swap_stall_seconds"], s["swap_out_blocks"], s["swap_in_blocks"], s["preemptions"]) == (1.0, 2, 6, 4)
-    empty = NS(scheduled=[], num_tokens=0, swap_out=[], swap_in=[], preempted=[])
+    empty = NS(scheduled=[], num_tokens=0, swap_out=[], swap_in=[], preempted=[], memory_short=False)
     meter.record(sched, empty, seconds=1.0, stall_seconds=0.0)      # a step with nothing scheduled
     assert meter.summary()["recompute_seconds"] == 2.0 and meter.steps == 3
