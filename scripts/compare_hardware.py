@@ -11,7 +11,7 @@ it by the reference's rule; a profile that does not give its weights' size keeps
 
     .venv/bin/python scripts/compare_hardware.py            # the profiles above, 40 GiB per GPU
     .venv/bin/python scripts/compare_hardware.py --device-memory-gb 80   # A100-80GB pools
-    .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --per-kind
+    .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --per-kind [--kind chat]
     .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --policy infercept --estimator dynamic
 
 Writes OUT/compare.md (the table), OUT/results.json (every run, with its profile and trace) and
@@ -58,15 +58,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--slo-factor", type=float, default=2.0, help="SLO = this x the best latency at the lowest rate")
     parser.add_argument("--per-kind", action="store_true", help="each augmentation kind (builtin:KIND, -small "
                         "if --trace is) on the first profile, instead of the profiles")
+    parser.add_argument("--kind", action="append", choices=KINDS, help="with --per-kind: this kind only; repeat "
+                        "for several (default: all)")
     parser.add_argument("--out", default="results/compare_hardware")
     args = parser.parse_args(argv)
+    if args.kind and not args.per_kind:
+        parser.error("--kind selects kinds for --per-kind")
 
     policies = [BASELINE] + [p for p in (args.policy or DEFAULT_POLICIES) if p != BASELINE]
     names = args.profile or [*PAPER_PROFILES, *MEASURED_PROFILES, *([DEMO_PROFILE] if os.path.isfile(DEMO_PROFILE) else [])]
     profiles = [capped(load_profile(name), args.device_memory_gb) for name in names]
     if args.per_kind:
         suffix = "-small" if args.trace.endswith("-small") else ""
-        setups = [(kind, *profiles[0], f"builtin:{kind}{suffix}") for kind in KINDS]
+        setups = [(kind, *profiles[0], f"builtin:{kind}{suffix}") for kind in args.kind or KINDS]
         column, out = "kind", os.path.join(args.out, "per_kind")
     else:
         setups = [(label(profile), profile, pool, args.trace) for profile, pool in profiles]

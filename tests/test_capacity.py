@@ -147,3 +147,12 @@ def test_compare_hardware_caps_each_gpu_as_the_papers_did_and_marks_measured_pro
     compare_hardware.main(["--profile", "a100-gptj-6b", "--policy", "infercept", "--device-memory-gb", "0",
                            "--window", "4", "--out", str(tmp_path)])
     assert "2152 device blocks of 64 tokens (the profile's own pool)" in (tmp_path / "compare.md").read_text()
+
+
+def test_compare_hardware_per_kind_runs_the_kinds_asked_for(tmp_path):
+    rows = compare_hardware.main(["--profile", "a100-gptj-6b", "--per-kind", "--kind", "chat", "--policy", "infercept",
+                                  "--window", "4", "--out", str(tmp_path)])
+    assert [(r["setup"], r["policy"]) for r in rows] == [("chat", "discard"), ("chat", "infercept")]
+    assert (tmp_path / "per_kind" / "compare.md").is_file()
+    with pytest.raises(SystemExit):
+        compare_hardware.main(["--kind", "chat", "--out", str(tmp_path)])      # --kind is for --per-kind
