@@ -76,12 +76,11 @@ class HostKVPool:
                  max_blocks_per_copy: int = 64, transfer: str = "auto"):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.sharding = sharding or SingleDeviceSharding(jax.local_devices()[0])
-        parts = self.sharding.addressable_devices_indices_map(shape)
-        self.devices = sorted(parts, key=lambda d: d.id)
-        local_shape = lambda d: tuple(len(range(n)[i]) for n, i in zip(shape, parts[d]))  # noqa: E731
+        self.devices = sorted(self.sharding.addressable_devices, key=lambda d: d.id)
+        part_shape = self.sharding.shard_shape(shape)
         # Filled now, not lazily zero-mapped: first-touch page faults would land in a step.
-        self.k = [np.empty(local_shape(d), jnp.dtype(dtype)) for d in self.devices]
-        self.v = [np.empty(local_shape(d), jnp.dtype(dtype)) for d in self.devices]
+        self.k = [np.empty(part_shape, jnp.dtype(dtype)) for _ in self.devices]
+        self.v = [np.empty(part_shape, jnp.dtype(dtype)) for _ in self.devices]
         for array in self.k + self.v:
             array.fill(0)
         self._slot = {d: i for i, d in enumerate(self.devices)}
