@@ -19,6 +19,10 @@ from scheduling.scheduler import Scheduler, SchedulerConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_BUDGET = 384      # S without a profile: InferCept's saturation point on an A100
+# S without a profile, per backend: a CPU saturates near InferCept's A100 budget; an H200 ran a
+# 384-token step of a 1.7B model in about the time of a 16-token one, so accelerators start higher
+# (profile the machine for its own knee: `infercept profile` sweeps every bucket up to this).
+DEFAULT_TOKEN_BUDGETS = {"cpu": DEFAULT_TOKEN_BUDGET, "gpu": 2048, "tpu": 2048}
 _warned_uncalibrated = False    # the missing-profile warning is given once per process
 
 

@@ -68,9 +68,11 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0      # per device
     tensor_parallel_size: int = 1        # devices the weights and the KV pools are split over
     max_num_seqs: int = 64               # requests holding KV at once
-    max_num_batched_tokens: int | None = None   # S, query tokens per step; None: the profile's, else 384
+    max_num_batched_tokens: int | None = None   # S, query tokens per step; None: the profile's, else
+                                                #   the backend's default (build.DEFAULT_TOKEN_BUDGETS)
     row_width: int = 32                  # query tokens per attention row in chunked steps
     attn_chunk_tokens: int = 128         # KV tokens the attention reads per loop iteration
+    attention: str = "auto"              # paged attention kernel: xla, pallas; auto: pallas on GPU, else xla
     warmup: bool = True                  # compile every step shape at start
     strict_compile: bool = True          # raise if a step shape compiles after warm-up
     compile_cache: bool = True           # keep compiled steps on disk (JAX's persistent cache)
@@ -94,6 +96,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.attention not in ("auto", "xla", "pallas"):
+            raise ValueError(f"attention must be auto, xla or pallas, got {self.attention!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from infercept_jax.build import build_engine
+from infercept_jax.build import DEFAULT_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGETS, build_engine
 from infercept_jax.config import EngineConfig, SamplingParams
 from infercept_jax.model_runner import ModelRunner
 from infercept_jax.outputs import RequestOutput
@@ -43,6 +44,21 @@ def resolve_dtype(name: str):
     return _DTYPES[name]
 
 
+def for_backend(config: EngineConfig, spec, mesh) -> EngineConfig:
+    """`config` with what depends on the devices filled in: the attention kernel (`auto`: the
+    Pallas kernel on a GPU for shapes it fits; else the XLA path) and, without a
+    profile, the backend's default step budget."""
+    platform = mesh.devices.flat[0].platform
+    changes = {}
+    if config.attention == "auto":
+        block_pages = max(1, config.attn_chunk_tokens // config.block_size)
+        fits = all(n & (n - 1) == 0 for n in (spec.head_dim, config.block_size, block_pages))
+        changes["attention"] = "pallas" if platform == "gpu" and fits else "xla"
+    if config.profile is None and config.max_num_batched_tokens is None:
+        changes["max_num_batched_tokens"] = DEFAULT_TOKEN_BUDGETS.get(platform, DEFAULT_TOKEN_BUDGET)
+    return dataclasses.replace(config, **changes)
+
+
 class LLM:
     """Loads a model (a known name, an HF folder or a GGUF file) and serves it."""
 
@@ -65,6 +81,7 @@ class LLM:
 
     def _build(self, model: Llama, tokenizer, config: EngineConfig, mesh) -> None:
         spec = model.spec
+        config = for_backend(config, spec, mesh)
         self._tool_pool: ThreadPoolExecutor | None = None
         if config.compile_cache:
             enable_compile_cache()
@@ -77,7 +94,8 @@ class LLM:
             return ModelRunner(
                 model, blocks, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens, row_width=config.row_width,
-                attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile, mesh=mesh)
+                attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile, mesh=mesh,
+                attention=config.attention)
 
         self.engine = build_engine(
             config, make_runner, kv_bytes_per_token=spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize),

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from infercept_jax.parallel import StepChannel, check_tensor_parallel, kv_pool_sharding, tensor_parallel_size, tp_mesh
 from infercept_jax.sampling import sample
 from kvcache.block_manager import BlockManager
-from kvcache.paged import AttentionInputs, RowGroup, allocate_pools
+from kvcache.paged import ATTENTION_KERNELS, AttentionInputs, RowGroup, allocate_pools
 from kvcache.swap import HostKVPool
 from models.llama import Llama
 from scheduling.scheduler import SchedulerOutput
@@ -80,6 +80,18 @@ class _RowBuilder:
         return RowGroup(self.token_index, self.positions, self.tables, np.int32(_ceil_div(longest, chunk_tokens)))
 
 
+def check_attention_kernel(kernel: str, head_dim: int, block_size: int, pages_per_chunk: int) -> None:
+    """Refuse a kernel the model's shapes do not fit: Triton tiles have power-of-two sides."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    if kernel == "pallas":
+        sides = {"head_dim": head_dim, "block_size": block_size, "attn_chunk_tokens // block_size": pages_per_chunk}
+        odd = [f"{name} = {value}" for name, value in sides.items() if value & (value - 1)]
+        if odd:
+            raise ValueError(f"the pallas attention kernel needs powers of two, got {', '.join(odd)}; "
+                             "use attention='xla'")
+
+
 def token_buckets(max_tokens: int, smallest: int) -> list[int]:
     """Powers of two from `smallest` up to `max_tokens`, then `max_tokens` itself."""
     out, b = [], smallest
@@ -96,9 +108,11 @@ def _ceil_div(a: int, b: int) -> int:
 class ModelRunner:
     def __init__(self, model: Llama, block_manager: BlockManager, *, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, row_width: int = 32,
-                 attn_chunk_tokens: int = 128, strict_compile: bool = True, mesh: Mesh | None = None):
+                 attn_chunk_tokens: int = 128, strict_compile: bool = True, mesh: Mesh | None = None,
+                 attention: str = "xla"):
         """`mesh` (None: one device) splits the weights and the KV pools for tensor parallelism;
-        a model built elsewhere is moved to its splits."""
+        a model built elsewhere is moved to its splits. `attention` is the paged attention's kernel
+        (`kvcache.paged.ATTENTION_KERNELS`)."""
         self.spec = model.spec
         self.mesh = mesh or tp_mesh(1)
         check_tensor_parallel(self.spec, tensor_parallel_size(self.mesh))
@@ -108,6 +122,8 @@ class ModelRunner:
         self.row_width = row_width
         self.pages_per_chunk = max(1, attn_chunk_tokens // self.block_size)
         self.chunk_tokens = self.pages_per_chunk * self.block_size
+        self.attention = attention
+        check_attention_kernel(attention, self.spec.head_dim, self.block_size, self.pages_per_chunk)
         width = _ceil_div(max_model_len, self.block_size)
         self.table_width = _ceil_div(width, self.pages_per_chunk) * self.pages_per_chunk
         self.strict_compile = strict_compile
@@ -128,12 +144,12 @@ class ModelRunner:
             self.host_pool = HostKVPool(self.spec.num_layers, block_manager.host.num_blocks, self.block_size,
                                         self.spec.num_kv_heads, self.spec.head_dim, model.dtype,
                                         sharding=pool_sharding)
-        pages_per_chunk = self.pages_per_chunk
+        pages_per_chunk, mesh = self.pages_per_chunk, self.mesh
 
         def step(params, k_pool, v_pool, batch: StepBatch):
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
             hidden, k_pool, v_pool = model(batch.token_ids, batch.positions, k_pool, v_pool,
-                                           batch.attn, pages_per_chunk)
+                                           batch.attn, pages_per_chunk, attention, mesh)
             logits = model.logits(hidden[batch.sample_index])
             tokens = sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps)
             return tokens, k_pool, v_pool

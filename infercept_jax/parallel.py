@@ -26,10 +26,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from models.llama import TP
+from models.llama import KV_POOL_SPEC, TP
 from models.spec import ModelSpec
 
-KV_POOL_SPEC = P(None, None, None, TP, None)   # [layers, blocks, block_size, KV heads, head_dim]
 
 
 def tp_mesh(tensor_parallel_size: int) -> Mesh:

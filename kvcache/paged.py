@@ -10,7 +10,8 @@ prefill chunks has a group of 1-token rows beside a group of chunk rows, so a de
 to a chunk's width). Each group walks the context in chunks of `pages_per_chunk` pages with an
 online softmax, and the number of chunks is a traced value (the group's longest context), so a step
 costs what its contexts need and the context length never changes the compiled shape. This is the
-portable reference path; a Pallas kernel can take its place behind the same signature.
+portable path and the reference; `kernel="pallas"` runs each group through the Pallas kernel of
+`kvcache.pallas_attention` instead (the GPU path: no XLA loop, hence no host sync per chunk).
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kvcache import pallas_attention
+
 _NEG = -1e30
+ATTENTION_KERNELS = ("xla", "pallas")
 
 
 class RowGroup(NamedTuple):
@@ -54,13 +58,22 @@ def write_kv(pool: jax.Array, layer: jax.Array, slot_mapping: jax.Array, new: ja
 
 
 def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
-                    meta: AttentionInputs, pages_per_chunk: int) -> jax.Array:
+                    meta: AttentionInputs, pages_per_chunk: int, kernel: str = "xla") -> jax.Array:
     """Causal attention of flat queries `q` [T, H, D] against their sequences' paged KV.
 
-    Returns [T, H, D]. Row entries see keys at positions `<=` their own position.
+    Returns [T, H, D]. Row entries see keys at positions `<=` their own position. `kernel` is one
+    of `ATTENTION_KERNELS`: the XLA loop below, or the Pallas kernel (which reads `pages_per_chunk`
+    pages per iteration too).
     """
     q_padded = jnp.concatenate([q, jnp.zeros((1,) + q.shape[1:], q.dtype)])
-    outs = [_attend_rows(q_padded, k_pool, v_pool, layer, group, pages_per_chunk) for group in meta.groups]
+    if kernel == "pallas":
+        outs = [pallas_attention.attend_rows(q_padded, k_pool, v_pool, layer, group.row_token_index,
+                                             group.row_positions, group.block_tables, pages_per_chunk)
+                for group in meta.groups]
+    elif kernel == "xla":
+        outs = [_attend_rows(q_padded, k_pool, v_pool, layer, group, pages_per_chunk) for group in meta.groups]
+    else:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     return jnp.concatenate(outs)[meta.token_row_index].astype(q.dtype)
 
 

@@ -40,6 +40,8 @@ PARAM_SPECS = {
     "lm_head": P(None, TP),                        # [D, V] by vocabulary
 }
 
+KV_POOL_SPEC = P(None, None, None, TP, None)   # the KV pools [layers, blocks, block_size, KV heads, head_dim]
+
 # Our stacked layer weights, in the forward's order.
 LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
 
@@ -168,9 +170,18 @@ class Llama(nnx.Module):
                 variable.set_value(jax.device_put(variable[...], param_sharding(name, mesh)))
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
-                 meta: AttentionInputs, pages_per_chunk: int):
-        """Hidden states [T, D] after the final norm, and the updated pools."""
+                 meta: AttentionInputs, pages_per_chunk: int, attention: str = "xla", mesh: Mesh | None = None):
+        """Hidden states [T, D] after the final norm, and the updated pools. `attention` is the
+        paged attention's kernel (`kvcache.paged.ATTENTION_KERNELS`); `mesh` is the one the weights
+        and pools are split over (None: one device)."""
         spec = self.spec
+        attend = partial(paged_attention, pages_per_chunk=pages_per_chunk, kernel=attention)
+        if attention == "pallas" and mesh is not None and mesh.size > 1:
+            # A kernel is opaque to XLA's partitioner, which would gather the whole pool to each
+            # device: each device runs it on its own heads and its own part of the pools instead.
+            heads = P(None, TP, None)
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads, KV_POOL_SPEC, KV_POOL_SPEC, P(), P()),
+                                   out_specs=heads, check_vma=False)
         num_tokens = token_ids.shape[0]
         h = self.embed[...][token_ids]
         freqs = positions.astype(jnp.float32)[:, None] * self.inv_freq[...][None, :]
@@ -186,7 +197,7 @@ class Llama(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_pool = write_kv(k_pool, idx, meta.slot_mapping, k)
             v_pool = write_kv(v_pool, idx, meta.slot_mapping, v)
-            attn = paged_attention(q, k_pool, v_pool, idx, meta, pages_per_chunk)
+            attn = attend(q, k_pool, v_pool, idx, meta)
             h = h + attn.reshape(num_tokens, -1) @ w["wo"]
             x = rms_norm(h, w["mlp_norm"], spec.rms_norm_eps)
             h = h + swiglu(x, w["w_gate_up"]) @ w["w_down"]

@@ -104,11 +104,11 @@ def assert_same_weights(model: Llama, want: Llama) -> None:
 
 
 def paged_logits(model: Llama, token_ids: list[int], block_size: int = 4, row_width: int | None = None,
-                 chunk_pages: int = 2, pool_sharding=None) -> np.ndarray:
+                 chunk_pages: int = 2, pool_sharding=None, attention: str = "xla") -> np.ndarray:
     """Logits [n, V] of one sequence prefilled in one pass through the paged path.
 
     Blocks are handed out in a scrambled order so that paging is exercised. A model split over a
-    mesh needs its pools split over the same mesh (`pool_sharding`).
+    mesh needs its pools split over the same mesh (`pool_sharding`). `attention` is the kernel.
     """
     n = len(token_ids)
     q = row_width or n
@@ -129,7 +129,9 @@ def paged_logits(model: Llama, token_ids: list[int], block_size: int = 4, row_wi
     spec = model.spec
     k_pool, v_pool = allocate_pools(spec.num_layers, num_blocks + 1, block_size, spec.num_kv_heads,
                                     spec.head_dim, model.dtype, sharding=pool_sharding)
-    hidden, _, _ = model(jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), k_pool, v_pool, meta, chunk_pages)
+    mesh = None if pool_sharding is None else pool_sharding.mesh
+    hidden, _, _ = model(jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), k_pool, v_pool, meta, chunk_pages,
+                         attention, mesh)
     return np.asarray(model.logits(hidden))
 
 

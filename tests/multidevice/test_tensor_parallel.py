@@ -40,6 +40,17 @@ def test_logits_match_one_device(tp, tied):
     np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-5)
 
 
+def test_the_pallas_kernel_runs_per_device_on_its_own_heads():
+    """Under tensor parallelism the kernel runs in a shard_map: each device its own KV heads."""
+    tensors = random_hf_tensors(SPEC, seed=2)
+    ids = np.random.default_rng(1).integers(0, SPEC.vocab_size, 30).tolist()
+    one = paged_logits(Llama.from_hf_weights(SPEC, tensors), ids, block_size=4)
+    mesh = tp_mesh(2)
+    split = paged_logits(Llama.from_hf_weights(SPEC, tensors, mesh=mesh), ids, block_size=4,
+                         pool_sharding=kv_pool_sharding(mesh), attention="pallas")
+    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def engines() -> dict[int, LLM]:
     """A swapping engine per TP size, on pools small enough to need the host."""

@@ -1,0 +1,144 @@
+"""The Pallas paged-attention kernel (kvcache/pallas_attention.py) against the XLA path it replaces
+on GPU: run in Pallas's interpreter here, and lowered for CUDA to check that Triton takes it."""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import paused_run, random_hf_tensors, tiny_spec
+from infercept_jax import LLM, SamplingParams
+from infercept_jax.config import EngineConfig
+from infercept_jax.llm import for_backend
+from infercept_jax.model_runner import check_attention_kernel
+from infercept_jax.parallel import tp_mesh
+from kvcache import pallas_attention
+from kvcache.paged import AttentionInputs, RowGroup, paged_attention
+from models.llama import Llama
+
+
+def ragged_step(rng, num_kv_heads: int, group: int, head_dim: int, dtype, block_size: int = 4,
+                chunk_pages: int = 2):
+    """Random pools and a step with a decode group (two decodes and a padding row) beside a chunk
+    group (a prompt's chunk that ends mid-page, a chunk starting far into its context, a padding row).
+    Pages are scattered over the pool, in layer 1 of 2."""
+    num_blocks, width, table_width = 64, 4, 16
+    pools = [jnp.asarray(rng.normal(size=(2, num_blocks, block_size, num_kv_heads, head_dim)), dtype) for _ in "kv"]
+    tables = [rng.permutation(np.arange(1, num_blocks))[:table_width].astype(np.int32) for _ in range(4)]
+    # (tokens of the row, first position): decodes at 0 and 37, chunks 0..2 and 41..44
+    rows = [[(1, 0), (1, 37)], [(3, 0), (4, 41)]]
+    token, groups, token_row = 0, [], []
+    offset = 0
+    for g, (row_width, specs) in enumerate(zip((1, width), rows)):
+        n_rows = len(specs) + 1
+        index = np.full((n_rows, row_width), -1, np.int32)
+        positions = np.full((n_rows, row_width), -1, np.int32)
+        table = np.zeros((n_rows, table_width), np.int32)
+        for r, (n, first) in enumerate(specs):
+            index[r, :n] = np.arange(token, token + n)
+            positions[r, :n] = np.arange(first, first + n)
+            table[r] = tables[2 * g + r]
+            token_row.extend(offset + r * row_width + np.arange(n))
+            token += n
+        groups.append((index, positions, table))
+        offset += n_rows * row_width
+    num_tokens = token
+    built = []
+    for index, positions, table in groups:
+        index[index < 0] = num_tokens
+        longest = positions.max() + 1
+        built.append(RowGroup(jnp.asarray(index), jnp.asarray(positions), jnp.asarray(table),
+                              jnp.int32(-(-longest // (chunk_pages * block_size)))))
+    meta = AttentionInputs(jnp.zeros(num_tokens, jnp.int32), jnp.asarray(token_row, jnp.int32), tuple(built))
+    q = jnp.asarray(rng.normal(size=(num_tokens, num_kv_heads * group, head_dim)), dtype)
+    return q, pools, meta
+
+
+@pytest.mark.parametrize("num_kv_heads, group, dtype, tolerance", [
+    (2, 1, jnp.float32, 1e-5), (2, 3, jnp.bfloat16, 2e-2), (1, 4, jnp.float32, 1e-5),
+], ids=["mha-f32", "gqa3-bf16", "gqa4-f32"])
+def test_the_kernel_equals_the_xla_path_in_every_layer(num_kv_heads, group, dtype, tolerance):
+    q, (k_pool, v_pool), meta = ragged_step(np.random.default_rng(group), num_kv_heads, group, 16, dtype)
+
+    @jax.jit
+    def both(layer):
+        return (paged_attention(q, k_pool, v_pool, layer, meta, 2, kernel="xla"),
+                paged_attention(q, k_pool, v_pool, layer, meta, 2, kernel="pallas"))
+
+    outs = []
+    for layer in (0, 1):
+        want, got = both(jnp.int32(layer))
+        assert got.shape == want.shape == q.shape and got.dtype == q.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=tolerance, rtol=tolerance)
+        outs.append(got)
+    assert not np.allclose(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, dtype", [
+    (32, 32, 64, jnp.bfloat16),    # SmolLM2-1.7B's attention
+    (32, 8, 128, jnp.bfloat16),    # Llama-3-8B's
+    (9, 3, 64, jnp.float32),       # SmolLM2-135M's, in float32
+], ids=["smollm2-1.7b", "llama3-8b", "smollm2-135m-f32"])
+@pytest.mark.parametrize("rows, width", [(64, 1), (20, 32)], ids=["decode", "chunks"])
+def test_triton_lowers_the_kernel_for_cuda(num_heads, num_kv_heads, head_dim, dtype, rows, width):
+    """Lowered for CUDA without a GPU: Pallas turns the kernel into Triton IR here, so a kernel
+    Triton cannot express fails on CPU (the compile to PTX itself happens on a GPU)."""
+    num_tokens, table_width = rows * width, 128
+    pool = jax.ShapeDtypeStruct((24, 1000, 16, num_kv_heads, head_dim), dtype)
+    args = (jax.ShapeDtypeStruct((num_tokens + 1, num_heads, head_dim), dtype), pool, pool,
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((rows, width), jnp.int32),
+            jax.ShapeDtypeStruct((rows, width), jnp.int32), jax.ShapeDtypeStruct((rows, table_width), jnp.int32))
+    triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(jax.jit(partial(pallas_attention.attend_rows, pages_per_block=8, interpret=False)),
+                                 platforms=["cuda"], disabled_checks=[triton_call])(*args)
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+    assert exported.out_avals[0].shape == (num_tokens, num_heads, head_dim)
+
+
+def test_the_engine_generates_the_same_tokens_with_either_kernel():
+    """Prefill chunks, decodes, a step mixing both, and pauses with swaps, through the whole engine."""
+    spec = tiny_spec()
+    tensors = random_hf_tensors(spec, seed=3)
+    prompts = [list(range(5, 30)), [7, 8, 9], list(range(40, 51))]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, intercept_after=4)
+    runs = {}
+    for kernel in ("xla", "pallas"):
+        llm = LLM.from_model(Llama.from_hf_weights(spec, tensors), None, attention=kernel, policy="swap",
+                             num_kv_blocks=24, block_size=4, num_host_blocks=32, max_num_seqs=4,
+                             max_num_batched_tokens=16, max_model_len=64, compile_cache=False,
+                             warmup=False, strict_compile=False)   # the shapes it uses, not all of them
+        assert llm.runner.attention == kernel
+        runs[kernel] = paused_run(llm, prompts, params)
+    assert runs["pallas"] == runs["xla"]
+
+
+def test_attention_auto_picks_the_kernel_on_gpu_only():
+    spec = tiny_spec()
+    cpu = for_backend(EngineConfig(), spec, tp_mesh(1))
+    assert cpu.attention == "xla" and cpu.max_num_batched_tokens == 384
+
+    class GpuMesh:   # what for_backend reads of a mesh of one GPU
+        devices = np.array([dataclasses.make_dataclass("Gpu", [("platform", str)])("gpu")])
+        size = 1
+
+    gpu = for_backend(EngineConfig(), spec, GpuMesh())
+    assert gpu.attention == "pallas" and gpu.max_num_batched_tokens == 2048
+    assert for_backend(EngineConfig(block_size=12), spec, GpuMesh()).attention == "xla"
+    assert for_backend(EngineConfig(attention="xla"), spec, GpuMesh()).attention == "xla"
+    assert for_backend(EngineConfig(max_num_batched_tokens=512), spec, GpuMesh()).max_num_batched_tokens == 512
+
+
+def test_a_kernel_the_shapes_do_not_fit_is_refused():
+    with pytest.raises(ValueError, match="attention must be auto, xla or pallas"):
+        EngineConfig(attention="flash")
+    check_attention_kernel("pallas", 64, 16, 8)
+    with pytest.raises(ValueError, match="block_size = 12.*use attention='xla'"):
+        check_attention_kernel("pallas", 64, 12, 8)
+    with pytest.raises(ValueError, match="head_dim = 80"):
+        check_attention_kernel("pallas", 80, 16, 8)
+    check_attention_kernel("xla", 80, 12, 3)
