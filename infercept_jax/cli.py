@@ -37,7 +37,7 @@ def _generate(args: argparse.Namespace) -> int:
         # No tool calls here, so nothing pauses: the policy does not matter, and preserve needs
         # neither a hardware profile nor a host pool.
         llm = LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_gb,
-                  tensor_parallel_size=args.tensor_parallel_size, policy="preserve")
+                  tensor_parallel_size=args.tensor_parallel_size, attention=args.attention, policy="preserve")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,9 +78,12 @@ def _followed_process_0(llm) -> bool:
     return True
 
 
+ATTENTION_CHOICES = ["auto", "xla", "pallas"]
+ATTENTION_HELP = "paged attention kernel (default auto: the Pallas kernel on a GPU, else the XLA path)"
+
 # `profile` options that are passed to LLM(...) when given; the rest keep the engine's defaults,
 # so the profile describes the engine a user builds with the same options.
-PROFILE_ENGINE_OPTIONS = ("dtype", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size",
+PROFILE_ENGINE_OPTIONS = ("dtype", "attention", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size",
                           "kv_cache_memory_gb", "swap_space_gb", "tensor_parallel_size")
 
 
@@ -195,7 +198,7 @@ def _predictor(args: argparse.Namespace) -> int:
 
 
 # `serve` options that are passed to AsyncLLM(...) when given.
-SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
+SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "attention", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
                         "max_num_seqs", "max_num_batched_tokens", "swap_space_gb", "seed", "tensor_parallel_size")
 
 
@@ -263,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per device")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, help=TP_HELP)
+    gen.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
     add_distributed_arguments(gen)
     gen.set_defaults(run=_generate)
 
@@ -273,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--quick", action="store_true", help="fewer step sizes and repeats (seconds, rough)")
     prof.add_argument("--repeats", type=int, default=5, help="timings per measurement (median)")
     prof.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    prof.add_argument("--attention", choices=ATTENTION_CHOICES, help=ATTENTION_HELP)
     prof.add_argument("--max-num-batched-tokens", type=int, help="the largest step profiled (S is at most this)")
     prof.add_argument("--max-num-seqs", type=int)
     prof.add_argument("--max-model-len", type=int)
@@ -330,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default infercept)")
     serve.add_argument("--profile", help="hardware profile: a JSON file from `infercept profile` or a paper name")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--attention", choices=ATTENTION_CHOICES, help=ATTENTION_HELP)
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
     serve.add_argument("--num-kv-blocks", type=int)
