@@ -57,27 +57,22 @@ class StepShape:
     num_samples: int   # B: requests that can sample in the step
 
 
-class _RowBuilder:
-    """Fills one row group's numpy arrays; `offset` is where its entries start among all groups'."""
-
-    def __init__(self, rows: int, width: int, num_tokens: int, table_width: int, offset: int):
-        self.width, self.offset, self.used = width, offset, 0
-        self.token_index = np.full((rows, width), num_tokens, np.int32)
-        self.positions = np.full((rows, width), -1, np.int32)
-        self.tables = np.zeros((rows, table_width), np.int32)
-
-    def add(self, first_token: int, positions: np.ndarray, table: np.ndarray) -> int:
-        """Add a row; returns the index of its first entry among all groups' entries."""
-        r, m = self.used, len(positions)
-        self.token_index[r, :m] = np.arange(first_token, first_token + m)
-        self.positions[r, :m] = positions
-        self.tables[r, :len(table)] = table
-        self.used += 1
-        return self.offset + r * self.width
-
-    def group(self, chunk_tokens: int) -> RowGroup:
-        longest = int(self.positions.max()) + 1
-        return RowGroup(self.token_index, self.positions, self.tables, np.int32(_ceil_div(longest, chunk_tokens)))
+def _row_group(num_rows: int, width: int, num_tokens: int, first_token: np.ndarray, first_position: np.ndarray,
+               length: np.ndarray, tables: np.ndarray, chunk_tokens: int) -> RowGroup:
+    """A group of `num_rows` rows of `width`; row r holds `length[r]` tokens from flat index
+    `first_token[r]` and position `first_position[r]` on, with block table `tables[r]`. Rows past
+    the given ones, and entries past a row's length, are padding (token T, position -1, block 0)."""
+    offsets = np.arange(width, dtype=np.int32)
+    used = len(length)
+    valid = offsets[None, :] < length[:, None]
+    token_index = np.full((num_rows, width), num_tokens, np.int32)
+    positions = np.full((num_rows, width), -1, np.int32)
+    row_tables = np.zeros((num_rows, tables.shape[1]), np.int32)
+    token_index[:used] = np.where(valid, first_token[:, None] + offsets, num_tokens)
+    positions[:used] = np.where(valid, first_position[:, None] + offsets, -1)
+    row_tables[:used] = tables
+    longest = int(positions.max()) + 1
+    return RowGroup(token_index, positions, row_tables, np.int32(_ceil_div(longest, chunk_tokens)))
 
 
 def check_attention_kernel(kernel: str, head_dim: int, block_size: int, pages_per_chunk: int) -> None:
@@ -205,45 +200,71 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- prep
     def prepare(self, output: SchedulerOutput, shape: StepShape) -> tuple[StepBatch, list]:
-        """numpy inputs for `shape`; also returns the requests that sample a token, in order."""
-        T, B, bs = shape.num_tokens, shape.num_samples, self.block_size
+        """numpy inputs for `shape`; also returns the requests that sample a token, in order.
+
+        A few whole-batch numpy operations over per-request lists, not a loop of small ones per
+        request: this runs on the host between two device steps."""
+        T, B, bs, width = shape.num_tokens, shape.num_samples, self.block_size, shape.row_width
+        items = output.scheduled
+        counts = np.array([item.num_query_tokens for item in items], np.int32)
+        starts = np.array([item.request.num_computed_tokens for item in items], np.int32)
+        first_tokens = np.cumsum(counts, dtype=np.int32) - counts
+        tables = np.zeros((len(items), self.table_width), np.int32)
+        ids: list[int] = []
+        for i, item in enumerate(items):
+            req, start = item.request, item.request.num_computed_tokens
+            ids.extend(req.token_ids[start:start + item.num_query_tokens])
+            table = self.blocks.tables[req.request_id]
+            tables[i, :len(table)] = table
+        total = len(ids)
+        token_item = np.repeat(np.arange(len(items)), counts)
+        token_positions = starts[token_item] + np.arange(total, dtype=np.int32) - first_tokens[token_item]
         token_ids = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slot_mapping = np.zeros(T, np.int32)
+        token_ids[:total] = ids
+        positions[:total] = token_positions
+        slot_mapping[:total] = tables[token_item, token_positions // bs] * bs + token_positions % bs
+
+        # Rows: a request with one token gets a decode row where the shape has a decode group;
+        # every other request is cut into chunk rows of `width`.
+        in_decode = (counts == 1) if shape.decode_rows else np.zeros(len(items), bool)
+        decode_items = np.flatnonzero(in_decode)
+        chunk_items = np.flatnonzero(~in_decode)
+        rows_per_item = -(-counts[chunk_items] // width)
+        row_item = np.repeat(chunk_items, rows_per_item)
+        row_skip = (np.arange(len(row_item)) - np.repeat(np.cumsum(rows_per_item) - rows_per_item, rows_per_item)) * width
+        row_length = np.minimum(counts[row_item] - row_skip, width)
+        groups = []
         token_row_index = np.zeros(T, np.int32)
-        decode = _RowBuilder(shape.decode_rows, 1, T, self.table_width, 0)
-        chunk = _RowBuilder(shape.chunk_rows, shape.row_width, T, self.table_width, shape.decode_rows)
+        if shape.decode_rows:
+            decode = _row_group(shape.decode_rows, 1, T, first_tokens[decode_items], starts[decode_items],
+                                counts[decode_items], tables[decode_items], self.chunk_tokens)
+            token_row_index[first_tokens[decode_items]] = np.arange(len(decode_items))
+            groups.append(decode)
+        if shape.chunk_rows:
+            chunk = _row_group(shape.chunk_rows, width, T, first_tokens[row_item] + row_skip,
+                               starts[row_item] + row_skip, row_length, tables[row_item], self.chunk_tokens)
+            real = chunk.row_token_index < T        # entry r * width + j of the group holds a token
+            token_row_index[chunk.row_token_index[real]] = shape.decode_rows + np.flatnonzero(real.reshape(-1))
+            groups.append(chunk)
+
+        samplers = [i for i, item in enumerate(items) if item.samples]
+        sampled = [items[i].request for i in samplers]
         sample_index = np.zeros(B, np.int32)
         temperature = np.zeros(B, np.float32)
         top_k = np.zeros(B, np.int32)
         top_p = np.ones(B, np.float32)
         seeds = np.zeros(B, np.uint32)
         steps = np.zeros(B, np.int32)
-        sampled = []
-        t = 0
-        for item in output.scheduled:
-            req, n = item.request, item.num_query_tokens
-            start = req.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int32)
-            table = np.asarray(self.blocks.tables[req.request_id], np.int32)
-            token_ids[t:t + n] = req.token_ids[start:start + n]
-            positions[t:t + n] = pos
-            slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
-            rows = decode if (n == 1 and shape.decode_rows) else chunk
-            for row_start in range(0, n, rows.width):
-                m = min(rows.width, n - row_start)
-                first = rows.add(t + row_start, pos[row_start:row_start + m], table)
-                token_row_index[t + row_start:t + row_start + m] = first + np.arange(m)
-            if item.samples:
-                i = len(sampled)
-                sp = req.sampling
-                sample_index[i] = t + n - 1
-                temperature[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
-                seeds[i], steps[i] = req.seed, req.num_tokens - req.num_prompt_tokens   # no copy of the output
-                sampled.append(req)
-            t += n
-        groups = tuple(b.group(self.chunk_tokens) for b in (decode, chunk) if b.token_index.shape[0])
-        attn = AttentionInputs(slot_mapping, token_row_index, groups)
+        n = len(sampled)
+        sample_index[:n] = first_tokens[samplers] + counts[samplers] - 1
+        temperature[:n] = [req.sampling.temperature for req in sampled]
+        top_k[:n] = [req.sampling.top_k for req in sampled]
+        top_p[:n] = [req.sampling.top_p for req in sampled]
+        seeds[:n] = [req.seed for req in sampled]
+        steps[:n] = [req.num_tokens - req.num_prompt_tokens for req in sampled]   # no copy of the output
+        attn = AttentionInputs(slot_mapping, token_row_index, tuple(groups))
         batch = StepBatch(token_ids, positions, attn, sample_index, temperature, top_k, top_p, seeds, steps)
         return batch, sampled
 
