@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import requires_smollm2
 from infercept_jax import LLM
 from infercept_jax.cli import main
 
@@ -29,6 +30,7 @@ def test_cli_needs_a_prompt(capsys):
 
 
 @pytest.mark.slow
+@requires_smollm2
 def test_cli_generates_with_the_default_model(capsys):
     assert main(["generate", "--prompt", "The capital of France is", "--max-tokens", "6", "--json",
                  "--max-model-len", "256", "--kv-cache-gb", "0.1"]) == 0

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import LLAMA3_SCALING, paged_logits, random_hf_tensors, tiny_spec, torch_llama
+from helpers import LLAMA3_SCALING, paged_logits, random_hf_tensors, requires_smollm2, tiny_spec, torch_llama
 from models.llama import Llama, apply_rope, rms_norm, swiglu
 
 
@@ -63,6 +63,7 @@ CHAT_PROMPTS = [
 
 
 @pytest.mark.slow
+@requires_smollm2
 def test_greedy_generation_matches_transformers_on_smollm2():
     torch = pytest.importorskip("torch")
     import transformers

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import FakeRunner, engine_with
+from helpers import FakeRunner, engine_with, requires_smollm2
 from infercept_jax import SamplingParams
 from infercept_jax.cli import build_parser, main
 from infercept_jax.experiments import replay as replay_module
@@ -428,6 +428,7 @@ def served_length(text: str) -> int:
     return len(load_tokenizer("smollm2-135m").encode(text))
 
 
+@requires_smollm2
 def test_a_text_form_trace_replays_in_the_simulator_counted_by_the_models_tokenizer(tmp_path, monkeypatch):
     path = tmp_path / "text.json"
     path.write_text(json.dumps(TEXT_TRACE))
@@ -459,6 +460,7 @@ def test_replay_tokenizer_option_is_loaded_only_for_a_text_form_trace(tmp_path, 
     assert "cannot load model 'no-such-model'" in capsys.readouterr().err
 
 
+@requires_smollm2
 def test_workload_describe_prints_the_token_counts_the_load_produced(tmp_path, capsys):
     path = tmp_path / "text.json"
     path.write_text(json.dumps(TEXT_TRACE))
@@ -478,6 +480,7 @@ def test_workload_needs_an_output_or_a_file_to_describe(capsys):
     assert "give -o/--out" in capsys.readouterr().err
 
 
+@requires_smollm2
 @pytest.mark.parametrize("option", [[], ["--model", "smollm2-135m"], ["--tokenizer", "smollm2-135m"]])
 def test_predictor_measures_a_text_form_trace_with_the_default_or_named_tokenizer(tmp_path, option):
     path = tmp_path / "text.json"

@@ -16,7 +16,7 @@ import openai
 import pytest
 import uvicorn
 
-from helpers import engine_with
+from helpers import SMOLLM2_MISSING, engine_with
 from infercept_jax.async_llm import AsyncLLM
 from infercept_jax.serving.app import OpenAIServer, _safe_length
 from infercept_jax.serving.chat import BadRequest, ChatFormat
@@ -62,6 +62,8 @@ class ScriptedRunner:
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    if SMOLLM2_MISSING:
+        pytest.skip(SMOLLM2_MISSING)
     return load_tokenizer("smollm2-135m")
 
 

@@ -6,11 +6,14 @@ import json
 
 import pytest
 
+from helpers import requires_smollm2
 from infercept_jax import LLM
 from infercept_jax.async_llm import AsyncLLM
 from infercept_jax.serving.app import OpenAIServer
 from models.registry import load_model
 from test_serving import client, idle, metrics, serving
+
+pytestmark = requires_smollm2
 
 MODEL = "smollm2-135m"
 TOOLS = [{"type": "function", "function": {
