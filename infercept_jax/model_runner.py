@@ -28,7 +28,7 @@ from infercept_jax.sampling import sample
 from kvcache.block_manager import BlockManager
 from kvcache.paged import ATTENTION_KERNELS, AttentionInputs, RowGroup, allocate_pools
 from kvcache.swap import HostKVPool
-from models.llama import Llama
+from models.llama import Llama, matmul_precision
 from scheduling.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class ModelRunner:
         a model built elsewhere is moved to its splits. `attention` is the paged attention's kernel
         (`kvcache.paged.ATTENTION_KERNELS`)."""
         self.spec = model.spec
+        self.dtype = model.dtype
         self.mesh = mesh or tp_mesh(1)
         check_tensor_parallel(self.spec, tensor_parallel_size(self.mesh))
         self.blocks = block_manager
@@ -276,7 +277,8 @@ class ModelRunner:
 
     def _lower(self, shape: StepShape) -> jax.stages.Lowered:
         empty = self.prepare(SchedulerOutput(), shape)[0]  # all padding: the same layout a real step gets
-        return self._step.lower(self._params, self.k_pool, self.v_pool, empty)
+        with matmul_precision(self.dtype):
+            return self._step.lower(self._params, self.k_pool, self.v_pool, empty)
 
     def warmup(self) -> tuple[int, float]:
         """Compile every step shape; returns (number of shapes, seconds)."""

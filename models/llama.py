@@ -14,6 +14,7 @@ the same layout for any number of devices.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Callable, Mapping
@@ -44,6 +45,16 @@ KV_POOL_SPEC = P(None, None, None, TP, None)   # the KV pools [layers, blocks, b
 
 # Our stacked layer weights, in the forward's order.
 LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
+
+
+def matmul_precision(dtype) -> contextlib.AbstractContextManager:
+    """The matmul precision to trace a model of `dtype` under: a float32 model multiplies in full
+    float32 (JAX's GPU default for float32 is TF32, a 10-bit mantissa, which would make a float32
+    engine disagree with float32 references); other dtypes keep JAX's default. CPU multiplies
+    float32 in float32 either way."""
+    if np.dtype(dtype) == np.float32:
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
 
 
 def rope_inv_freq(spec: ModelSpec) -> np.ndarray:

@@ -1,6 +1,10 @@
 """Engine behaviour on a tiny random Llama: batching, chunking, preemption, compile guard, errors."""
 from __future__ import annotations
 
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,6 +110,15 @@ def test_no_compile_after_warmup(model):
         llm.generate(prompts(1, seed=8), SamplingParams(max_tokens=3, temperature=0.5, top_p=0.5))
         llm.generate(prompts(3, seed=9, lo=60, hi=100), SamplingParams(max_tokens=4, temperature=0.0))
     assert compiles == []
+
+
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "HIGHEST"), (jnp.bfloat16, "DEFAULT")])
+def test_a_float32_step_multiplies_in_float32_and_other_dtypes_at_jaxs_default(dtype, precision):
+    spec = tiny_spec()
+    runner = make_llm(Llama.from_hf_weights(spec, random_hf_tensors(spec, seed=3), dtype=dtype)).runner
+    with jax.default_matmul_precision("default"):   # not the tests' own "highest" (conftest.py)
+        text = runner._lower(runner.all_shapes()[-1]).as_text()
+    assert set(re.findall(r"precision = \[(\w+), \w+\]", text)) == {precision}
 
 
 @pytest.mark.parametrize("bad, message", [
