@@ -158,6 +158,7 @@ class ModelRunner:
                              in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated),
                              out_shardings=(replicated, pool_sharding, pool_sharding))
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
+        self._last_step: tuple[StepShape, StepBatch] | None = None   # for device_seconds_of_last_step
         # A run of several processes: process 0 schedules, the others follow its steps.
         self.channel = StepChannel() if jax.process_count() > 1 else None
 
@@ -309,6 +310,7 @@ class ModelRunner:
             if self.strict_compile and shape not in self._compiled:
                 raise RuntimeError(f"step shape {shape} was not compiled at warm-up")
             batch, sampled = self.prepare(output, shape)
+            self._last_step = shape, batch
         if self.channel is not None:
             self.channel.send(_step_message(output.swap_out, output.swap_in, shape, batch))
         tokens, stall = self._run(output.swap_out, output.swap_in, shape, batch)
@@ -335,6 +337,29 @@ class ModelRunner:
         if swap_out:
             self.host_pool.land()
         return tokens, stall
+
+    def device_seconds_of_last_step(self, repeats: int = 10, rounds: int = 3) -> float:
+        """Seconds the device takes for the last step's compiled computation alone: the same shape
+        and inputs (already on the device) run `repeats` times back to back, each waiting on the
+        previous one's pools, so the host's scheduling and preparation overlap nothing; the fastest
+        of `rounds` rounds, per run. A step's wall time minus this is its host time. The runs
+        write the same KV to the same slots as the last step did, so the pools keep their values."""
+        if self._last_step is None:
+            raise RuntimeError("no step has run yet")
+        if self.channel is not None:
+            raise RuntimeError("timing a step alone is for single-process runs (the other processes would not "
+                               "join its collectives)")
+        shape, batch = self._last_step
+        step = self.compile(shape)
+        batch = jax.device_put(batch, NamedSharding(self.mesh, P()))
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                tokens, self.k_pool, self.v_pool = step(self._params, self.k_pool, self.v_pool, batch)
+            jax.block_until_ready((tokens, self.k_pool, self.v_pool))
+            best = min(best, (time.perf_counter() - start) / repeats)
+        return best
 
     def follow(self) -> int:
         """On every process of a multi-host run but 0: make the device calls of process 0's steps
