@@ -8,6 +8,7 @@ import pytest
 
 from helpers import LLAMA3_SCALING, paged_logits, random_hf_tensors, requires_smollm2, tiny_spec, torch_llama
 from models.llama import Llama, apply_rope, rms_norm, swiglu
+from models.spec import ModelSpec
 
 
 @pytest.mark.parametrize("tied, scaling", [(False, None), (True, None), (False, LLAMA3_SCALING)],
@@ -99,3 +100,24 @@ def test_bfloat16_model_stays_close_to_float32():
     bf16 = paged_logits(bf16_model, ids)
     assert np.abs(bf16 - f32).max() <= 0.05 * np.abs(f32).max()
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("name, params", [("smollm2-135m", 134_515_008), ("smollm2-1.7b", 1_711_376_384),
+                                          ("llama3-8b", 8_030_261_248)])
+def test_named_shapes_have_the_real_models_parameter_counts(name, params):
+    from flax import nnx
+
+    from models.shapes import SHAPES
+
+    spec = SHAPES[name]
+    model = Llama.abstract(spec)           # shapes only: nothing is allocated
+    assert sum(w.size for w in jax.tree.leaves(nnx.state(model, nnx.Param))) == params
+    assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+
+
+@requires_smollm2
+def test_the_smollm2_135m_shape_is_the_packaged_models():
+    from models.registry import load_spec
+    from models.shapes import SHAPES
+
+    assert load_spec("smollm2-135m") == SHAPES["smollm2-135m"]
