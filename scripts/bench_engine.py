@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infercept_jax.build import DEFAULT_TOKEN_BUDGET
+from infercept_jax.build import DEFAULT_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGETS
 from infercept_jax.config import SamplingParams
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.llm import LLM, resolve_dtype
@@ -59,8 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--contexts", default="256,1024", help="comma-separated prompt lengths")
     p.add_argument("--decode-tokens", type=int, default=32, help="N: tokens generated per request")
-    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_TOKEN_BUDGET,
-                   help="the engine's step budget (fewer step shapes to compile when small)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=DEFAULT_TOKEN_BUDGETS.get(jax.default_backend(), DEFAULT_TOKEN_BUDGET),
+                   help="the engine's step budget (default: the backend's, as the engine's; fewer step "
+                        "shapes to compile when small)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
+                   help="the engine's paged attention kernel (auto: Pallas on a GPU, else XLA)")
     p.add_argument("--repeats", type=int, default=3, help="timings per transformers prefill (median)")
     p.add_argument("--repeat-budget-s", type=float, default=30.0,
                    help="stop repeating a transformers prefill once its timings add up to this")
@@ -222,13 +226,14 @@ def prefill_steps_bound(batch: int, ctx: int, step_tokens: int) -> int:
     return -(-batch * ctx // (step_tokens - batch + 1))
 
 
-def build_llm(model: BenchModel, configs: list[tuple[int, int]], n: int, step_tokens: int) -> LLM:
+def build_llm(model: BenchModel, configs: list[tuple[int, int]], n: int, step_tokens: int,
+              attention: str = "auto") -> LLM:
     """One LLM for every (B, ctx): KV room for B sequences of ctx prompt tokens, the tokens decoded
     while the other prompts prefill, and N more; plus the reserved pad block and 16 spare blocks."""
     longest = {(b, ctx): ctx + prefill_steps_bound(b, ctx, step_tokens) + n for b, ctx in configs}
     blocks = max(b * -(-(length + 1) // BLOCK_SIZE) for (b, _), length in longest.items())
     options = dict(max_num_seqs=max(b for b, _ in configs), block_size=BLOCK_SIZE, max_num_batched_tokens=step_tokens,
-                   num_kv_blocks=blocks + 1 + 16, max_model_len=max(longest.values()) + 1)
+                   num_kv_blocks=blocks + 1 + 16, max_model_len=max(longest.values()) + 1, attention=attention)
     if model.weights is None:
         return LLM(MODEL, dtype=np.dtype(model.dtype).name, **options)
     return LLM.from_model(Llama.from_hf_weights(model.spec, model.weights, dtype=model.dtype), **options)
@@ -442,9 +447,10 @@ def engine_rows(model: BenchModel, args: argparse.Namespace, machine: dict) -> t
     """Engine numbers and rooflines of every (B, ctx), and facts about the build."""
     configs = [(batch, ctx) for ctx in args.contexts for batch in args.batches]
     start = time.perf_counter()
-    llm = build_llm(model, configs, args.decode_tokens, args.max_num_batched_tokens)
+    llm = build_llm(model, configs, args.decode_tokens, args.max_num_batched_tokens, args.attention)
     build = {"engine_build_s": time.perf_counter() - start, "step_shapes": llm.warmup_shapes,
-             "warmup_compile_s": llm.warmup_seconds}
+             "warmup_compile_s": llm.warmup_seconds, "attention": llm.runner.attention,
+             "step_budget": llm.config.max_num_batched_tokens}
     print(f"engine built in {build['engine_build_s']:.1f} s ({llm.warmup_shapes} step shapes "
           f"compiled in {llm.warmup_seconds:.1f} s)", flush=True)
     spec, dtype_bytes = model.spec, model.dtype_bytes
