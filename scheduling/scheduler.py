@@ -18,7 +18,9 @@ one is starving). When the device pool is short, the policy's paused victims giv
 (swapped out within the budget, else discarded); then the newest running request is preempted and
 recomputed later. With nothing running, a swapped request that cannot come back takes the blocks
 of the newest other swapped request (recomputed later) and swaps in at least one block per step,
-so swapped requests never wait on each other forever.
+so swapped requests never wait on each other forever; and a running request that would have to
+preempt itself takes the device blocks of a swapped one instead, so a running request and a
+resumed one half on the host never wait on each other forever either.
 
 The policy sees the scheduler through a `SchedulerView` (`scheduling/policy.py`); its moves
 (swap out, discard, recompute) land in the output of the step being scheduled.
@@ -160,9 +162,10 @@ class Scheduler:
         return True
 
     def _preempt_swapped(self, request: Request) -> bool:
-        """Nothing runs, so no device block will come free by itself: recompute the newest other
-        swapped request that holds device blocks (a budgeted swap-out leaves part of a request's
-        context on the device), so `request` can come back. False if there is none."""
+        """Recompute the newest swapped request other than `request` that holds device blocks (a
+        budgeted swap-out leaves part of a request's context on the device), so that `request` gets
+        room: a swapped request that cannot come back while nothing runs, or a running request that
+        would otherwise preempt itself. False if there is none."""
         holders = [r for r in self.swapped if r is not request and self.blocks.num_blocks_of(r.request_id)]
         if not holders:
             return False
@@ -186,6 +189,11 @@ class Scheduler:
                 return False
             candidates = [r for r in self.running if r.request_id not in scheduled]
             victim = max(candidates, key=lambda r: (r.priority_time, r.request_id))
+            if victim is request and self._preempt_swapped(request):
+                # Rather than give up its own room, which a resumed request half on the host holds
+                # while it waits for room to swap in (each would wait on the other forever), take
+                # that request's device blocks: it recomputes later.
+                continue
             self._preempt(victim)
             self._out.preempted.append(victim)
             if victim is request:
@@ -246,8 +254,10 @@ class Scheduler:
     # ----------------------------------------------------------------- pause, resume, finish
     def pause(self, request: Request, call: Interception, now: float) -> None:
         """A running request hit a tool call: it leaves the running queue and the policy decides
-        where its KV goes (a swap happens in the next steps, within their budgets)."""
-        self.running.remove(request)
+        where its KV goes (a swap happens in the next steps, within their budgets). Under async
+        scheduling the step that sampled the call's last token was launched before the one being
+        collected now, so the request may have been preempted to the waiting queue since."""
+        (self.running if request in self.running else self.waiting).remove(request)
         request.status = RequestStatus.PAUSED
         request.interceptions.append(call)
         mode = self.policy.on_pause(request, now)
