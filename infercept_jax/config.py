@@ -73,6 +73,7 @@ class EngineConfig:
     row_width: int = 32                  # query tokens per attention row in chunked steps
     attn_chunk_tokens: int = 128         # KV tokens the attention reads per loop iteration
     attention: str = "auto"              # paged attention kernel: xla, pallas; auto: pallas on GPU, else xla
+    async_scheduling: bool = False       # schedule and launch step N+1 while step N runs on the device
     warmup: bool = True                  # compile every step shape at start
     strict_compile: bool = True          # raise if a step shape compiles after warm-up
     compile_cache: bool = True           # keep compiled steps on disk (JAX's persistent cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -17,15 +18,38 @@ import numpy as np
 from infercept_jax.config import EngineConfig, SamplingParams
 from infercept_jax.detokenizer import Detokenizer, truncate_at_stop
 from infercept_jax.outputs import RequestOutput
-from scheduling.accounting import WasteMeter
+from scheduling.accounting import StepUsage, WasteMeter
 from scheduling.output import SchedulerOutput
-from scheduling.request import Interception, NextSegment, Request, RequestStatus, SegmentHint
+from scheduling.request import PLACEHOLDER_TOKEN, Interception, NextSegment, Request, RequestStatus, SegmentHint
 from scheduling.scheduler import Scheduler
 
 
 class Runner(Protocol):
     def execute(self, output: SchedulerOutput) -> tuple[list[tuple[Request, int]], float]:
         """Run one step: (the sampled (request, token) pairs, seconds stalled on swap copies)."""
+
+
+class OverlappingRunner(Runner, Protocol):
+    """A runner that can start a step and collect it later (`async_scheduling`)."""
+
+    def launch(self, output: SchedulerOutput) -> object:
+        """Start the step; its inputs may hold `PLACEHOLDER_TOKEN`s sampled by the step launched before."""
+
+    def collect(self, launched: object) -> tuple[list[tuple[Request, int]], float]:
+        """Wait for a launched step: what `execute` returns."""
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A launched step: its plan, the runner's handle (or, in sync mode, its result), when it was
+    launched, its share of the waste accounting, and where each request it samples for holds the
+    placeholder of its token (`stale`: requests whose sample is void, paused or finished since)."""
+    output: SchedulerOutput
+    handle: object
+    launched_at: float
+    usage: StepUsage
+    placeholders: dict[str, int] = field(default_factory=dict)
+    stale: set[str] = field(default_factory=set)
 
 
 class Engine:
@@ -45,7 +69,13 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock
         self.waste = WasteMeter(pool_tokens)
-        self.num_steps = 0                 # steps that ran (a step with nothing to do does not count)
+        self.num_steps = 0                 # steps launched (a step with nothing to do does not count)
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling and not hasattr(runner, "launch"):
+            raise ValueError(f"async_scheduling needs a runner that launches a step and collects it later; "
+                             f"{type(runner).__name__} only executes steps")
+        self._in_flight: _Flight | None = None
+        self._last_collect = float("-inf")
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
@@ -146,6 +176,7 @@ class Engine:
     def abort(self, request_id: str) -> RequestOutput:
         request = self._get(request_id)
         if not request.status.finished:
+            self._take_back(request)
             self._finish(request, RequestStatus.FINISHED_ABORTED)
         return self._output(request, [])
 
@@ -172,8 +203,9 @@ class Engine:
             raise KeyError(f"unknown request id {request_id!r}") from None
 
     def has_work(self) -> bool:
-        """Whether a step can do anything (paused requests wait for their results)."""
-        return self.scheduler.has_work()
+        """Whether a step can do anything (paused requests wait for their results; a launched
+        step waits to be collected)."""
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def has_unfinished(self) -> bool:
         """Requests still running, queued or paused."""
@@ -188,20 +220,50 @@ class Engine:
 
     # ----------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
-        """One iteration; returns an output for every request that got a token, paused or finished."""
+        """One iteration; returns an output for every request that got a token, paused or finished.
+
+        The step scheduled now is launched; with `async_scheduling` the engine then collects the
+        step launched by the previous call (it ran on the device while the host scheduled and
+        prepared this one), else the one it just launched. A request the running step samples for
+        holds a `PLACEHOLDER_TOKEN` until the step is collected, so the scheduler can already give
+        it its next token, which the runner reads on the device from the step before.
+        """
         start = self.clock()
         output = self.scheduler.schedule(start)
-        if output.is_empty:
-            return []
-        sampled, stall_seconds = self.runner.execute(output)
-        self.num_steps += 1
-        now = self.clock()
-        self.waste.record(self.scheduler, output, now - start, stall_seconds)
+        launched = None if output.is_empty else self._launch(output, start)
+        if self.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        return [] if done is None else self._collect(done)
+
+    def _launch(self, output: SchedulerOutput, start: float) -> _Flight:
+        usage = self.waste.measure(self.scheduler, output)
+        samplers = [item.request for item in output.scheduled if item.samples]
+        handle = self.runner.launch(output) if self.async_scheduling else self.runner.execute(output)
+        flight = _Flight(output, handle, start, usage)
         for item in output.scheduled:
             item.request.num_computed_tokens += item.num_query_tokens
+        for request in samplers:
+            flight.placeholders[request.request_id] = request.num_tokens
+            request.token_ids.append(PLACEHOLDER_TOKEN)
+        self.num_steps += 1
+        return flight
+
+    def _collect(self, flight: _Flight) -> list[RequestOutput]:
+        sampled, stall_seconds = self.runner.collect(flight.handle) if self.async_scheduling else flight.handle
+        now = self.clock()
+        self.waste.add(flight.usage, now - max(flight.launched_at, self._last_collect), stall_seconds)
+        self._last_collect = now
         results = []
         for request, token in sampled:
-            request.token_ids.append(token)
+            rid = request.request_id
+            if rid in flight.stale:
+                continue
+            # The step launched after this one may already have given the request its next token:
+            # take that back while this token is checked, and give it again if the request goes on.
+            ahead = self._take_back(request)
+            request.token_ids[flight.placeholders[rid]] = token
             request.num_generated_tokens += 1
             request.tokens_since_resume += 1
             if request.first_token_time is None:
@@ -209,7 +271,33 @@ class Engine:
             if not self._check_stop(request, token):
                 self._check_interception(request, token, now)
             results.append(self._output(request, [token]))
+            if ahead is not None and request.status is RequestStatus.RUNNING:
+                self._give_back(request, ahead)
         return results
+
+    def _take_back(self, request: Request) -> tuple[int, bool] | None:
+        """Undo what the step in flight did to `request` (its query tokens counted as computed, its
+        placeholder) and mark its sample void; returns (query tokens, placeholder) to redo, or None."""
+        flight = self._in_flight
+        if flight is None or request.request_id in flight.stale:
+            return None
+        n = next((item.num_query_tokens for item in flight.output.scheduled if item.request is request), 0)
+        if not n:
+            return None
+        request.num_computed_tokens -= n
+        placeholder = flight.placeholders.get(request.request_id) is not None
+        if placeholder:
+            request.token_ids.pop()
+        flight.stale.add(request.request_id)
+        return n, placeholder
+
+    def _give_back(self, request: Request, ahead: tuple[int, bool]) -> None:
+        flight = self._in_flight
+        n, placeholder = ahead
+        request.num_computed_tokens += n
+        if placeholder:
+            request.token_ids.append(PLACEHOLDER_TOKEN)
+        flight.stale.discard(request.request_id)
 
     def _check_stop(self, request: Request, token: int) -> bool:
         """Finish the request if it should stop; True if it did."""

@@ -19,6 +19,7 @@ from dataclasses import astuple, dataclass
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -29,6 +30,7 @@ from kvcache.block_manager import BlockManager
 from kvcache.paged import ATTENTION_KERNELS, AttentionInputs, RowGroup, allocate_pools
 from kvcache.swap import HostKVPool
 from models.llama import Llama, matmul_precision
+from scheduling.request import PLACEHOLDER_TOKEN
 from scheduling.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,14 @@ class StepBatch(NamedTuple):
     top_p: jax.Array         # [B]
     seeds: jax.Array         # [B]
     steps: jax.Array         # [B] tokens the request generated so far (folds into its key)
+    previous: jax.Array      # [T] a placeholder token's index among the previous step's samples, else -1
+
+
+class Launched(NamedTuple):
+    """A step on its way: its sampled tokens (on device), whom they are for, its swap stall."""
+    tokens: jax.Array | None
+    sampled: list
+    stall: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,23 +152,33 @@ class ModelRunner:
                                         sharding=pool_sharding)
         pages_per_chunk, mesh = self.pages_per_chunk, self.mesh
 
-        def step(params, k_pool, v_pool, batch: StepBatch):
+        # Every step returns its samples padded to the same length, so that the next step can read
+        # the tokens it was launched before (async scheduling) from an input of one shape.
+        self.max_samples = max(shape.num_samples for shape in self.all_shapes())
+        max_samples = self.max_samples
+
+        def step(params, k_pool, v_pool, batch: StepBatch, previous_tokens):
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-            hidden, k_pool, v_pool = model(batch.token_ids, batch.positions, k_pool, v_pool,
+            token_ids = jnp.where(batch.previous >= 0, previous_tokens[jnp.maximum(batch.previous, 0)], batch.token_ids)
+            hidden, k_pool, v_pool = model(token_ids, batch.positions, k_pool, v_pool,
                                            batch.attn, pages_per_chunk, attention, mesh)
             logits = model.logits(hidden[batch.sample_index])
             tokens = sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps)
-            return tokens, k_pool, v_pool
+            return jnp.zeros(max_samples, tokens.dtype).at[:tokens.shape[0]].set(tokens), k_pool, v_pool
 
         # Explicit shardings (see infercept_jax/parallel.py): the weights keep their splits, the
         # pools stay split by KV heads, the step's inputs and sampled tokens are replicated.
         replicated = NamedSharding(self.mesh, P())
         param_shardings = [p.sharding for p in self._params]
         self._step = jax.jit(step, donate_argnums=(1, 2),
-                             in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated),
+                             in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated, replicated),
                              out_shardings=(replicated, pool_sharding, pool_sharding))
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
         self._last_step: tuple[StepShape, StepBatch] | None = None   # for device_seconds_of_last_step
+        # The last step's sampled tokens, and the slot of each request among them (the placeholders
+        # of the next step's inputs are read from there).
+        self._previous_tokens = jax.device_put(np.zeros(self.max_samples, np.int32), replicated)
+        self._previous_slots: dict[str, int] = {}
         # A run of several processes: process 0 schedules, the others follow its steps.
         self.channel = StepChannel() if jax.process_count() > 1 else None
 
@@ -225,6 +245,12 @@ class ModelRunner:
         positions = np.zeros(T, np.int32)
         slot_mapping = np.zeros(T, np.int32)
         token_ids[:total] = ids
+        previous = np.full(T, -1, np.int32)
+        waiting_for = np.flatnonzero(token_ids[:total] == PLACEHOLDER_TOKEN)
+        if len(waiting_for):   # tokens the step launched before this one is sampling
+            slots = np.array([self._previous_slots[items[i].request.request_id] for i in token_item[waiting_for]])
+            previous[waiting_for] = slots
+            token_ids[waiting_for] = 0
         positions[:total] = token_positions
         slot_mapping[:total] = tables[token_item, token_positions // bs] * bs + token_positions % bs
 
@@ -267,7 +293,7 @@ class ModelRunner:
         seeds[:n] = [req.seed for req in sampled]
         steps[:n] = [req.num_tokens - req.num_prompt_tokens for req in sampled]   # no copy of the output
         attn = AttentionInputs(slot_mapping, token_row_index, tuple(groups))
-        batch = StepBatch(token_ids, positions, attn, sample_index, temperature, top_k, top_p, seeds, steps)
+        batch = StepBatch(token_ids, positions, attn, sample_index, temperature, top_k, top_p, seeds, steps, previous)
         return batch, sampled
 
     # ----------------------------------------------------------------- run
@@ -279,7 +305,7 @@ class ModelRunner:
     def _lower(self, shape: StepShape) -> jax.stages.Lowered:
         empty = self.prepare(SchedulerOutput(), shape)[0]  # all padding: the same layout a real step gets
         with matmul_precision(self.dtype):
-            return self._step.lower(self._params, self.k_pool, self.v_pool, empty)
+            return self._step.lower(self._params, self.k_pool, self.v_pool, empty, self._previous_tokens)
 
     def warmup(self) -> tuple[int, float]:
         """Compile every step shape; returns (number of shapes, seconds)."""
@@ -302,6 +328,10 @@ class ModelRunner:
         spent issuing swap copies before it could dispatch the step (the swap stall). In a
         multi-host run this is process 0's; it first sends the step's inputs to the other processes.
         """
+        return self.collect(self.launch(output))
+
+    def launch(self, output: SchedulerOutput) -> Launched:
+        """`execute` without the wait: the step is on its way when this returns."""
         if self.channel is not None and not self.channel.is_sender:
             raise RuntimeError("in a multi-host run only process 0 runs the engine; the other processes call follow()")
         shape, batch, sampled = None, None, []
@@ -311,15 +341,20 @@ class ModelRunner:
                 raise RuntimeError(f"step shape {shape} was not compiled at warm-up")
             batch, sampled = self.prepare(output, shape)
             self._last_step = shape, batch
+            self._previous_slots = {req.request_id: i for i, req in enumerate(sampled)}
         if self.channel is not None:
             self.channel.send(_step_message(output.swap_out, output.swap_in, shape, batch))
         tokens, stall = self._run(output.swap_out, output.swap_in, shape, batch)
-        if not sampled:
-            return [], stall
-        tokens = np.asarray(tokens)
+        return Launched(tokens, sampled, stall)
+
+    def collect(self, launched: Launched) -> tuple[list[tuple[object, int]], float]:
+        """Wait for a launched step's tokens: what `execute` returns."""
+        if not launched.sampled:
+            return [], launched.stall
+        tokens = np.asarray(launched.tokens)
         if self.channel is not None:   # the step's collectives needed every process: all have read its message
             self.channel.forget_read()
-        return list(zip(sampled, tokens[:len(sampled)].tolist())), stall
+        return list(zip(launched.sampled, tokens[:len(launched.sampled)].tolist())), launched.stall
 
     def _run(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], shape: StepShape | None,
              batch: StepBatch | None) -> tuple[jax.Array | None, float]:
@@ -333,7 +368,9 @@ class ModelRunner:
         stall = time.perf_counter() - start
         tokens = None
         if shape is not None:
-            tokens, self.k_pool, self.v_pool = self.compile(shape)(self._params, self.k_pool, self.v_pool, batch)
+            tokens, self.k_pool, self.v_pool = self.compile(shape)(self._params, self.k_pool, self.v_pool, batch,
+                                                                   self._previous_tokens)
+            self._previous_tokens = tokens
         if swap_out:
             self.host_pool.land()
         return tokens, stall
@@ -356,7 +393,8 @@ class ModelRunner:
         for _ in range(rounds):
             start = time.perf_counter()
             for _ in range(repeats):
-                tokens, self.k_pool, self.v_pool = step(self._params, self.k_pool, self.v_pool, batch)
+                tokens, self.k_pool, self.v_pool = step(self._params, self.k_pool, self.v_pool, batch,
+                                                        self._previous_tokens)
             jax.block_until_ready((tokens, self.k_pool, self.v_pool))
             best = min(best, (time.perf_counter() - start) / repeats)
         return best

@@ -18,6 +18,19 @@ from scheduling.output import SchedulerOutput
 from scheduling.scheduler import Scheduler
 
 
+@dataclass(frozen=True, slots=True)
+class StepUsage:
+    """A step's share of the accounting, in tokens and blocks."""
+    held_paused: int        # device KV tokens of paused requests
+    batch_tokens: int       # KV tokens the step's batch holds once it has run
+    recompute: int          # of its query tokens, those that had KV before
+    num_tokens: int
+    memory_short: bool
+    swap_out_blocks: int
+    swap_in_blocks: int
+    preemptions: int
+
+
 @dataclass
 class WasteMeter:
     pool_tokens: int                  # device pool capacity in tokens
@@ -36,25 +49,37 @@ class WasteMeter:
 
     def record(self, sched: Scheduler, out: SchedulerOutput, seconds: float, stall_seconds: float) -> None:
         """Account one step that took `seconds`, `stall_seconds` of them in swap copies."""
+        self.add(self.measure(sched, out), seconds, stall_seconds)
+
+    @staticmethod
+    def measure(sched: Scheduler, out: SchedulerOutput) -> "StepUsage":
+        """What step `out` holds and recomputes, read when it is launched (before its tokens count
+        as computed); `add` charges it for its time once the step is done."""
         bs = sched.blocks.block_size
-        held_paused = sum(sched.blocks.num_blocks_of(r.request_id) for r in sched.paused.values()) * bs
-        batch_tokens = sum(s.request.num_computed_tokens + s.num_query_tokens for s in out.scheduled)
-        recompute = sum(max(0, min(s.request.recompute_until, s.request.num_computed_tokens + s.num_query_tokens)
-                               - s.request.num_computed_tokens) for s in out.scheduled)
-        recompute_s = seconds * recompute / out.num_tokens if out.num_tokens else 0.0
+        return StepUsage(
+            held_paused=sum(sched.blocks.num_blocks_of(r.request_id) for r in sched.paused.values()) * bs,
+            batch_tokens=sum(s.request.num_computed_tokens + s.num_query_tokens for s in out.scheduled),
+            recompute=sum(max(0, min(s.request.recompute_until, s.request.num_computed_tokens + s.num_query_tokens)
+                                 - s.request.num_computed_tokens) for s in out.scheduled),
+            num_tokens=out.num_tokens, memory_short=out.memory_short, swap_out_blocks=len(out.swap_out),
+            swap_in_blocks=len(out.swap_in), preemptions=len(out.preempted))
+
+    def add(self, usage: "StepUsage", seconds: float, stall_seconds: float) -> None:
+        """Charge a measured step for the `seconds` it took, `stall_seconds` of them in swap copies."""
+        recompute_s = seconds * usage.recompute / usage.num_tokens if usage.num_tokens else 0.0
         self.seconds += seconds
         self.steps += 1
-        self.preserve_token_s += held_paused * seconds
-        if out.memory_short:
-            self.preserve_short_token_s += held_paused * seconds
-        self.recompute_tokens += recompute
+        self.preserve_token_s += usage.held_paused * seconds
+        if usage.memory_short:
+            self.preserve_short_token_s += usage.held_paused * seconds
+        self.recompute_tokens += usage.recompute
         self.recompute_seconds += recompute_s
-        self.recompute_token_s += recompute_s * batch_tokens
+        self.recompute_token_s += recompute_s * usage.batch_tokens
         self.swap_stall_seconds += stall_seconds
-        self.swap_stall_token_s += stall_seconds * batch_tokens
-        self.swap_out_blocks += len(out.swap_out)
-        self.swap_in_blocks += len(out.swap_in)
-        self.preemptions += len(out.preempted)
+        self.swap_stall_token_s += stall_seconds * usage.batch_tokens
+        self.swap_out_blocks += usage.swap_out_blocks
+        self.swap_in_blocks += usage.swap_in_blocks
+        self.preemptions += usage.preemptions
 
     def summary(self) -> dict[str, float]:
         """Percent of the pool's memory x time wasted by each cause, plus the raw counters."""

@@ -78,6 +78,10 @@ class NextSegment:
     call_after: int | None = None         # the call comes after exactly this many tokens (intercept_after)
 
 
+# A token a launched step is sampling (async scheduling): the runner reads it on the device.
+PLACEHOLDER_TOKEN = -1
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """A sequence being served.
