@@ -37,7 +37,8 @@ def _generate(args: argparse.Namespace) -> int:
         # No tool calls here, so nothing pauses: the policy does not matter, and preserve needs
         # neither a hardware profile nor a host pool.
         llm = LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_gb,
-                  tensor_parallel_size=args.tensor_parallel_size, attention=args.attention, policy="preserve")
+                  tensor_parallel_size=args.tensor_parallel_size, attention=args.attention,
+                  async_scheduling=args.async_scheduling, policy="preserve")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -80,6 +81,7 @@ def _followed_process_0(llm) -> bool:
 
 ATTENTION_CHOICES = ["auto", "xla", "pallas"]
 ATTENTION_HELP = "paged attention kernel (default auto: the Pallas kernel on a GPU, else the XLA path)"
+ASYNC_HELP = "schedule and launch each step while the one before runs on the device"
 
 # `profile` options that are passed to LLM(...) when given; the rest keep the engine's defaults,
 # so the profile describes the engine a user builds with the same options.
@@ -198,7 +200,7 @@ def _predictor(args: argparse.Namespace) -> int:
 
 
 # `serve` options that are passed to AsyncLLM(...) when given.
-SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "attention", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
+SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "attention", "async_scheduling", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
                         "max_num_seqs", "max_num_batched_tokens", "swap_space_gb", "seed", "tensor_parallel_size")
 
 
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per device")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, help=TP_HELP)
     gen.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
+    gen.add_argument("--async-scheduling", action="store_true", help=ASYNC_HELP)
     add_distributed_arguments(gen)
     gen.set_defaults(run=_generate)
 
@@ -336,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--profile", help="hardware profile: a JSON file from `infercept profile` or a paper name")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--attention", choices=ATTENTION_CHOICES, help=ATTENTION_HELP)
+    serve.add_argument("--async-scheduling", action="store_true", default=None, help=ASYNC_HELP)
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
     serve.add_argument("--num-kv-blocks", type=int)

@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shapes to compile when small)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="the engine's paged attention kernel (auto: Pallas on a GPU, else XLA)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="the engine launches each step while the one before runs (EngineConfig.async_scheduling)")
     p.add_argument("--repeats", type=int, default=3, help="timings per transformers prefill (median)")
     p.add_argument("--repeat-budget-s", type=float, default=30.0,
                    help="stop repeating a transformers prefill once its timings add up to this")
@@ -227,13 +229,14 @@ def prefill_steps_bound(batch: int, ctx: int, step_tokens: int) -> int:
 
 
 def build_llm(model: BenchModel, configs: list[tuple[int, int]], n: int, step_tokens: int,
-              attention: str = "auto") -> LLM:
+              attention: str = "auto", async_scheduling: bool = False) -> LLM:
     """One LLM for every (B, ctx): KV room for B sequences of ctx prompt tokens, the tokens decoded
     while the other prompts prefill, and N more; plus the reserved pad block and 16 spare blocks."""
     longest = {(b, ctx): ctx + prefill_steps_bound(b, ctx, step_tokens) + n for b, ctx in configs}
     blocks = max(b * -(-(length + 1) // BLOCK_SIZE) for (b, _), length in longest.items())
     options = dict(max_num_seqs=max(b for b, _ in configs), block_size=BLOCK_SIZE, max_num_batched_tokens=step_tokens,
-                   num_kv_blocks=blocks + 1 + 16, max_model_len=max(longest.values()) + 1, attention=attention)
+                   num_kv_blocks=blocks + 1 + 16, max_model_len=max(longest.values()) + 1, attention=attention,
+                   async_scheduling=async_scheduling)
     if model.weights is None:
         return LLM(MODEL, dtype=np.dtype(model.dtype).name, **options)
     return LLM.from_model(Llama.from_hf_weights(model.spec, model.weights, dtype=model.dtype), **options)
@@ -447,7 +450,8 @@ def engine_rows(model: BenchModel, args: argparse.Namespace, machine: dict) -> t
     """Engine numbers and rooflines of every (B, ctx), and facts about the build."""
     configs = [(batch, ctx) for ctx in args.contexts for batch in args.batches]
     start = time.perf_counter()
-    llm = build_llm(model, configs, args.decode_tokens, args.max_num_batched_tokens, args.attention)
+    llm = build_llm(model, configs, args.decode_tokens, args.max_num_batched_tokens, args.attention,
+                    args.async_scheduling)
     build = {"engine_build_s": time.perf_counter() - start, "step_shapes": llm.warmup_shapes,
              "warmup_compile_s": llm.warmup_seconds, "attention": llm.runner.attention,
              "step_budget": llm.config.max_num_batched_tokens}
