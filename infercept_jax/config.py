@@ -87,6 +87,7 @@ class EngineConfig:
     estimator_error: float = 0.0         # noisy-oracle: each call's oracle duration times uniform [1-e, 1+e]
     swap_space_gb: float = 1.0           # host KV pool for swapped-out blocks, per device
     num_host_blocks: int | None = None   # None: sized from swap_space_gb
+    swap_transfer: str = "auto"          # host pool memory: pinned_host, numpy; auto: pinned_host off the CPU
     lamps: LampsOptions = field(default_factory=LampsOptions)   # policy="lamps" (scheduling/lamps.py)
 
     def __post_init__(self) -> None:
@@ -121,6 +122,8 @@ class EngineConfig:
                              f"{self.resolved_estimator!r}")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
+        if self.swap_transfer not in ("auto", "pinned_host", "numpy"):
+            raise ValueError(f"swap_transfer must be auto, pinned_host or numpy, got {self.swap_transfer!r}")
         if self.swap_space_gb < 0:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -95,7 +95,7 @@ class LLM:
                 model, blocks, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens, row_width=config.row_width,
                 attn_chunk_tokens=config.attn_chunk_tokens, strict_compile=config.strict_compile, mesh=mesh,
-                attention=config.attention)
+                attention=config.attention, swap_transfer=config.swap_transfer)
 
         self.engine = build_engine(
             config, make_runner, kv_bytes_per_token=spec.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize),

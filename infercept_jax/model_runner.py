@@ -28,7 +28,7 @@ from infercept_jax.parallel import StepChannel, check_tensor_parallel, kv_pool_s
 from infercept_jax.sampling import sample
 from kvcache.block_manager import BlockManager
 from kvcache.paged import ATTENTION_KERNELS, AttentionInputs, RowGroup, allocate_pools
-from kvcache.swap import HostKVPool
+from kvcache.swap import make_host_pool
 from models.llama import Llama, matmul_precision
 from scheduling.request import PLACEHOLDER_TOKEN
 from scheduling.scheduler import SchedulerOutput
@@ -114,10 +114,11 @@ class ModelRunner:
     def __init__(self, model: Llama, block_manager: BlockManager, *, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, row_width: int = 32,
                  attn_chunk_tokens: int = 128, strict_compile: bool = True, mesh: Mesh | None = None,
-                 attention: str = "xla"):
+                 attention: str = "xla", swap_transfer: str = "auto"):
         """`mesh` (None: one device) splits the weights and the KV pools for tensor parallelism;
         a model built elsewhere is moved to its splits. `attention` is the paged attention's kernel
-        (`kvcache.paged.ATTENTION_KERNELS`)."""
+        (`kvcache.paged.ATTENTION_KERNELS`); `swap_transfer` the host pool's memory
+        (`kvcache.swap.make_host_pool`)."""
         self.spec = model.spec
         self.dtype = model.dtype
         self.mesh = mesh or tp_mesh(1)
@@ -147,9 +148,9 @@ class ModelRunner:
             self.spec.num_kv_heads, self.spec.head_dim, model.dtype, sharding=pool_sharding)
         self.host_pool = None
         if block_manager.host.num_blocks:
-            self.host_pool = HostKVPool(self.spec.num_layers, block_manager.host.num_blocks, self.block_size,
-                                        self.spec.num_kv_heads, self.spec.head_dim, model.dtype,
-                                        sharding=pool_sharding)
+            self.host_pool = make_host_pool(self.spec.num_layers, block_manager.host.num_blocks, self.block_size,
+                                            self.spec.num_kv_heads, self.spec.head_dim, model.dtype,
+                                            sharding=pool_sharding, transfer=swap_transfer)
         pages_per_chunk, mesh = self.pages_per_chunk, self.mesh
 
         # Every step returns its samples padded to the same length, so that the next step can read
@@ -343,8 +344,8 @@ class ModelRunner:
             self._last_step = shape, batch
             self._previous_slots = {req.request_id: i for i, req in enumerate(sampled)}
         if self.channel is not None:
-            self.channel.send(_step_message(output.swap_out, output.swap_in, shape, batch))
-        tokens, stall = self._run(output.swap_out, output.swap_in, shape, batch)
+            self.channel.send(_step_message(output.swap_out, output.swap_in, output.host_freed, shape, batch))
+        tokens, stall = self._run(output.swap_out, output.swap_in, output.host_freed, shape, batch)
         return Launched(tokens, sampled, stall)
 
     def collect(self, launched: Launched) -> tuple[list[tuple[object, int]], float]:
@@ -356,10 +357,11 @@ class ModelRunner:
             self.channel.forget_read()
         return list(zip(launched.sampled, tokens[:len(launched.sampled)].tolist())), launched.stall
 
-    def _run(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], shape: StepShape | None,
-             batch: StepBatch | None) -> tuple[jax.Array | None, float]:
+    def _run(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], host_freed: list[int],
+             shape: StepShape | None, batch: StepBatch | None) -> tuple[jax.Array | None, float]:
         """The device side of a step, the same on every process: the swap copies, then the step
-        (if `shape`). Returns the sampled tokens (on device) and the swap stall in seconds."""
+        (if `shape`), then the host pool forgets the freed host blocks. Returns the sampled tokens
+        (on device) and the swap stall in seconds."""
         start = time.perf_counter()
         if swap_out:
             self.host_pool.copy_out(self.k_pool, self.v_pool, swap_out)
@@ -373,6 +375,8 @@ class ModelRunner:
             self._previous_tokens = tokens
         if swap_out:
             self.host_pool.land()
+        if host_freed:
+            self.host_pool.release(host_freed)
         return tokens, stall
 
     def device_seconds_of_last_step(self, repeats: int = 10, rounds: int = 3) -> float:
@@ -414,7 +418,8 @@ class ModelRunner:
                 template = self.prepare(SchedulerOutput(), shape)[0]
                 leaves = [message[f"leaf{i}"] for i in range(len(jax.tree.leaves(template)))]
                 batch = jax.tree.unflatten(jax.tree.structure(template), leaves)
-            self._run(_pairs(message["swap_out"]), _pairs(message["swap_in"]), shape, batch)
+            self._run(_pairs(message["swap_out"]), _pairs(message["swap_in"]), message["host_freed"].tolist(),
+                      shape, batch)
         return steps
 
     def close(self) -> None:
@@ -424,11 +429,13 @@ class ModelRunner:
             self.channel = None
 
 
-def _step_message(swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], shape: StepShape | None,
-                  batch: StepBatch | None) -> dict[str, np.ndarray]:
-    """A step's runner inputs as named arrays: the copies' block pairs, the shape and the batch's leaves."""
+def _step_message(swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], host_freed: list[int],
+                  shape: StepShape | None, batch: StepBatch | None) -> dict[str, np.ndarray]:
+    """A step's runner inputs as named arrays: the copies' block pairs, the freed host blocks, the
+    shape and the batch's leaves."""
     message = {"swap_out": np.array(swap_out, np.int64).reshape(-1, 2),
-               "swap_in": np.array(swap_in, np.int64).reshape(-1, 2)}
+               "swap_in": np.array(swap_in, np.int64).reshape(-1, 2),
+               "host_freed": np.array(host_freed, np.int64)}
     if shape is not None:
         message["shape"] = np.array(astuple(shape), np.int64)
         message.update((f"leaf{i}", leaf) for i, leaf in enumerate(jax.tree.leaves(batch)))

@@ -8,6 +8,10 @@ A sequence's KV may be split between the pools. Its logical blocks are a device 
 a host suffix: swap-out moves the *last* device blocks to the front of the host part and swap-in
 moves the *first* host blocks to the end of the device part (InferCept's partial swap, spec 2.1),
 so a request can be moved a few blocks per step within the swap budget.
+
+Host blocks freed (by a swap-in, or with a sequence) are remembered until the scheduler hands them
+to the runner (`take_freed_host_blocks`): a host pool whose storage is per copy (the pinned pool)
+lets go of it then.
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ class BlockManager:
         self.host = BlockPool(num_host_blocks)
         self.tables: dict[str, list[int]] = {}
         self.host_tables: dict[str, list[int]] = {}
+        self._host_freed: set[int] = set()
 
     def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """How many more device blocks `seq_id` needs to hold `num_tokens` tokens."""
@@ -123,6 +128,7 @@ class BlockManager:
         if not host_table:
             del self.host_tables[seq_id]
         self.host.free(moved)
+        self._host_freed.update(moved)
         self.tables.setdefault(seq_id, []).extend(device_blocks)
         return list(zip(moved, device_blocks))
 
@@ -133,6 +139,14 @@ class BlockManager:
         host_table = self.host_tables.pop(seq_id, None)
         if host_table:
             self.host.free(host_table)
+            self._host_freed.update(host_table)
+
+    def take_freed_host_blocks(self) -> list[int]:
+        """Host blocks freed since the last call and still free. One freed and then given to a
+        swap-out is left out: the swap-out replaces its content."""
+        freed = sorted(b for b in self._host_freed if self.host.ref_count(b) == 0)
+        self._host_freed.clear()
+        return freed
 
     def num_blocks_of(self, seq_id: str) -> int:
         """Device blocks held by `seq_id`."""

@@ -1,17 +1,32 @@
-"""The host side of swap: a preallocated host KV pool and the copies between it and the device.
+"""The host side of swap: a host KV pool and the copies between it and the device pools.
 
-Swap-out gathers the victim pages on the device into one staging array per copy (a jitted
-gather), then moves it to host memory in one transfer: a `device_put` to the `pinned_host` memory
-kind where the backend has one (probed at start; not on the CPU backend, whose device memory is
-host memory), otherwise an async device-to-host copy into numpy. The copies are issued before the
-step is dispatched, and land in the numpy pool after it, so they overlap the step. Swap-in reads
-the host pages with one numpy gather, moves them with one `device_put` per device and scatters
-them into the donated device pools just before the step runs. Under tensor parallelism every copy
-works per shard: each device's part of the pages goes to, and comes back from, its own host array.
+Two pools behind one interface (`copy_out`, `land`, `copy_in`, `release`, `warmup`, `block_bytes`),
+chosen by a probe at start (`make_host_pool`, logged):
 
-Block counts are padded to powers of two (padding copies the reserved block 0, which nothing
-reads), and copies longer than the largest bucket are split, so swaps never compile after
-warm-up. No computation ever runs on host-resident arrays.
+* `PinnedHostPool`, where the backend has the `pinned_host` memory kind and is not the CPU (auto),
+  so each direction is one DMA of gathered pages and nothing is staged through pageable memory.
+  Swap-out gathers the victim pages on the device into a staging array and `device_put`s the whole
+  array to pinned host memory: that pinned array *is* the storage of its host blocks (the pool
+  keeps, per host block, its array and its row there). Swap-in groups the requested host blocks by
+  array, `device_put`s each array to the device once and scatters its rows into the donated pools
+  (rows not asked for go to the reserved block 0). Both are async dispatches: the host never waits
+  for a copy before the step. An array lives while one of its blocks does: a host block lets go of
+  it when a swap-out overwrites the block, or when the runner `release`s the host blocks freed
+  since the last step (`SchedulerOutput.host_freed`; blocks freed between steps, by an abort, are
+  let go of at the next step). While a request is swapped in a few blocks per step, the whole
+  array of its next blocks crosses the link each step.
+* `NumpyHostPool`, the fallback (and `auto` on the CPU backend, whose device memory already is host
+  memory, so a pinned copy is one more memcpy): one preallocated numpy array per local device.
+  Swap-out gathers on the device and copies to host asynchronously; `land` writes into numpy after
+  the step is dispatched. Swap-in gathers the pages in numpy and moves them with one `device_put`
+  per device before the scatter.
+
+No computation ever runs on host-resident arrays (XLA on GPU turns it into slow host compute or
+fails). A copy of n blocks is made in power-of-two pieces (greedy: 13 = 8 + 4 + 1, none bigger
+than `max_blocks_per_copy`), so no padding wastes host memory and nothing compiles after warm-up.
+Under tensor parallelism the pools are split over KV heads (`sharding`); a pinned array keeps
+that split, and the numpy pool holds one array per device, so every shard moves between its own
+device and its own host memory.
 """
 from __future__ import annotations
 
@@ -28,12 +43,22 @@ PAD_BLOCK = 0
 
 
 def copy_buckets(max_blocks: int) -> list[int]:
-    """Padded block counts of one copy: 1, 2, 4, ... up to `max_blocks` (a power of two)."""
+    """Block counts of one copy: 1, 2, 4, ... up to `max_blocks` (a power of two)."""
     out, b = [], 1
     while b <= max_blocks:
         out.append(b)
         b *= 2
     return out
+
+
+def piece_sizes(n: int, buckets: list[int]) -> list[int]:
+    """`n` as a sum of buckets, largest first: 13 -> [8, 4, 1] (with buckets up to 8 or more)."""
+    sizes = []
+    for size in reversed(buckets):
+        while n >= size:
+            sizes.append(size)
+            n -= size
+    return sizes
 
 
 def _gather(k_pool: jax.Array, v_pool: jax.Array, blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,89 +88,80 @@ def _scatter(k_pool: jax.Array, v_pool: jax.Array, blocks: jax.Array, k: jax.Arr
     return jax.lax.fori_loop(0, blocks.shape[0], body, (k_pool, v_pool))
 
 
+def make_host_pool(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype,
+                   sharding: jax.sharding.Sharding | None = None, max_blocks_per_copy: int = 64,
+                   transfer: str = "auto") -> HostKVPool:
+    """The host pool for `transfer`: `pinned_host`, `numpy`, or `auto` (pinned where the backend has
+    pinned host memory and is not the CPU; swap-out of 64 SmolLM2 blocks on CPU: 1.5 GB/s through
+    pinned_host, 2.3-2.6 through numpy)."""
+    sharding = sharding or SingleDeviceSharding(jax.local_devices()[0])
+    device = min(sharding.addressable_devices, key=lambda d: d.id)
+    kinds = {m.kind for m in device.addressable_memories()}
+    if transfer == "auto":
+        transfer = "pinned_host" if "pinned_host" in kinds and device.platform != "cpu" else "numpy"
+    if transfer not in ("pinned_host", "numpy"):
+        raise ValueError(f"transfer must be auto, pinned_host or numpy, got {transfer!r}")
+    if transfer == "pinned_host" and "pinned_host" not in kinds:
+        raise ValueError(f"the {device.platform} backend has no pinned_host memory")
+    kind = PinnedHostPool if transfer == "pinned_host" else NumpyHostPool
+    pool = kind((num_layers, num_blocks, block_size, num_kv_heads, head_dim), jnp.dtype(dtype), sharding,
+                max_blocks_per_copy)
+    log.info("host KV pool: %d blocks (%.2f GB) on %d device(s), in %s memory", num_blocks,
+             pool.block_bytes * num_blocks / 1e9, len(pool.devices), transfer)
+    return pool
+
+
 class HostKVPool:
-    """`num_blocks` pages per layer for K and V in host memory, one numpy array per local device.
+    """What both host pools share: the shapes, the bucketed on-device gather and scatter."""
 
-    Each array holds the part of the pool its device holds (`sharding` splits the pools over KV
-    heads under tensor parallelism), so a swap copies every shard between its own device and its
-    own host array, and a process of a multi-host run keeps only its devices' parts.
-    """
+    transfer: str
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype, sharding: jax.sharding.Sharding | None = None,
-                 max_blocks_per_copy: int = 64, transfer: str = "auto"):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.sharding = sharding or SingleDeviceSharding(jax.local_devices()[0])
-        self.devices = sorted(self.sharding.addressable_devices, key=lambda d: d.id)
-        part_shape = self.sharding.shard_shape(shape)
-        # Filled now, not lazily zero-mapped: first-touch page faults would land in a step.
-        self.k = [np.empty(part_shape, jnp.dtype(dtype)) for _ in self.devices]
-        self.v = [np.empty(part_shape, jnp.dtype(dtype)) for _ in self.devices]
-        for array in self.k + self.v:
-            array.fill(0)
-        self._slot = {d: i for i, d in enumerate(self.devices)}
-        self.transfer = self._pick_transfer(transfer)
-        log.info("host KV pool: %d blocks (%.2f GB) on %d device(s); device->host copies via %s", num_blocks,
-                 self.block_bytes * num_blocks / 1e9, len(self.devices), self.transfer)
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding,
+                 max_blocks_per_copy: int):
+        self.shape, self.dtype, self.sharding = shape, dtype, sharding
+        self.devices = sorted(sharding.addressable_devices, key=lambda d: d.id)
         self.buckets = copy_buckets(max_blocks_per_copy)
-        self._gather_jit = jax.jit(_gather, out_shardings=(self.sharding, self.sharding))
-        self._scatter_jit = jax.jit(_scatter, donate_argnums=(0, 1), out_shardings=(self.sharding, self.sharding))
+        self._gather_jit = jax.jit(_gather, out_shardings=(sharding, sharding))
+        self._scatter_jit = jax.jit(_scatter, donate_argnums=(0, 1), out_shardings=(sharding, sharding))
         # Compiled ahead of time per bucket, like the step: a jit call would retrace when the pools
         # come out of the AOT-compiled step rather than from allocation.
         self._gathers: dict[int, jax.stages.Compiled] = {}
         self._scatters: dict[int, jax.stages.Compiled] = {}
-        self._pending: list[tuple[np.ndarray, tuple[jax.Array, jax.Array]]] = []
 
     @property
     def block_bytes(self) -> int:
         """Bytes of one block, K and V, every layer, over this process's devices."""
-        return sum(a[:, 0].nbytes for a in self.k + self.v)
+        part = self.sharding.shard_shape(self.shape)
+        return 2 * len(self.devices) * int(np.prod(part[:1] + part[2:])) * self.dtype.itemsize
 
-    def _pick_transfer(self, transfer: str) -> str:
-        """`pinned_host` where the backend has that memory kind, else `numpy`. On the CPU backend
-        `auto` picks numpy: device memory already is host memory, and a pinned copy would be one
-        more memcpy (swap-out of 64 SmolLM2 blocks: 1.5 GB/s through pinned_host, 2.3-2.6 through numpy)."""
-        device = self.devices[0]
-        kinds = {m.kind for m in device.addressable_memories()}
-        if transfer == "auto":
-            transfer = "pinned_host" if "pinned_host" in kinds and device.platform != "cpu" else "numpy"
-        if transfer not in ("pinned_host", "numpy"):
-            raise ValueError(f"transfer must be auto, pinned_host or numpy, got {transfer!r}")
-        if transfer == "pinned_host" and "pinned_host" not in kinds:
-            raise ValueError(f"the {device.platform} backend has no pinned_host memory")
-        return transfer
+    def _pieces(self, pairs: list[tuple[int, int]]):
+        """(sources, destinations) of each power-of-two piece of a copy."""
+        start = 0
+        for size in piece_sizes(len(pairs), self.buckets):
+            piece = pairs[start:start + size]
+            start += size
+            yield np.array([p[0] for p in piece], np.int32), np.array([p[1] for p in piece], np.int32)
 
-    def _chunks(self, pairs: list[tuple[int, int]]):
-        """(sources, destinations, padded size) per copy of at most the largest bucket."""
-        largest = self.buckets[-1]
-        for i in range(0, len(pairs), largest):
-            chunk = pairs[i:i + largest]
-            size = next(b for b in self.buckets if b >= len(chunk))
-            yield np.array([p[0] for p in chunk]), np.array([p[1] for p in chunk]), size
+    def _gather(self, k_pool: jax.Array, v_pool: jax.Array, blocks: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        size = len(blocks)
+        if size not in self._gathers:
+            self._gathers[size] = self._gather_jit.lower(k_pool, v_pool, blocks).compile()
+        return self._gathers[size](k_pool, v_pool, blocks)
+
+    def _scatter(self, k_pool: jax.Array, v_pool: jax.Array, blocks: np.ndarray, k: jax.Array,
+                 v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        size = len(blocks)
+        if size not in self._scatters:
+            self._scatters[size] = self._scatter_jit.lower(k_pool, v_pool, blocks, k, v).compile()
+        return self._scatters[size](k_pool, v_pool, blocks, k, v)
 
     def copy_out(self, k_pool: jax.Array, v_pool: jax.Array, pairs: list[tuple[int, int]]) -> None:
         """Start copying device blocks to host blocks ((device, host) pairs); `land` finishes."""
-        for device_blocks, host_blocks, size in self._chunks(pairs):
-            padded = np.full(size, PAD_BLOCK, np.int32)
-            padded[:len(device_blocks)] = device_blocks
-            if size not in self._gathers:
-                self._gathers[size] = self._gather_jit.lower(k_pool, v_pool, padded).compile()
-            staged = self._gathers[size](k_pool, v_pool, padded)
-            if self.transfer == "pinned_host":
-                staged = jax.device_put(staged, self.sharding.with_memory_kind("pinned_host"))
-            else:
-                for array in staged:
-                    array.copy_to_host_async()
-            self._pending.append((host_blocks, staged))
+        raise NotImplementedError
 
     def land(self) -> None:
-        """Write the started swap-outs into the host pool (waits for their transfers)."""
-        for host_blocks, staged in self._pending:
-            n = len(host_blocks)
-            for pool, array in zip((self.k, self.v), staged):
-                for shard in array.addressable_shards:
-                    pool[self._slot[shard.device]][:, host_blocks] = np.asarray(shard.data)[:, :n]
-        self._pending.clear()
+        """Make the started swap-outs the content of their host blocks (after the step is dispatched)."""
+        raise NotImplementedError
 
     def copy_in(self, k_pool: jax.Array, v_pool: jax.Array,
                 pairs: list[tuple[int, int]]) -> tuple[jax.Array, jax.Array]:
@@ -154,28 +170,115 @@ class HostKVPool:
         Must run before `land` in a step: a host block freed by this swap-in may be the
         destination of a swap-out started in the same step.
         """
-        for host_blocks, device_blocks, size in self._chunks(pairs):
-            sources = np.zeros(size, np.int64)
-            sources[:len(host_blocks)] = host_blocks
-            targets = np.full(size, PAD_BLOCK, np.int32)
-            targets[:len(device_blocks)] = device_blocks
-            k, v = (self._to_devices(pool, sources, k_pool.shape) for pool in (self.k, self.v))
-            if size not in self._scatters:
-                self._scatters[size] = self._scatter_jit.lower(k_pool, v_pool, targets, k, v).compile()
-            k_pool, v_pool = self._scatters[size](k_pool, v_pool, targets, k, v)
-        return k_pool, v_pool
+        raise NotImplementedError
 
-    def _to_devices(self, pool: list[np.ndarray], sources: np.ndarray, pool_shape) -> jax.Array:
-        """Blocks `sources` of every local part, each moved to its device, as one array split like the pools."""
-        parts = [jax.device_put(part[:, sources], d) for part, d in zip(pool, self.devices)]
-        shape = (pool_shape[0], len(sources)) + tuple(pool_shape[2:])
-        return jax.make_array_from_single_device_arrays(shape, self.sharding, parts)
+    def release(self, host_blocks: list[int]) -> None:
+        """Forget free host blocks (after `land`). The numpy pool's blocks are preallocated slots:
+        nothing to let go of."""
 
     def warmup(self, k_pool: jax.Array, v_pool: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Compile the gather and scatter of every bucket (they touch only block 0)."""
+        """Compile and run each bucket's copies both ways (block 0 to host block 0 and back)."""
         for size in self.buckets:
-            pad = [(PAD_BLOCK, 0)] * size
-            self.copy_out(k_pool, v_pool, pad)
+            self.copy_out(k_pool, v_pool, [(PAD_BLOCK, 0)] * size)
+            self.land()
             k_pool, v_pool = self.copy_in(k_pool, v_pool, [(0, PAD_BLOCK)] * size)
-        self._pending.clear()
+        self.release([0])
         return k_pool, v_pool
+
+
+class NumpyHostPool(HostKVPool):
+    """`num_blocks` pages per layer for K and V in numpy, one array per local device holding the
+    part of the pool its device holds, so a process of a multi-host run keeps only its parts."""
+
+    transfer = "numpy"
+
+    def __init__(self, shape, dtype, sharding, max_blocks_per_copy):
+        super().__init__(shape, dtype, sharding, max_blocks_per_copy)
+        part_shape = sharding.shard_shape(shape)
+        # Filled now, not lazily zero-mapped: first-touch page faults would land in a step.
+        self.k = [np.empty(part_shape, dtype) for _ in self.devices]
+        self.v = [np.empty(part_shape, dtype) for _ in self.devices]
+        for array in self.k + self.v:
+            array.fill(0)
+        self._slot = {d: i for i, d in enumerate(self.devices)}
+        self._pending: list[tuple[np.ndarray, tuple[jax.Array, jax.Array]]] = []
+
+    def copy_out(self, k_pool, v_pool, pairs):
+        for device_blocks, host_blocks in self._pieces(pairs):
+            staged = self._gather(k_pool, v_pool, device_blocks)
+            for array in staged:
+                array.copy_to_host_async()
+            self._pending.append((host_blocks, staged))
+
+    def land(self):
+        """Write the started swap-outs into the numpy pool (waits for their transfers)."""
+        for host_blocks, staged in self._pending:
+            for pool, array in zip((self.k, self.v), staged):
+                for shard in array.addressable_shards:
+                    pool[self._slot[shard.device]][:, host_blocks] = np.asarray(shard.data)
+        self._pending.clear()
+
+    def copy_in(self, k_pool, v_pool, pairs):
+        for host_blocks, device_blocks in self._pieces(pairs):
+            k, v = (self._to_devices(pool, host_blocks) for pool in (self.k, self.v))
+            k_pool, v_pool = self._scatter(k_pool, v_pool, device_blocks, k, v)
+        return k_pool, v_pool
+
+    def _to_devices(self, pool: list[np.ndarray], host_blocks: np.ndarray) -> jax.Array:
+        """Blocks `host_blocks` of every local part, each moved to its device, as one array split like the pools."""
+        parts = [jax.device_put(part[:, host_blocks], d) for part, d in zip(pool, self.devices)]
+        shape = (self.shape[0], len(host_blocks)) + self.shape[2:]
+        return jax.make_array_from_single_device_arrays(shape, self.sharding, parts)
+
+
+class _Pinned:
+    """One swap-out piece in pinned host memory: the storage of the host blocks it was copied to."""
+
+    __slots__ = ("k", "v")
+
+    def __init__(self, k: jax.Array, v: jax.Array):
+        self.k, self.v = k, v
+
+
+class PinnedHostPool(HostKVPool):
+    """Host blocks stored in the pinned arrays their swap-outs made; nothing preallocated."""
+
+    transfer = "pinned_host"
+
+    def __init__(self, shape, dtype, sharding, max_blocks_per_copy):
+        super().__init__(shape, dtype, sharding, max_blocks_per_copy)
+        self._pinned = sharding.with_memory_kind("pinned_host")
+        self._where: dict[int, tuple[_Pinned, int]] = {}     # host block -> (its array, its row)
+        self._pending: list[tuple[np.ndarray, _Pinned]] = []
+
+    @property
+    def num_arrays(self) -> int:
+        """Pinned arrays the host blocks hold (0 once every swapped block is swapped in or freed)."""
+        return len({array for array, _ in self._where.values()})
+
+    def copy_out(self, k_pool, v_pool, pairs):
+        for device_blocks, host_blocks in self._pieces(pairs):
+            staged = self._gather(k_pool, v_pool, device_blocks)
+            self._pending.append((host_blocks, _Pinned(*jax.device_put(staged, self._pinned))))
+
+    def land(self):
+        for host_blocks, array in self._pending:
+            for row, block in enumerate(host_blocks.tolist()):
+                self._where[block] = (array, row)
+        self._pending.clear()
+
+    def copy_in(self, k_pool, v_pool, pairs):
+        targets: dict[_Pinned, np.ndarray] = {}      # per array, the device block of each row
+        for host_block, device_block in pairs:
+            array, row = self._where[host_block]
+            if array not in targets:
+                targets[array] = np.full(array.k.shape[1], PAD_BLOCK, np.int32)
+            targets[array][row] = device_block
+        for array, device_blocks in targets.items():
+            k, v = jax.device_put((array.k, array.v), self.sharding)
+            k_pool, v_pool = self._scatter(k_pool, v_pool, device_blocks, k, v)
+        return k_pool, v_pool
+
+    def release(self, host_blocks):
+        for block in host_blocks:
+            self._where.pop(block, None)

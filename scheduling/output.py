@@ -23,6 +23,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)     # requests sent back to wait (KV freed)
     swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)    # (host block, device block)
+    host_freed: list[int] = field(default_factory=list)   # host blocks freed since the last step, still free
     memory_short: bool = False      # some request needed device blocks that were not free
 
     @property

@@ -135,6 +135,8 @@ class Scheduler:
                 budget -= self._schedule(request, n, scheduled)
             if swaps_blocked and waiting_blocked:
                 break
+        if not out.is_empty:   # an empty step reaches no runner: its frees go with the next step
+            out.host_freed = self.blocks.take_freed_host_blocks()
         return out
 
     def _schedule(self, request: Request, n: int, scheduled: set[str]) -> int:

@@ -100,3 +100,19 @@ def test_pool_sizes_and_what_a_partly_swapped_sequence_may_do():
     assert bm.blocks_needed("a", 16) == 1 and bm.blocks_needed("a", 12) == 0
     with pytest.raises(RuntimeError, match="host pool"):
         bm.ensure("a", 16)
+
+
+def test_freed_host_blocks_are_handed_over_once_and_only_while_still_free():
+    """A swap-in and a sequence's end free host blocks; one given to a swap-out since is not
+    handed over (the swap-out replaces its content)."""
+    bm = BlockManager(12, block_size=4, num_host_blocks=4)
+    bm.ensure("a", 16)
+    bm.ensure("b", 8)
+    assert bm.swap_out("a", 3) == [(2, 0), (3, 1), (4, 2)]
+    bm.swap_in("a", 1)                                 # host block 0
+    bm.free("a")                                       # host blocks 1, 2
+    assert [h for _, h in bm.swap_out("b", 2)] == [3, 0]
+    assert bm.take_freed_host_blocks() == [1, 2]       # 0 went to b
+    assert bm.take_freed_host_blocks() == []
+    bm.free("b")
+    assert bm.take_freed_host_blocks() == [0, 3]

@@ -8,7 +8,7 @@ import pytest
 from helpers import count_compiles, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from kvcache.block_manager import BlockManager
-from kvcache.swap import HostKVPool
+from kvcache.swap import make_host_pool, piece_sizes
 from models.llama import Llama
 from scheduling.policies import POLICIES
 from scheduling.profile import HardwareProfile
@@ -160,16 +160,45 @@ def test_swap_round_trip_is_bit_exact(dtype, transfer):
     shape = (2, 12, 4, 2, 8)
     k = jnp.asarray(rng.standard_normal(shape), dtype)
     v = jnp.asarray(rng.standard_normal(shape), dtype)
-    host = HostKVPool(2, 10, 4, 2, 8, dtype, max_blocks_per_copy=4, transfer=transfer)
+    host = make_host_pool(2, 10, 4, 2, 8, dtype, max_blocks_per_copy=4, transfer=transfer)
     assert host.transfer == transfer
-    out_pairs = [(3, 0), (5, 7), (6, 2), (9, 9), (11, 1)]          # 5 blocks: two copies (4 + 1)
+    out_pairs = [(3, 0), (5, 7), (6, 2), (9, 9), (11, 1), (4, 3), (8, 5)]   # 7 blocks: 4 + 2 + 1
     host.copy_out(k, v, out_pairs)
     host.land()
-    in_pairs = [(0, 1), (7, 2), (2, 4), (9, 7), (1, 8)]
+    in_pairs = [(0, 1), (7, 2), (2, 4), (9, 7), (1, 8), (3, 6), (5, 10)]
     k2, v2 = host.copy_in(jnp.zeros_like(k), jnp.zeros_like(v), in_pairs)
     for (src, _), (_, dst) in zip(out_pairs, in_pairs):
         assert np.array_equal(np.asarray(k2[:, dst]), np.asarray(k[:, src]))
         assert np.array_equal(np.asarray(v2[:, dst]), np.asarray(v[:, src]))
+
+
+def test_copies_are_made_in_power_of_two_pieces_largest_first():
+    assert piece_sizes(13, [1, 2, 4, 8]) == [8, 4, 1]
+    assert piece_sizes(21, [1, 2, 4, 8]) == [8, 8, 4, 1]
+    assert piece_sizes(0, [1, 2]) == []
+
+
+def test_the_pinned_pool_lets_go_of_an_array_when_none_of_its_blocks_is_held():
+    """Five blocks go out as pieces of 4 and 1; swapping the piece of 4 in part, overwriting one
+    of its blocks by a later swap-out and releasing the others frees it; then the later ones go."""
+    k = jnp.arange(2 * 8 * 4 * 2 * 8, dtype=jnp.float32).reshape(2, 8, 4, 2, 8)
+    host = make_host_pool(2, 10, 4, 2, 8, jnp.float32, max_blocks_per_copy=4, transfer="pinned_host")
+    host.copy_out(k, k, [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)])
+    assert host.num_arrays == 0            # started, not landed
+    host.land()
+    assert host.num_arrays == 2
+    k2, _ = host.copy_in(jnp.zeros_like(k), jnp.zeros_like(k), [(0, 6), (1, 7)])
+    assert np.array_equal(np.asarray(k2[:, 6:8]), np.asarray(k[:, 1:3]))
+    host.copy_out(k, k, [(6, 2)])          # host block 2 gets new content
+    host.land()
+    host.release([0, 1, 4])                # swapped in, or freed with its request
+    assert host.num_arrays == 2            # host block 3 still holds the piece of 4
+    host.release([3])
+    assert host.num_arrays == 1
+    k3, _ = host.copy_in(jnp.zeros_like(k), jnp.zeros_like(k), [(2, 5)])
+    assert np.array_equal(np.asarray(k3[:, 5]), np.asarray(k[:, 6]))
+    host.release([2])
+    assert host.num_arrays == 0
 
 
 def test_partial_swaps_keep_block_tables_consistent():
@@ -237,9 +266,11 @@ def test_a_result_longer_than_the_context_is_truncated_and_finishes(model):
     assert engine.blocks.num_free == engine.blocks.device.capacity
 
 
-def test_abort_of_a_paused_or_swapped_request_frees_both_pools(model, profile_path):
-    llm = make_llm(model, policy="swap")
-    engine = llm.engine
+@pytest.mark.parametrize("transfer", ["numpy", "pinned_host"])
+def test_abort_of_a_paused_or_swapped_request_frees_both_pools(model, transfer):
+    """The pinned pool lets go of the aborted request's arrays with the next step."""
+    llm = make_llm(model, policy="swap", swap_transfer=transfer)
+    engine, host = llm.engine, llm.runner.host_pool
     p = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, intercept_after=4)
     rid = engine.add_request(prompts(1, lo=18, hi=19)[0], p)
     while not engine.requests[rid].status.value == "paused":
@@ -250,12 +281,27 @@ def test_abort_of_a_paused_or_swapped_request_frees_both_pools(model, profile_pa
     assert engine.blocks.num_free == engine.blocks.device.capacity
     assert engine.blocks.host.num_free == engine.blocks.host.capacity
     engine.blocks.check_invariants()
+    if transfer == "pinned_host":
+        assert host.num_arrays > 0
+        llm.generate(prompts(1)[0], SamplingParams(max_tokens=2))
+        assert host.num_arrays == 0
 
 
-@pytest.mark.parametrize("policy", ["swap", "infercept"])
-def test_swaps_do_not_compile_after_warmup(model, profile_path, policy):
-    llm = make_llm(model, policy=policy, profile=profile_path, warmup=True, strict_compile=True)
+@pytest.mark.parametrize("policy, transfer", [("swap", "numpy"), ("infercept", "numpy"), ("infercept", "pinned_host")])
+def test_swaps_do_not_compile_after_warmup(model, profile_path, policy, transfer):
+    llm = make_llm(model, policy=policy, profile=profile_path, warmup=True, strict_compile=True,
+                   swap_transfer=transfer)
     with count_compiles() as compiles:
         run_intercepted(llm, prompts(6))
     assert llm.engine.waste.swap_out_blocks > 0
     assert compiles == []
+
+
+@pytest.mark.parametrize("policy", ["swap", "infercept"])
+def test_the_pinned_pool_serves_the_same_tokens_and_holds_nothing_once_all_finish(model, reference, profile_path,
+                                                                                 policy):
+    ps, expected = reference
+    llm = make_llm(model, policy=policy, profile=profile_path, swap_transfer="pinned_host")
+    assert [o.token_ids for o in run_intercepted(llm, ps)] == expected
+    assert llm.engine.waste.swap_in_blocks > 0
+    assert llm.runner.host_pool.num_arrays == 0

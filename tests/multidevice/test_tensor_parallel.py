@@ -13,7 +13,7 @@ from helpers import count_compiles, paged_logits, paused_run, random_hf_tensors,
 from infercept_jax import LLM, SamplingParams
 from infercept_jax.parallel import kv_pool_sharding, tp_mesh
 from infercept_jax.profiler import measure_profile
-from kvcache.swap import HostKVPool
+from kvcache.swap import make_host_pool
 from models.llama import PARAM_SPECS, Llama
 
 # GQA with 4 KV heads of 2 query heads each: TP 2 gives each device 2 KV heads, TP 4 one.
@@ -76,14 +76,16 @@ def test_tokens_equal_one_device_through_swaps_without_compiling(engines, params
         assert compiles == [], compiles
 
 
-def test_swap_round_trip_is_exact_per_shard():
+@pytest.mark.parametrize("transfer", ["numpy", "pinned_host"])
+def test_swap_round_trip_is_exact_per_shard(transfer):
     mesh = tp_mesh(4)
     sharding = kv_pool_sharding(mesh)
     shape = (2, 12, 4, 4, 8)
     rng = np.random.default_rng(0)
     k, v = (jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16), sharding) for _ in range(2))
-    host = HostKVPool(2, 10, 4, 4, 8, jnp.bfloat16, sharding=sharding, max_blocks_per_copy=4)
-    assert [part.shape for part in host.k] == [(2, 10, 4, 1, 8)] * 4     # each device's KV head only
+    host = make_host_pool(2, 10, 4, 4, 8, jnp.bfloat16, sharding=sharding, max_blocks_per_copy=4, transfer=transfer)
+    if transfer == "numpy":
+        assert [part.shape for part in host.k] == [(2, 10, 4, 1, 8)] * 4     # each device's KV head only
     out_pairs = [(3, 0), (5, 7), (6, 2), (9, 9), (11, 1)]
     host.copy_out(k, v, out_pairs)
     host.land()
@@ -91,6 +93,10 @@ def test_swap_round_trip_is_exact_per_shard():
     zeros = jax.device_put(jnp.zeros(shape, jnp.bfloat16), sharding)
     k2, v2 = host.copy_in(zeros, jax.device_put(jnp.zeros(shape, jnp.bfloat16), sharding), in_pairs)
     assert k2.sharding == sharding
+    if transfer == "pinned_host":       # each device's KV head only, in pinned host memory
+        pinned = [array for array, _ in host._where.values()]
+        assert {s.data.shape for a in pinned for s in a.k.addressable_shards} <= {(2, 4, 4, 1, 8), (2, 1, 4, 1, 8)}
+        assert {a.k.sharding for a in pinned} == {sharding.with_memory_kind("pinned_host")}
     for (src, _), (_, dst) in zip(out_pairs, in_pairs):
         assert np.array_equal(np.asarray(k2[:, dst]), np.asarray(k[:, src]))
         assert np.array_equal(np.asarray(v2[:, dst]), np.asarray(v[:, src]))
