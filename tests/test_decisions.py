@@ -320,11 +320,16 @@ def test_fcfs_queue_head_that_cannot_get_room_blocks_the_ones_behind():
 
 
 def test_paused_victims_give_up_memory_before_a_running_request_is_preempted():
-    """Spec 3.5.2 item 4: the paused victim is swapped out within the budget, else discarded; the
-    running requests keep their KV. The victim's call is over (score 0), so the step's plan leaves
-    it preserved and only the shortage moves it."""
-    for budget, expected in ((1, (0, 1, PauseMode.SWAP)), (0, (0, 0, PauseMode.DISCARD))):
-        sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), budget), device_blocks=4)
+    """Spec 3.5.2 item 4: the paused victim is swapped out within the budget and the host room,
+    else discarded; the running requests keep their KV. The victim's call is over (score 0), so
+    the step's plan leaves it preserved and only the shortage moves it."""
+    for budget, host_full, expected in ((1, False, (0, 1, PauseMode.SWAP)), (0, False, (0, 0, PauseMode.DISCARD)),
+                                        (1, True, (0, 0, PauseMode.DISCARD))):
+        sched = scheduler_with(with_swap_out_budget(InferCeptPolicy(HAND_PROFILE), budget), device_blocks=4,
+                               host_blocks=1)
+        if host_full:
+            sched.blocks.ensure("earlier", 4)
+            sched.blocks.swap_out("earlier", 1)
         victim = paused(sched, "victim", 4, 1.0, start=0.0)
         a = running(sched, "a", 4, 1)
         b = running(sched, "b", 3, 1, arrival=1.0)        # the newest running request

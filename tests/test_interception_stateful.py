@@ -2,7 +2,9 @@
 
 A fake runner stands in for the model (the scheduler, block manager and engine are the real ones),
 so hypothesis can run thousands of steps in seconds. Every policy must keep both pools leak-free,
-keep each request in exactly the queue its status says, and finish or abort every request.
+keep each request in exactly the queue its status says, finish or abort every request, compute
+every request on its own KV only (through swaps, discards, preemptions and full pools), and leave
+nothing held in the host pool once all requests are done.
 """
 from __future__ import annotations
 
@@ -25,6 +27,36 @@ PROFILE = HardwareProfile(name="tiny", fwd_ms_per_token=20.0, fwd_base_ms=100.0,
                           swap_limit_tokens=20.0, kv_bytes_per_token=64, block_size=4)
 
 
+class ContentRunner(FakeRunner):
+    """Moves tags where the model's runner moves KV: each block holds (request, logical block) of
+    the tokens computed into it, the step's swap copies move tags between the device and the host
+    in the runner's order, and a host block keeps its tag until a swap-out overwrites it or the
+    step's `host_freed` lets go of it, as the pinned host pool keeps its arrays."""
+
+    def __init__(self):
+        self.blocks: BlockManager | None = None     # the engine's, set once it is built
+        self.device: dict[int, tuple[str, int]] = {}
+        self.host: dict[int, tuple[str, int]] = {}
+
+    def execute(self, output):
+        started = [(h, self.device.get(d)) for d, h in output.swap_out]
+        for h, d in output.swap_in:
+            assert h in self.host, f"host block {h} is swapped in but holds nothing"
+            self.device[d] = self.host[h]
+        size = self.blocks.block_size
+        for item in output.scheduled:
+            rid, computed = item.request.request_id, item.request.num_computed_tokens
+            table = self.blocks.tables[rid]
+            for i in range(-(-computed // size)):
+                assert self.device.get(table[i]) == (rid, i), f"{rid} would read the wrong KV in its block {i}"
+            for i in range(computed // size, -(-(computed + item.num_query_tokens) // size)):
+                self.device[table[i]] = (rid, i)
+        self.host.update(started)
+        for h in output.host_freed:
+            del self.host[h]
+        return super().execute(output)
+
+
 class EngineMachine(RuleBasedStateMachine):
     @initialize(policy=st.sampled_from(POLICIES), device_blocks=st.integers(6, 20), host_blocks=st.integers(2, 12),
                 threshold=st.integers(1, 6), rerank=st.integers(1, 3), error=st.sampled_from([0.0, 0.6]),
@@ -34,10 +66,11 @@ class EngineMachine(RuleBasedStateMachine):
         # LAMPS with a short starvation threshold and quantum, so the queue jumps happen here too.
         lamps = LampsOptions(prediction_error=error, starvation_threshold=threshold, starvation_quantum=3,
                              rerank_interval=rerank, swapped_first=swapped_first)
-        self.engine = engine_with(FakeRunner(), policy, profile=PROFILE, estimator="oracle", lamps=lamps,
+        self.runner = ContentRunner()
+        self.engine = engine_with(self.runner, policy, profile=PROFILE, estimator="oracle", lamps=lamps,
                                   num_kv_blocks=device_blocks, num_host_blocks=host_blocks, max_model_len=48,
                                   max_num_seqs=4, clock=lambda: self.now)
-        self.blocks = self.engine.blocks
+        self.blocks = self.runner.blocks = self.engine.blocks
         self.live: set[str] = set()
 
     def paused(self) -> list[str]:
@@ -113,6 +146,11 @@ class EngineMachine(RuleBasedStateMachine):
         assert not self.live, f"requests never finished: {sorted(self.live)}"
         assert self.blocks.num_free == self.blocks.device.capacity
         assert self.blocks.host.num_free == self.blocks.host.capacity
+        # Host blocks freed after the last step (an abort) are let go of with the next step.
+        self.engine.add_request([5], SamplingParams(max_tokens=1))
+        while self.engine.has_unfinished():
+            self.engine.step()
+        assert self.runner.host == {}, "the host pool still holds blocks no request owns"
 
 
 EngineMachine.TestCase.settings = settings(stateful_step_count=40, deadline=None,
