@@ -132,13 +132,14 @@ def swap_bandwidth(llm, num_blocks: int, repeats: int) -> tuple[float, float]:
     """(device->host, host->device) GB/s of copying `num_blocks` KV blocks through the host pool.
 
     Both are steps with copies and no tokens, through `runner.execute` as the engine makes them
-    (so the other processes of a multi-host run make them too). Swap-out is the gather, the
-    transfer and the write into the host pool; swap-in lasts until the device pools are updated.
+    (so the other processes of a multi-host run make them too). Swap-out lasts until the pages
+    are in host memory; swap-in lasts until the device pools are updated.
     """
     runner, blocks, pool = llm.runner, llm.engine.blocks, host_pool(llm)
 
     def swap_out():
         runner.execute(SchedulerOutput(swap_out=out_pairs))
+        pool.wait()
 
     def swap_in():
         runner.execute(SchedulerOutput(swap_in=in_pairs))

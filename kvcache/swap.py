@@ -9,12 +9,13 @@ chosen by a probe at start (`make_host_pool`, logged):
   array to pinned host memory: that pinned array *is* the storage of its host blocks (the pool
   keeps, per host block, its array and its row there). Swap-in groups the requested host blocks by
   array, `device_put`s each array to the device once and scatters its rows into the donated pools
-  (rows not asked for go to the reserved block 0). Both are async dispatches: the host never waits
-  for a copy before the step. An array lives while one of its blocks does: a host block lets go of
-  it when a swap-out overwrites the block, or when the runner `release`s the host blocks freed
-  since the last step (`SchedulerOutput.host_freed`; blocks freed between steps, by an abort, are
-  let go of at the next step). While a request is swapped in a few blocks per step, the whole
-  array of its next blocks crosses the link each step.
+  (rows not asked for go to the reserved block 0). Nothing blocks the host: on a GPU both are
+  async dispatches (XLA:CPU runs the swap-out's gather and copy on the calling thread). An array
+  lives while one of its blocks does: a host block lets go of it when a swap-out overwrites the
+  block, or when the runner `release`s the host blocks freed since the last step
+  (`SchedulerOutput.host_freed`; blocks freed between steps, by an abort, are let go of with the
+  next step that runs). While a request is swapped in a few blocks per step, the whole array of
+  its next blocks crosses the link each step.
 * `NumpyHostPool`, the fallback (and `auto` on the CPU backend, whose device memory already is host
   memory, so a pinned copy is one more memcpy): one preallocated numpy array per local device.
   Swap-out gathers on the device and copies to host asynchronously; `land` writes into numpy after
@@ -106,8 +107,8 @@ def make_host_pool(num_layers: int, num_blocks: int, block_size: int, num_kv_hea
     kind = PinnedHostPool if transfer == "pinned_host" else NumpyHostPool
     pool = kind((num_layers, num_blocks, block_size, num_kv_heads, head_dim), jnp.dtype(dtype), sharding,
                 max_blocks_per_copy)
-    log.info("host KV pool: %d blocks (%.2f GB) on %d device(s), in %s memory", num_blocks,
-             pool.block_bytes * num_blocks / 1e9, len(pool.devices), transfer)
+    log.info("host KV pool (%s): %d blocks (%.2f GB) on %d device(s)", transfer, num_blocks,
+             pool.block_bytes * num_blocks / 1e9, len(pool.devices))
     return pool
 
 
@@ -172,12 +173,16 @@ class HostKVPool:
         """
         raise NotImplementedError
 
+    def wait(self) -> None:
+        """Block until the landed swap-outs are in host memory (measurements; `land` of the numpy
+        pool already waits)."""
+
     def release(self, host_blocks: list[int]) -> None:
         """Forget free host blocks (after `land`). The numpy pool's blocks are preallocated slots:
         nothing to let go of."""
 
     def warmup(self, k_pool: jax.Array, v_pool: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Compile and run each bucket's copies both ways (block 0 to host block 0 and back)."""
+        """Compile and run each bucket's copies both ways (device block 0 to host block 0 and back)."""
         for size in self.buckets:
             self.copy_out(k_pool, v_pool, [(PAD_BLOCK, 0)] * size)
             self.land()
@@ -278,6 +283,9 @@ class PinnedHostPool(HostKVPool):
             k, v = jax.device_put((array.k, array.v), self.sharding)
             k_pool, v_pool = self._scatter(k_pool, v_pool, device_blocks, k, v)
         return k_pool, v_pool
+
+    def wait(self):
+        jax.block_until_ready([(array.k, array.v) for array, _ in self._where.values()])
 
     def release(self, host_blocks):
         for block in host_blocks:

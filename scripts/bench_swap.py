@@ -1,8 +1,12 @@
 """Benchmark KV swapping: the copy path's bandwidth, and what overlapped swaps cost a step (spec 2.4, 3.5.1).
 
-  * memcpy: this machine's numpy copy bandwidth of a 512 MiB buffer (median), the yardstick;
-  * swap-out (`copy_out` + `land`) and swap-in (`copy_in`) throughput through the runner's host pool,
-    with the model's KV shape, for several block counts; target >= 50 % of memcpy;
+  * yardsticks: the device-host link itself, a `device_put` of the same bytes as each swap to the
+    `pinned_host` memory kind and back (blocked until ready, median), where the backend has it;
+    and this machine's numpy copy bandwidth of a 512 MiB buffer (memcpy, the yardstick on CPU);
+  * swap-out (`copy_out` + `land`, until the pages are in host memory) and swap-in (`copy_in`)
+    throughput through the runner's host pool, with the model's KV shape, for several block
+    counts, as a share of the link and of memcpy; target >= 50 %; and the stall of each: the host
+    time `execute` spends issuing the copy before it could dispatch a step;
   * overlap: a step alone and the same step with swaps issued in the same `execute` (half out, half
     in), as many as its swap budget allows: N = T(step) * min(out, in bandwidth) / M tokens in+out
     (the paper's N_i = T_swap^-1(T_fwd(B_i))). Rows: a decode step of B requests of ctx tokens, and a
@@ -15,6 +19,7 @@ allocated through the block manager so every copy is one the scheduler could hav
 
     .venv/bin/python scripts/bench_swap.py                   # smollm2-135m, float32 on CPU
     .venv/bin/python scripts/bench_swap.py --quick
+    .venv/bin/python scripts/bench_swap.py --quick --transfer pinned_host     # the GPU's path, on CPU
     .venv/bin/python scripts/bench_swap.py --dtype bfloat16          # on an accelerator
     .venv/bin/python scripts/bench_swap.py --quick --dtype bfloat16 --kv-cache-gb 0.25 --swap-space-gb 0.25
 
@@ -53,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timings per measurement (median)")
     p.add_argument("--kv-cache-gb", type=float, default=4.0, help="device KV pool (room for the swaps)")
     p.add_argument("--swap-space-gb", type=float, default=3.0, help="host KV pool")
+    p.add_argument("--transfer", default="auto", choices=["auto", "pinned_host", "numpy"],
+                   help="host pool memory (auto: pinned_host off the CPU, numpy on it)")
     p.add_argument("--quick", action="store_true", help="smoke run: blocks 16,64; 3 repeats; quick profile")
     p.add_argument("--out", default="results/bench_swap.json")
     args = p.parse_args()
@@ -69,11 +76,43 @@ def memcpy_bandwidth(repeats: int) -> float:
     return src.nbytes / median_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
+def link_bandwidth(pool, num_blocks: int, repeats: int) -> tuple[float, float] | None:
+    """(device->host, host->device) GB/s of a `device_put` of `num_blocks` blocks' K and V, split
+    like the pools, to pinned host memory and back; None without a pinned_host memory kind."""
+    device = pool.devices[0]
+    if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
+        return None
+    shape = (pool.shape[0], num_blocks) + pool.shape[2:]
+    on_device = jax.device_put((np.ones(shape, pool.dtype), np.ones(shape, pool.dtype)), pool.sharding)
+    pinned = pool.sharding.with_memory_kind("pinned_host")
+    on_host = jax.block_until_ready(jax.device_put(on_device, pinned))
+    out_s = median_seconds(lambda: jax.block_until_ready(jax.device_put(on_device, pinned)), repeats)
+    in_s = median_seconds(lambda: jax.block_until_ready(jax.device_put(on_host, pool.sharding)), repeats)
+    nbytes = num_blocks * pool.block_bytes
+    return nbytes / out_s / 1e9, nbytes / in_s / 1e9
+
+
+def swap_stalls(llm: LLM, num_blocks: int, repeats: int) -> tuple[float, float]:
+    """(swap-out, swap-in) seconds `execute` stalls issuing a copy of `num_blocks` blocks (median),
+    each copy waited for before the next."""
+    blocks, seq = llm.engine.blocks, "bench-stall"
+    out_stalls, in_stalls = [], []
+    try:
+        blocks.ensure(seq, num_blocks * blocks.block_size)
+        for _ in range(repeats + 1):   # round 0 is untimed
+            out_stalls.append(run_step(llm, SchedulerOutput(swap_out=blocks.swap_out(seq, num_blocks)))[1])
+            in_stalls.append(run_step(llm, SchedulerOutput(swap_in=blocks.swap_in(seq, num_blocks)))[1])
+    finally:
+        blocks.free(seq)
+    return statistics.median(out_stalls[1:]), statistics.median(in_stalls[1:])
+
+
 def run_step(llm: LLM, output: SchedulerOutput) -> tuple[float, float]:
     """(seconds until the step and its copies are done, the stall `execute` reports)."""
     start = time.perf_counter()
     _, stall = llm.runner.execute(output)
     jax.block_until_ready((llm.runner.k_pool, llm.runner.v_pool))
+    llm.runner.host_pool.wait()
     return time.perf_counter() - start, stall
 
 
@@ -149,13 +188,20 @@ def overlap_rows(llm: LLM, args: argparse.Namespace, profile) -> list[dict]:
 
 
 def print_tables(memcpy: float, transfer: str, throughput: list[dict], overlap: list[dict]) -> None:
-    print(f"\nmemcpy {memcpy:.2f} GB/s; device->host transfer path: {transfer}\n")
-    print("| blocks | MB | swap-out GB/s | % memcpy | swap-in GB/s | % memcpy |")
-    print("|---:" * 6 + "|")
+    print(f"\nmemcpy {memcpy:.2f} GB/s; host pool: {transfer}; link: a pinned_host device_put of the same bytes\n")
+    print("| blocks | MB | link out GB/s | swap-out GB/s | % link | % memcpy "
+          "| link in GB/s | swap-in GB/s | % link | % memcpy | stall out ms | stall in ms |")
+    print("|---:" * 12 + "|")
     for r in throughput:
-        print(f"| {r['blocks']} | {r['mb']:.1f} | {r['out_gbps']:.2f} | {100 * r['out_gbps'] / memcpy:.0f} % "
-              f"| {r['in_gbps']:.2f} | {100 * r['in_gbps'] / memcpy:.0f} % |")
-    print(f"\ntarget: >= {100 * TARGET_BANDWIDTH:.0f} % of memcpy each way\n")
+        cells = [f"{r['blocks']}", f"{r['mb']:.1f}"]
+        for way in ("out", "in"):
+            link = r[f"link_{way}_gbps"]
+            swap = r[f"{way}_gbps"]
+            cells += [f"{link:.2f}" if link else "-", f"{swap:.2f}", f"{100 * swap / link:.0f} %" if link else "-",
+                      f"{100 * swap / memcpy:.0f} %"]
+        cells += [f"{r['out_stall_ms']:.1f}", f"{r['in_stall_ms']:.1f}"]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\ntarget: >= {100 * TARGET_BANDWIDTH:.0f} % of the link (memcpy on CPU) each way\n")
     print("| step | query tokens | alone ms | swap budget tokens | swapped tokens (in+out) "
           "| with swaps ms | ratio | stall ms |")
     print("|---|" + "---:|" * 7)
@@ -176,7 +222,7 @@ def main() -> None:
     memcpy = memcpy_bandwidth(args.repeats)
     print(f"memcpy: {memcpy:.2f} GB/s", flush=True)
     llm = LLM(args.model, dtype=args.dtype, policy="swap", max_num_seqs=max(EngineConfig().max_num_seqs, args.batch),
-              kv_cache_memory_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb)
+              kv_cache_memory_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb, swap_transfer=args.transfer)
     pool = llm.runner.host_pool
     print(f"engine built; KV pools: {llm.engine.blocks.device.num_blocks} device blocks, "
           f"{llm.engine.blocks.host.num_blocks} host blocks; transfer path: {pool.transfer}", flush=True)
@@ -187,7 +233,11 @@ def main() -> None:
     throughput = []
     for n in args.block_counts:
         out_gbps, in_gbps = swap_bandwidth(llm, n, args.repeats)
-        throughput.append({"blocks": n, "mb": n * block_mb, "out_gbps": out_gbps, "in_gbps": in_gbps})
+        link_out, link_in = link_bandwidth(pool, n, args.repeats) or (None, None)
+        out_stall, in_stall = swap_stalls(llm, n, args.repeats)
+        throughput.append({"blocks": n, "mb": n * block_mb, "out_gbps": out_gbps, "in_gbps": in_gbps,
+                           "link_out_gbps": link_out, "link_in_gbps": link_in,
+                           "out_stall_ms": 1e3 * out_stall, "in_stall_ms": 1e3 * in_stall})
         print(f"swap {n} blocks done", flush=True)
     overlap = overlap_rows(llm, args, profile)
     llm.engine.blocks.check_invariants()
