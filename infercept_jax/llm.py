@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from infercept_jax.build import DEFAULT_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGETS, build_engine
 from infercept_jax.config import EngineConfig, SamplingParams
-from infercept_jax.model_runner import ModelRunner
+from infercept_jax.model_runner import ModelRunner, pallas_misfits
 from infercept_jax.outputs import RequestOutput
 from infercept_jax.parallel import check_tensor_parallel, tp_mesh
 from infercept_jax.tools import Tool, ToolCalls
@@ -52,7 +52,7 @@ def for_backend(config: EngineConfig, spec, mesh) -> EngineConfig:
     changes = {}
     if config.attention == "auto":
         block_pages = max(1, config.attn_chunk_tokens // config.block_size)
-        fits = all(n & (n - 1) == 0 for n in (spec.head_dim, config.block_size, block_pages))
+        fits = not pallas_misfits(spec.head_dim, config.block_size, block_pages)
         changes["attention"] = "pallas" if platform == "gpu" and fits else "xla"
     if config.profile is None and config.max_num_batched_tokens is None:
         changes["max_num_batched_tokens"] = DEFAULT_TOKEN_BUDGETS.get(platform, DEFAULT_TOKEN_BUDGET)

@@ -85,16 +85,26 @@ def _row_group(num_rows: int, width: int, num_tokens: int, first_token: np.ndarr
     return RowGroup(token_index, positions, row_tables, np.int32(_ceil_div(longest, chunk_tokens)))
 
 
+def pallas_misfits(head_dim: int, block_size: int, pages_per_chunk: int) -> list[str]:
+    """Why the Pallas kernel does not fit these shapes (empty if it does): Triton's tiles have
+    power-of-two sides and its dot at least 16 on each (the kernel reads `pages_per_chunk` pages of
+    `block_size` keys per iteration)."""
+    sides = {"head_dim": head_dim, "block_size": block_size, "attn_chunk_tokens // block_size": pages_per_chunk}
+    misfits = [f"{name} = {value} is not a power of two" for name, value in sides.items() if value & (value - 1)]
+    if head_dim < 16:
+        misfits.append(f"head_dim = {head_dim} is below 16")
+    if block_size * pages_per_chunk < 16:
+        misfits.append(f"attn_chunk_tokens = {block_size * pages_per_chunk} is below 16")
+    return misfits
+
+
 def check_attention_kernel(kernel: str, head_dim: int, block_size: int, pages_per_chunk: int) -> None:
-    """Refuse a kernel the model's shapes do not fit: Triton tiles have power-of-two sides."""
+    """Refuse an unknown kernel, or the Pallas kernel for shapes it does not fit."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
-    if kernel == "pallas":
-        sides = {"head_dim": head_dim, "block_size": block_size, "attn_chunk_tokens // block_size": pages_per_chunk}
-        odd = [f"{name} = {value}" for name, value in sides.items() if value & (value - 1)]
-        if odd:
-            raise ValueError(f"the pallas attention kernel needs powers of two, got {', '.join(odd)}; "
-                             "use attention='xla'")
+    misfits = pallas_misfits(head_dim, block_size, pages_per_chunk) if kernel == "pallas" else []
+    if misfits:
+        raise ValueError(f"the pallas attention kernel does not fit: {'; '.join(misfits)}; use attention='xla'")
 
 
 def token_buckets(max_tokens: int, smallest: int) -> list[int]:

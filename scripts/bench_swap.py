@@ -22,6 +22,7 @@ allocated through the block manager so every copy is one the scheduler could hav
     .venv/bin/python scripts/bench_swap.py --quick --transfer pinned_host     # the GPU's path, on CPU
     .venv/bin/python scripts/bench_swap.py --dtype bfloat16          # on an accelerator
     .venv/bin/python scripts/bench_swap.py --quick --dtype bfloat16 --kv-cache-gb 0.25 --swap-space-gb 0.25
+    .venv/bin/python scripts/bench_swap.py --shape smollm2-1.7b --dtype bfloat16   # random weights (GPU)
 
 On XLA:CPU a bfloat16 step takes time proportional to the KV pool size (about 1.3 s at 0.1 GB, 4.7 s
 at 0.5 GB for a 16-token step, against 0.12 s in float32 at any size), hence the small pools there;
@@ -38,9 +39,11 @@ import jax
 import numpy as np
 
 from infercept_jax.config import EngineConfig
-from infercept_jax.llm import LLM
+from infercept_jax.llm import LLM, resolve_dtype
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.profiler import measure_profile, median_seconds, swap_bandwidth, synthetic_request
+from models.llama import Llama
+from models.shapes import SHAPES
 from scheduling.output import ScheduledRequest, SchedulerOutput
 
 MEMCPY_BYTES = 512 * 2**20
@@ -51,6 +54,9 @@ TARGET_OVERLAP = 1.10     # step with swaps / step alone
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="instead of --model: random weights of a named shape (models/shapes.py); the KV "
+                        "shape is what a swap moves, so no checkpoint is needed (a GPU machine has none)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=16, help="B: decoding requests in the overlap steps")
     p.add_argument("--ctx", type=int, default=256, help="tokens of each decoding request")
@@ -221,8 +227,14 @@ def main() -> None:
     machine = machine_record()
     memcpy = memcpy_bandwidth(args.repeats)
     print(f"memcpy: {memcpy:.2f} GB/s", flush=True)
-    llm = LLM(args.model, dtype=args.dtype, policy="swap", max_num_seqs=max(EngineConfig().max_num_seqs, args.batch),
-              kv_cache_memory_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb, swap_transfer=args.transfer)
+    options = dict(policy="swap", max_num_seqs=max(EngineConfig().max_num_seqs, args.batch),
+                   kv_cache_memory_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb, swap_transfer=args.transfer)
+    if args.shape:
+        args.model = args.shape
+        dtype = resolve_dtype(args.dtype)   # weights drawn on the device
+        llm = LLM.from_model(Llama(SHAPES[args.shape], dtype=dtype), None, **options)
+    else:
+        llm = LLM(args.model, dtype=args.dtype, **options)
     pool = llm.runner.host_pool
     print(f"engine built; KV pools: {llm.engine.blocks.device.num_blocks} device blocks, "
           f"{llm.engine.blocks.host.num_blocks} host blocks; transfer path: {pool.transfer}", flush=True)

@@ -22,10 +22,11 @@ from models.llama import Llama
 
 
 def ragged_step(rng, num_kv_heads: int, group: int, head_dim: int, dtype, block_size: int = 4,
-                chunk_pages: int = 2):
+                chunk_pages: int = 4):
     """Random pools and a step with a decode group (two decodes and a padding row) beside a chunk
     group (a prompt's chunk that ends mid-page, a chunk starting far into its context, a padding row).
-    Pages are scattered over the pool, in layer 1 of 2."""
+    Pages are scattered over the pool, in layer 1 of 2. The kernel reads 16 keys per iteration
+    (`chunk_pages` pages): Triton's dot wants at least 16 on each side."""
     num_blocks, width, table_width = 64, 4, 16
     pools = [jnp.asarray(rng.normal(size=(2, num_blocks, block_size, num_kv_heads, head_dim)), dtype) for _ in "kv"]
     tables = [rng.permutation(np.arange(1, num_blocks))[:table_width].astype(np.int32) for _ in range(4)]
@@ -66,8 +67,8 @@ def test_the_kernel_equals_the_xla_path_in_every_layer(num_kv_heads, group, dtyp
 
     @jax.jit
     def both(layer):
-        return (paged_attention(q, k_pool, v_pool, layer, meta, 2, kernel="xla"),
-                paged_attention(q, k_pool, v_pool, layer, meta, 2, kernel="pallas"))
+        return (paged_attention(q, k_pool, v_pool, layer, meta, 4, kernel="xla"),
+                paged_attention(q, k_pool, v_pool, layer, meta, 4, kernel="pallas"))
 
     outs = []
     for layer in (0, 1):
@@ -117,28 +118,36 @@ def test_the_engine_generates_the_same_tokens_with_either_kernel():
     assert runs["pallas"] == runs["xla"]
 
 
+def mesh_of(platform: str):
+    """What `for_backend` reads of a mesh: its devices' platform."""
+    device = dataclasses.make_dataclass("Device", [("platform", str)])(platform)
+    return dataclasses.make_dataclass("Mesh", [("devices", np.ndarray), ("size", int)])(np.array([device]), 1)
+
+
 def test_attention_auto_picks_the_kernel_on_gpu_only():
     spec = tiny_spec()
-    cpu = for_backend(EngineConfig(), spec, tp_mesh(1))
+    cpu = for_backend(EngineConfig(), spec, mesh_of("cpu"))
     assert cpu.attention == "xla" and cpu.max_num_batched_tokens == 384
-
-    class GpuMesh:   # what for_backend reads of a mesh of one GPU
-        devices = np.array([dataclasses.make_dataclass("Gpu", [("platform", str)])("gpu")])
-        size = 1
-
-    gpu = for_backend(EngineConfig(), spec, GpuMesh())
+    gpu = for_backend(EngineConfig(), spec, mesh_of("gpu"))
     assert gpu.attention == "pallas" and gpu.max_num_batched_tokens == 2048
-    assert for_backend(EngineConfig(block_size=12), spec, GpuMesh()).attention == "xla"
-    assert for_backend(EngineConfig(attention="xla"), spec, GpuMesh()).attention == "xla"
-    assert for_backend(EngineConfig(max_num_batched_tokens=512), spec, GpuMesh()).max_num_batched_tokens == 512
+    assert for_backend(EngineConfig(block_size=12), spec, mesh_of("gpu")).attention == "xla"
+    assert for_backend(EngineConfig(attention="xla"), spec, mesh_of("gpu")).attention == "xla"
+    assert for_backend(EngineConfig(max_num_batched_tokens=512), spec, mesh_of("gpu")).max_num_batched_tokens == 512
+    assert for_backend(EngineConfig(), spec, tp_mesh(1)).attention == ("pallas" if jax.default_backend() == "gpu"
+                                                                     else "xla")
 
 
 def test_a_kernel_the_shapes_do_not_fit_is_refused():
     with pytest.raises(ValueError, match="attention must be auto, xla or pallas"):
         EngineConfig(attention="flash")
     check_attention_kernel("pallas", 64, 16, 8)
-    with pytest.raises(ValueError, match="block_size = 12.*use attention='xla'"):
+    check_attention_kernel("pallas", 16, 4, 4)
+    with pytest.raises(ValueError, match="block_size = 12 is not a power of two.*use attention='xla'"):
         check_attention_kernel("pallas", 64, 12, 8)
-    with pytest.raises(ValueError, match="head_dim = 80"):
+    with pytest.raises(ValueError, match="head_dim = 80 is not"):
         check_attention_kernel("pallas", 80, 16, 8)
+    with pytest.raises(ValueError, match="head_dim = 8 is below 16"):
+        check_attention_kernel("pallas", 8, 16, 8)
+    with pytest.raises(ValueError, match="attn_chunk_tokens = 8 is below 16"):
+        check_attention_kernel("pallas", 64, 4, 2)
     check_attention_kernel("xla", 80, 12, 3)

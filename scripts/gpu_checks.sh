@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 13 and 14 in one run, for a session that is lent a GPU machine (JAX with
+# CUDA, torch and transformers, no package registry). Prepared on CPU and not yet run on a GPU.
+#
+# Here, before the run: `pip download --no-deps -d .whl gguf` (the one pure-Python package the
+# project needs that the machine lacks; `.whl/` is git-ignored), then through the device tool:
+#     run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
+# Everything it writes lands in $OUT. Each step has its own timeout, so one that hangs costs only
+# its share; about 10 minutes in all on an H200.
+set -o pipefail
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+
+# 1. Correctness on the GPU: the Pallas kernel compiled by Triton against the XLA path, async
+#    scheduling, the model against transformers in float32 (the SmolLM2 tests skip: no weights here).
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_kernels.py \
+    tests/test_async_scheduling.py tests/test_model.py 2>&1 | tail -30 | tee "$OUT/tests.log"
+
+# 2. The engine against transformers on SmolLM2-1.7B's shape in bf16 (issue 13's table): the
+#    kernel (auto), then the XLA path and async scheduling for the comparison.
+SHAPE="--shape smollm2-1.7b --contexts 512 --decode-tokens 64"
+timeout 180 python3 scripts/bench_engine.py $SHAPE --batches 1,8,64 \
+    --out "$OUT/bench_engine.json" 2>&1 | tail -40 | tee "$OUT/bench_engine.log"
+timeout 90 python3 scripts/bench_engine.py $SHAPE --batches 1,64 --skip-hf --async-scheduling \
+    --out "$OUT/bench_engine_async.json" 2>&1 | tail -25 | tee "$OUT/bench_engine_async.log"
+timeout 90 python3 scripts/bench_engine.py $SHAPE --batches 1,64 --skip-hf --attention xla \
+    --out "$OUT/bench_engine_xla.json" 2>&1 | tail -25 | tee "$OUT/bench_engine_xla.log"
+
+# 3. Swap through the pinned host pool against the link (issue 14), and the measured profile.
+timeout 120 python3 scripts/bench_swap.py --shape smollm2-1.7b --quick --dtype bfloat16 \
+    --kv-cache-gb 4 --swap-space-gb 4 --out "$OUT/bench_swap.json" 2>&1 | tail -40 | tee "$OUT/bench_swap.log"
