@@ -82,10 +82,13 @@ def _followed_process_0(llm) -> bool:
 ATTENTION_CHOICES = ["auto", "xla", "pallas"]
 ATTENTION_HELP = "paged attention kernel (default auto: the Pallas kernel on a GPU, else the XLA path)"
 ASYNC_HELP = "schedule and launch each step while the one before runs on the device"
+SWAP_TRANSFER_CHOICES = ["auto", "pinned_host", "numpy"]
+SWAP_TRANSFER_HELP = "host KV pool memory (default auto: pinned_host off the CPU, else numpy)"
 
 # `profile` options that are passed to LLM(...) when given; the rest keep the engine's defaults,
 # so the profile describes the engine a user builds with the same options.
-PROFILE_ENGINE_OPTIONS = ("dtype", "attention", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size",
+PROFILE_ENGINE_OPTIONS = ("dtype", "attention", "swap_transfer", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+                          "block_size",
                           "kv_cache_memory_gb", "swap_space_gb", "tensor_parallel_size")
 
 
@@ -200,7 +203,7 @@ def _predictor(args: argparse.Namespace) -> int:
 
 
 # `serve` options that are passed to AsyncLLM(...) when given.
-SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "attention", "async_scheduling", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
+SERVE_ENGINE_OPTIONS = ("policy", "profile", "dtype", "attention", "async_scheduling", "swap_transfer", "max_model_len", "kv_cache_memory_gb", "num_kv_blocks",
                         "max_num_seqs", "max_num_batched_tokens", "swap_space_gb", "seed", "tensor_parallel_size")
 
 
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=5, help="timings per measurement (median)")
     prof.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     prof.add_argument("--attention", choices=ATTENTION_CHOICES, help=ATTENTION_HELP)
+    prof.add_argument("--swap-transfer", choices=SWAP_TRANSFER_CHOICES, help=SWAP_TRANSFER_HELP)
     prof.add_argument("--max-num-batched-tokens", type=int, help="the largest step profiled (S is at most this)")
     prof.add_argument("--max-num-seqs", type=int)
     prof.add_argument("--max-model-len", type=int)
@@ -340,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--attention", choices=ATTENTION_CHOICES, help=ATTENTION_HELP)
     serve.add_argument("--async-scheduling", action="store_true", default=None, help=ASYNC_HELP)
+    serve.add_argument("--swap-transfer", choices=SWAP_TRANSFER_CHOICES, help=SWAP_TRANSFER_HELP)
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
     serve.add_argument("--num-kv-blocks", type=int)

@@ -49,3 +49,17 @@ def test_replay_refuses_real_engine_options_in_the_simulator(capsys, tmp_path, f
     command = ["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b", "--out", str(tmp_path)]
     assert main(command + flag) == 2
     assert f"{flag[0]} is for the real engine; the simulator runs no model" in capsys.readouterr().err
+
+
+def test_engine_options_of_serve_and_profile_reach_the_engine_config():
+    from dataclasses import fields
+
+    from infercept_jax.cli import PROFILE_ENGINE_OPTIONS, SERVE_ENGINE_OPTIONS, build_parser
+    from infercept_jax.config import EngineConfig
+
+    assert set(SERVE_ENGINE_OPTIONS) | set(PROFILE_ENGINE_OPTIONS) <= {f.name for f in fields(EngineConfig)}
+    args = build_parser().parse_args(["serve", "--attention", "pallas", "--async-scheduling", "--swap-transfer", "numpy"])
+    assert (args.attention, args.async_scheduling, args.swap_transfer) == ("pallas", True, "numpy")
+    assert build_parser().parse_args(["serve"]).async_scheduling is None      # unset: the engine's default
+    args = build_parser().parse_args(["profile", "--attention", "xla", "--swap-transfer", "pinned_host"])
+    assert (args.attention, args.swap_transfer) == ("xla", "pinned_host")
