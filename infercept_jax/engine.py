@@ -42,12 +42,14 @@ class OverlappingRunner(Runner, Protocol):
 @dataclass(slots=True)
 class _Flight:
     """A launched step: its plan, the runner's handle (or, in sync mode, its result), when it was
-    launched, its share of the waste accounting, and where each request it samples for holds the
-    placeholder of its token (`stale`: requests whose sample is void, paused or finished since)."""
+    launched, its share of the waste accounting, each request's query tokens in it, and where each
+    request it samples for holds the placeholder of its token (`stale`: requests whose sample is
+    void, paused or finished since)."""
     output: SchedulerOutput
     handle: object
     launched_at: float
     usage: StepUsage
+    query_tokens: dict[str, int] = field(default_factory=dict)
     placeholders: dict[str, int] = field(default_factory=dict)
     stale: set[str] = field(default_factory=set)
 
@@ -244,6 +246,7 @@ class Engine:
         flight = _Flight(output, handle, start, usage)
         for item in output.scheduled:
             item.request.num_computed_tokens += item.num_query_tokens
+            flight.query_tokens[item.request.request_id] = item.num_query_tokens
         for request in samplers:
             flight.placeholders[request.request_id] = request.num_tokens
             request.token_ids.append(PLACEHOLDER_TOKEN)
@@ -281,8 +284,8 @@ class Engine:
         flight = self._in_flight
         if flight is None or request.request_id in flight.stale:
             return None
-        n = next((item.num_query_tokens for item in flight.output.scheduled if item.request is request), 0)
-        if not n:
+        n = flight.query_tokens.get(request.request_id)
+        if n is None:
             return None
         request.num_computed_tokens -= n
         placeholder = flight.placeholders.get(request.request_id) is not None
