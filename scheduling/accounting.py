@@ -47,10 +47,6 @@ class WasteMeter:
     swap_in_blocks: int = 0
     preemptions: int = 0
 
-    def record(self, sched: Scheduler, out: SchedulerOutput, seconds: float, stall_seconds: float) -> None:
-        """Account one step that took `seconds`, `stall_seconds` of them in swap copies."""
-        self.add(self.measure(sched, out), seconds, stall_seconds)
-
     @staticmethod
     def measure(sched: Scheduler, out: SchedulerOutput) -> "StepUsage":
         """What step `out` holds and recomputes, read when it is launched (before its tokens count

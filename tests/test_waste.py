@@ -222,8 +222,8 @@ def test_waste_meter_record_by_hand():
     out = NS(scheduled=[a, b], num_tokens=8, swap_out=[(1, 0)], swap_in=[(2, 3), (4, 5), (6, 7)],
              preempted=["x", "y"], memory_short=False)
     meter = WasteMeter(pool_tokens=60)
-    meter.record(sched, out, seconds=2.0, stall_seconds=0.5)
-    meter.record(sched, NS(**{**vars(out), "memory_short": True}), seconds=2.0, stall_seconds=0.5)
+    meter.add(meter.measure(sched, out), seconds=2.0, stall_seconds=0.5)
+    meter.add(meter.measure(sched, NS(**{**vars(out), "memory_short": True})), seconds=2.0, stall_seconds=0.5)
     s = meter.summary()
     # each step: paused 8 tokens x 2 s = 16; recompute 2 s x 4/8 = 1 s x batch (16 + 22) = 38;
     # stall 0.5 s x 38 = 19; the pool is 60 tokens x 4 s = 240 token-seconds
@@ -234,5 +234,5 @@ def test_waste_meter_record_by_hand():
     assert s["waste_swap_stall_pct"] == pytest.approx(100 * 38 / 240)
     assert (s["swap_stall_seconds"], s["swap_out_blocks"], s["swap_in_blocks"], s["preemptions"]) == (1.0, 2, 6, 4)
     empty = NS(scheduled=[], num_tokens=0, swap_out=[], swap_in=[], preempted=[], memory_short=False)
-    meter.record(sched, empty, seconds=1.0, stall_seconds=0.0)      # a step with nothing scheduled
+    meter.add(meter.measure(sched, empty), seconds=1.0, stall_seconds=0.0)      # a step with nothing scheduled
     assert meter.summary()["recompute_seconds"] == 2.0 and meter.steps == 3
