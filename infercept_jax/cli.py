@@ -79,10 +79,8 @@ def _followed_process_0(llm) -> bool:
     return True
 
 
-ATTENTION_CHOICES = ["auto", "xla", "pallas"]
 ATTENTION_HELP = "paged attention kernel (default auto: the Pallas kernel on a GPU, else the XLA path)"
 ASYNC_HELP = "schedule and launch each step while the one before runs on the device"
-SWAP_TRANSFER_CHOICES = ["auto", "pinned_host", "numpy"]
 SWAP_TRANSFER_HELP = "host KV pool memory (default auto: pinned_host off the CPU, else numpy)"
 
 # `profile` options that are passed to LLM(...) when given; the rest keep the engine's defaults,
@@ -252,6 +250,8 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from infercept_jax.config import ATTENTION_CHOICES, SWAP_TRANSFERS
+
     parser = argparse.ArgumentParser(prog="infercept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=5, help="timings per measurement (median)")
     prof.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     prof.add_argument("--attention", choices=ATTENTION_CHOICES, help=ATTENTION_HELP)
-    prof.add_argument("--swap-transfer", choices=SWAP_TRANSFER_CHOICES, help=SWAP_TRANSFER_HELP)
+    prof.add_argument("--swap-transfer", choices=SWAP_TRANSFERS, help=SWAP_TRANSFER_HELP)
     prof.add_argument("--max-num-batched-tokens", type=int, help="the largest step profiled (S is at most this)")
     prof.add_argument("--max-num-seqs", type=int)
     prof.add_argument("--max-model-len", type=int)
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--attention", choices=ATTENTION_CHOICES, help=ATTENTION_HELP)
     serve.add_argument("--async-scheduling", action="store_true", default=None, help=ASYNC_HELP)
-    serve.add_argument("--swap-transfer", choices=SWAP_TRANSFER_CHOICES, help=SWAP_TRANSFER_HELP)
+    serve.add_argument("--swap-transfer", choices=SWAP_TRANSFERS, help=SWAP_TRANSFER_HELP)
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--kv-cache-gb", dest="kv_cache_memory_gb", type=float)
     serve.add_argument("--num-kv-blocks", type=int)

@@ -10,6 +10,9 @@ from scheduling.lamps import LampsOptions
 from scheduling.policies import HEURISTICS, POLICIES
 from scheduling.profile import HardwareProfile
 
+ATTENTION_CHOICES = ("auto", "xla", "pallas")       # auto: the Pallas kernel on GPU, else the XLA path
+SWAP_TRANSFERS = ("auto", "pinned_host", "numpy")   # auto: pinned_host off the CPU, else numpy
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -98,7 +101,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.attention not in ("auto", "xla", "pallas"):
+        if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be auto, xla or pallas, got {self.attention!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
@@ -122,7 +125,7 @@ class EngineConfig:
                              f"{self.resolved_estimator!r}")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
-        if self.swap_transfer not in ("auto", "pinned_host", "numpy"):
+        if self.swap_transfer not in SWAP_TRANSFERS:
             raise ValueError(f"swap_transfer must be auto, pinned_host or numpy, got {self.swap_transfer!r}")
         if self.swap_space_gb < 0:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infercept_jax.build import DEFAULT_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGETS
-from infercept_jax.config import SamplingParams
+from infercept_jax.config import ATTENTION_CHOICES, SamplingParams
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.llm import LLM, resolve_dtype
 from models.llama import Llama, hf_weight_names, matmul_precision
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=DEFAULT_TOKEN_BUDGETS.get(jax.default_backend(), DEFAULT_TOKEN_BUDGET),
                    help="the engine's step budget (default: the backend's, as the engine's; fewer step "
                         "shapes to compile when small)")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="the engine's paged attention kernel (auto: Pallas on a GPU, else XLA)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="the engine launches each step while the one before runs (EngineConfig.async_scheduling)")

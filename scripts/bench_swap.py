@@ -38,7 +38,7 @@ import time
 import jax
 import numpy as np
 
-from infercept_jax.config import EngineConfig
+from infercept_jax.config import SWAP_TRANSFERS, EngineConfig
 from infercept_jax.llm import LLM, resolve_dtype
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.profiler import measure_profile, median_seconds, swap_bandwidth, synthetic_request
@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timings per measurement (median)")
     p.add_argument("--kv-cache-gb", type=float, default=4.0, help="device KV pool (room for the swaps)")
     p.add_argument("--swap-space-gb", type=float, default=3.0, help="host KV pool")
-    p.add_argument("--transfer", default="auto", choices=["auto", "pinned_host", "numpy"],
+    p.add_argument("--transfer", default="auto", choices=SWAP_TRANSFERS,
                    help="host pool memory (auto: pinned_host off the CPU, numpy on it)")
     p.add_argument("--quick", action="store_true", help="smoke run: blocks 16,64; 3 repeats; quick profile")
     p.add_argument("--out", default="results/bench_swap.json")
