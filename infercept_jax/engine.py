@@ -288,7 +288,7 @@ class Engine:
         if n is None:
             return None
         request.num_computed_tokens -= n
-        placeholder = flight.placeholders.get(request.request_id) is not None
+        placeholder = request.request_id in flight.placeholders
         if placeholder:
             request.token_ids.pop()
         flight.stale.add(request.request_id)
