@@ -5,12 +5,12 @@ first served. LAMPS adds three things on the same scheduler:
 
   * **strategy in advance** (6.2): at arrival and at every resume, the next call's handling is
     fixed by the least predicted waste among preserve, chunked discard and swap; at the pause the
-    request is discarded, swapped out (within the step's swap budget, over as many steps as it
-    takes) or kept;
+    request is swapped out (within the step's swap budget, over as many steps as it takes) or kept;
   * **ranking** (6.3): swapped and waiting requests form one list ordered by the predicted area
     under their memory-over-time curve, smallest first (running requests keep FCFS order);
-  * **starvation prevention** (6.4): a request queued for `threshold` consecutive steps gets a
-    quantum of `quantum` steps at the front of the list.
+  * **starvation prevention** (6.4): a request that ran before (resumed after a call, preempted)
+    and has been queued for `threshold` consecutive steps gets a quantum of `quantum` steps at the
+    front of the list.
 
 Where this deviates from the released code (spec 6.3), it is to keep every score in the same unit,
 token·seconds, from the machine's profile:
@@ -20,8 +20,16 @@ token·seconds, from the machine's profile:
   * a segment that ends without a call scores its own generation only, `mt(C + L)` (the code's
     "complete" branches add the after-call part of a call that does not happen);
   * the remaining prediction shrinks as the request generates, so a preempted request is ranked
-    by what it has left, and fresh requests count towards starvation too (the code counts only
-    requests that ran before, so a new long request could wait forever).
+    by what it has left.
+
+And one where it follows InferCept here (spec 8.1, `InferCeptPolicy`): a paused request planned for
+discard keeps its KV until a running or queued request needs the blocks (it is then the first
+victim if its planned waste is the largest), since memory nobody takes is not wasted, while the
+recompute costs compute. The released code discards at the pause.
+
+Fresh requests do not count towards starvation, as in the released code, though a long new request
+can then wait as long as shorter ones keep coming: counting them turned the ranking into first
+come, first served under overload, worse than InferCept's own queues (docs/lamps.md).
 
 One option goes beyond the paper. In one list, a resumed request whose KV sits in the host pool
 ranks by its size like any other, so under load large ones stay parked there while small new
@@ -151,7 +159,10 @@ class LampsPolicy(Policy):
         return mode, wastes[mode]
 
     def on_pause(self, request: Request, now: float) -> PauseMode:
-        return self.plans[request.request_id].mode
+        """The planned swap, else keep the KV: a planned discard waits until someone needs the
+        memory (module docstring)."""
+        mode = self.plans[request.request_id].mode
+        return PauseMode.SWAP if mode is PauseMode.SWAP else PauseMode.PRESERVE
 
     def plan(self, now: float) -> None:
         """Carry out planned swaps within the step's swap-out budget (the rest wait for later
@@ -195,8 +206,8 @@ class LampsPolicy(Policy):
         return self._saturated_step_s * (1 + n) * n / 2 * c_h
 
     def on_running_scheduled(self) -> None:
-        """Advance the step: count starvation (a request's counter runs while it is queued and
-        restarts when it runs without a quantum), grant quanta, and re-score the queued requests
+        """Advance the step: count starvation (a request that ran before counts while it is queued,
+        and restarts when it runs without a quantum), grant quanta, and re-score the queued requests
         every `rerank_interval` steps (a score changes only with the running batch's query tokens
         or the request's length, so unchanged ones are kept)."""
         step, self._step = self._step, self._step + 1
@@ -211,8 +222,10 @@ class LampsPolicy(Policy):
                 plan.queued_since = step + 1
         for request in (*self.view.swapped, *self.view.waiting):
             plan = self.plans[request.request_id]
+            if not request.has_run:
+                plan.queued_since = step + 1     # a fresh request's counter does not run (spec 6.4)
             # steps queued, this one included: the counter goes up before the sort that checks it
-            if threshold is not None and plan.front_until <= step and step - plan.queued_since + 1 >= threshold:
+            elif threshold is not None and plan.front_until <= step and step - plan.queued_since + 1 >= threshold:
                 plan.front_until = step + quantum
                 plan.queued_since = plan.front_until
                 self.quanta_granted += 1

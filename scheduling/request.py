@@ -142,6 +142,12 @@ class Request:
         return len(self.prompt_token_ids)
 
     @property
+    def has_run(self) -> bool:
+        """It had KV at some point: it holds some now, or recomputes what it had (preempted,
+        discarded at a call, moved off the host)."""
+        return self.num_computed_tokens > 0 or self.recompute_until > 0
+
+    @property
     def num_inflight_tokens(self) -> int:
         """Tokens that have no KV yet: the prompt, a resumed result, a discarded context."""
         return len(self.token_ids) - self.num_computed_tokens

@@ -99,9 +99,10 @@ def test_classify_picks_the_least_waste():
         (PauseMode.PRESERVE, pytest.approx(16 * 0.001))
 
 
-def test_planned_strategy_is_applied_at_the_pause():
+def test_planned_strategy_at_the_pause_keeps_the_kv_while_the_pool_has_room():
     """Planned while a batch runs: a long call is to be discarded (cheaper than stalling the batch
-    for a swap) and frees its KV at the pause; a short one keeps it."""
+    for a swap), a short one kept. At the pause both keep their KV: the pool has room, so nobody
+    needs the memory a discard would free (the eviction is in test_lamps_decisions)."""
     engine = lamps_engine(starvation_threshold=None)
     policy, blocks = engine.scheduler.policy, engine.blocks
     engine.add_request([5] * 40, SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.0))   # a batch to stall
@@ -115,9 +116,9 @@ def test_planned_strategy_is_applied_at_the_pause():
     assert engine.requests[long_call].status is RequestStatus.PAUSED
     assert engine.requests[short_call].status is RequestStatus.PAUSED
     assert policy.plans[long_call].mode is PauseMode.DISCARD
-    assert blocks.num_blocks_of(long_call) == 0
     assert policy.plans[short_call].mode is PauseMode.PRESERVE
-    assert blocks.num_blocks_of(short_call) > 0
+    assert blocks.num_blocks_of(long_call) > 0 and blocks.num_blocks_of(short_call) > 0
+    assert engine.scheduler.num_discards == 0
 
 
 # ------------------------------------------------------------------ the ranking
@@ -156,20 +157,26 @@ def test_fcfs_policies_keep_swapped_before_waiting_by_arrival():
 
 
 # ------------------------------------------------------------------ starvation prevention
-def run_long_under_short_stream(threshold: int | None, steps: int = 200) -> tuple[int | None, int | None, int]:
-    """A 30-token request arrives with two 2-token ones; two new short ones arrive every step, and
-    two requests fit in a step. Returns the steps at which the long one got its first token and
-    finished (None if it did not), and how many quanta the guard granted."""
+def run_long_under_short_stream(threshold: int | None, ran_before: bool,
+                                steps: int = 200) -> tuple[int | None, int | None, int]:
+    """A 30-token request arrives; with `ran_before` it computes one chunk alone and is then
+    preempted (as a memory shortage would), else it is fresh. Then two 2-token requests arrive every
+    step, and two requests fit in a step. Returns the steps (of the stream) at which the long one got
+    its first token and finished (None if it did not), and how many quanta the guard granted."""
     engine = lamps_engine(num_kv_blocks=256, max_num_seqs=2, starvation_threshold=threshold, starvation_quantum=50)
     policy = engine.scheduler.policy
     short = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
     long_id = engine.add_request([5] * 30, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
+    long = engine.requests[long_id]
+    if ran_before:
+        engine.step()
+        engine.scheduler._preempt(long)
+        assert long.has_run and long.status is RequestStatus.WAITING
     first = None
     for step in range(steps):
         for _ in range(2):
             engine.add_request([5] * 2, short)
         engine.step()
-        long = engine.requests[long_id]
         if first is None and long.first_token_time is not None:
             first = step
         if long.status.finished:
@@ -179,9 +186,9 @@ def run_long_under_short_stream(threshold: int | None, steps: int = 200) -> tupl
     return first, None, policy.quanta_granted
 
 
-def test_a_long_request_under_a_stream_of_short_ones_finishes_within_the_bound():
+def test_a_requeued_long_request_under_a_stream_of_short_ones_finishes_within_the_bound():
     threshold = 20
-    first, finished, quanta = run_long_under_short_stream(threshold)
+    first, finished, quanta = run_long_under_short_stream(threshold, ran_before=True)
     # It gets the quantum after `threshold` queued steps and a seat once a running short request
     # finishes (2 steps); then 3 prefill chunks and 3 more decode steps. Bound: threshold + 10.
     assert first is not None and finished is not None
@@ -189,8 +196,15 @@ def test_a_long_request_under_a_stream_of_short_ones_finishes_within_the_bound()
     assert quanta >= 1
 
 
-def test_without_starvation_prevention_the_long_request_waits_forever():
-    assert run_long_under_short_stream(None) == (None, None, 0)
+def test_a_fresh_request_does_not_count_towards_starvation():
+    """Spec 6.4, as the released code: only requests that ran before count, so a fresh long request
+    under a stream of shorter ones waits (counting fresh ones collapses LAMPS under overload,
+    docs/lamps.md)."""
+    assert run_long_under_short_stream(20, ran_before=False) == (None, None, 0)
+
+
+def test_without_starvation_prevention_the_requeued_long_request_waits_forever():
+    assert run_long_under_short_stream(None, ran_before=True) == (None, None, 0)
 
 
 # ------------------------------------------------------------------ predictions
@@ -321,9 +335,11 @@ def test_queue_order_only_reads_and_the_step_advances_once_per_schedule():
     for the order again changes nothing."""
     engine = lamps_engine(num_kv_blocks=256, max_num_seqs=1, starvation_threshold=2, starvation_quantum=50)
     lamps = engine.scheduler.policy
+    rids = [engine.add_request([5] * 4, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
+            for _ in range(3)]
+    engine.step()
+    engine.scheduler._preempt(engine.requests[rids[0]])     # it ran: queued, its counter runs
     for _ in range(3):
-        engine.add_request([5] * 4, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
-    for _ in range(4):
         engine.step()
     def state():
         return lamps._step, lamps.quanta_granted, {rid: (p.front_until, p.queued_since, p.score)

@@ -10,7 +10,7 @@ from test_lamps import make_request
 
 from scheduling.lamps import LampsOptions, LampsPolicy, Plan
 from scheduling.predictors import SegmentPrediction
-from scheduling.request import Interception, PauseMode, RequestStatus
+from scheduling.request import Interception, PauseMode, Request, RequestStatus
 
 
 def run_one_step_then_requeue(sched, request) -> None:
@@ -22,6 +22,13 @@ def run_one_step_then_requeue(sched, request) -> None:
     sched.running.remove(request)
     sched.waiting.append(request)
     request.status = RequestStatus.WAITING
+
+
+def requeued(rid: str) -> Request:
+    """A 4-token request that ran before and is queued again: the state a preemption leaves."""
+    request = make_request(rid, 4)
+    request.recompute_until = request.num_tokens
+    return request
 
 
 def lamps(**options) -> LampsPolicy:
@@ -67,6 +74,31 @@ def test_victims_largest_planned_waste_first_ties_by_priority_time():
     assert [r.request_id for r in policy.victims(0.0)] == ["big", "early-twin", "late-twin", "small"]
 
 
+def test_a_planned_discard_keeps_its_kv_until_a_request_needs_the_blocks():
+    """Memory nobody takes is not wasted: a paused request planned for discard keeps its KV at the
+    pause, and gives it up, as the largest planned waste, when a new request needs the blocks."""
+    policy = lamps(starvation_threshold=None)
+    policy.swap_budget = lambda: (0, 0)             # no copies: a victim is discarded
+    sched = scheduler_with(policy, device_blocks=7)     # 6 usable blocks of 4 tokens
+    for rid, mode, waste in (("to-discard", PauseMode.DISCARD, 5.0), ("to-keep", PauseMode.PRESERVE, 1.0)):
+        request = make_request(rid, 8)
+        sched.add(request)
+        sched.blocks.ensure(rid, 8)
+        request.num_computed_tokens = 8
+        sched.waiting.remove(request)
+        sched.running.append(request)
+        policy.plans[rid].mode, policy.plans[rid].waste = mode, waste
+        sched.pause(request, Interception((rid, 0), 0.0), 0.0)
+    held = lambda rid: (sched.blocks.num_blocks_of(rid), sched.paused[rid].pause_mode)  # noqa: E731
+    assert (held("to-discard"), held("to-keep"), sched.num_discards) == ((2, PauseMode.PRESERVE),
+                                                                         (2, PauseMode.PRESERVE), 0)
+    sched.add(make_request("new", 12))             # its 12 tokens need 3 blocks; 2 are free
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["new"]
+    assert (held("to-discard"), held("to-keep"), sched.num_discards) == ((0, PauseMode.DISCARD),
+                                                                         (2, PauseMode.PRESERVE), 1)
+
+
 # ------------------------------------------------------------------ starvation (spec 6.4)
 def test_starvation_quantum_comes_in_the_thresholdth_queued_step():
     """Each step a queued request counts one more step; in the step its count reaches the threshold
@@ -74,7 +106,7 @@ def test_starvation_quantum_comes_in_the_thresholdth_queued_step():
     threshold = 3
     policy = lamps(starvation_threshold=threshold, starvation_quantum=50)
     sched = blocked_behind_a_full_batch(policy)     # step 0 is done
-    late = make_request("late", 4)
+    late = requeued("late")
     sched.add(late)                                 # queued from step 1 on
     granted = []
     for _ in range(threshold + 1):                  # steps 1 .. threshold + 1
@@ -85,10 +117,26 @@ def test_starvation_quantum_comes_in_the_thresholdth_queued_step():
     assert policy.quanta_granted == 1
 
 
+def test_a_fresh_request_never_counts_towards_starvation():
+    """Spec 6.4: only a request that ran before counts; the same request once it has run does."""
+    policy = lamps(starvation_threshold=2, starvation_quantum=50)
+    sched = blocked_behind_a_full_batch(policy)
+    fresh = make_request("fresh", 4)
+    sched.add(fresh)
+    for _ in range(5):
+        sched.schedule()
+    assert not policy.is_starving(fresh) and policy.quanta_granted == 0
+    fresh.recompute_until = fresh.num_tokens                               # as if preempted
+    sched.schedule()
+    assert not policy.is_starving(fresh)
+    sched.schedule()
+    assert policy.is_starving(fresh)
+
+
 def test_a_quantum_lasts_exactly_its_steps():
     policy = lamps(starvation_threshold=2, starvation_quantum=2)
     sched = blocked_behind_a_full_batch(policy)
-    late = make_request("late", 4)
+    late = requeued("late")
     sched.add(late)
     front = []
     for _ in range(6):
@@ -113,7 +161,7 @@ def test_quantum_holders_go_first_oldest_first_whatever_their_scores():
 def test_with_a_threshold_of_one_a_queued_request_holds_quanta_back_to_back():
     policy = lamps(starvation_threshold=1, starvation_quantum=2)
     sched = blocked_behind_a_full_batch(policy)
-    late = make_request("late", 4)
+    late = requeued("late")
     sched.add(late)
     granted_before = policy.quanta_granted          # the seat's, in step 0
     front = []
@@ -128,7 +176,7 @@ def test_a_quantum_that_ends_while_running_restarts_the_count():
     after its quantum: its count restarts, so queued again it waits 2 more steps for a new quantum."""
     policy = lamps(starvation_threshold=2, starvation_quantum=2)
     sched = blocked_behind_a_full_batch(policy)
-    late = make_request("late", 4)
+    late = requeued("late")
     sched.add(late)
     for _ in range(3):                              # steps 1 to 3
         sched.schedule()
@@ -226,7 +274,7 @@ def test_running_without_a_quantum_restarts_the_count():
     """Spec 6.4: a running request without a quantum has its counter reset."""
     policy = lamps(starvation_threshold=3, starvation_quantum=50)
     sched = blocked_behind_a_full_batch(policy)
-    late = make_request("late", 4)
+    late = requeued("late")
     sched.add(late)
     sched.schedule()
     sched.schedule()                                # queued 2 steps: one short of the threshold
