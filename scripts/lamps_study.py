@@ -3,12 +3,17 @@ the single-call and the mixed workloads, around and above InferCept's saturation
 predictions, with 20 % and 60 % Gaussian prediction error, with the learned length predictor and
 without starvation prevention.
 
-    .venv/bin/python scripts/lamps_study.py                      # 6B profile, 600 s windows, ~10 min
-    .venv/bin/python scripts/lamps_study.py --window 1800 --fraction 1.0
+    .venv/bin/python scripts/lamps_study.py                      # 6B profile at 40 GB, 600 s windows
+    .venv/bin/python scripts/lamps_study.py --window 1800 --fraction 2.0
+    .venv/bin/python scripts/lamps_study.py --trace diverse_oneapi_merged_exp_uniform.json   # the authors' file
 
-* Rates: FRACTIONS of the profile's compute capacity for the workload
-  (`infercept_jax.experiments.capacity.capacity_rps`), so both workloads are swept from half load
-  to overload.
+* Traces: the generated single-call and mixed workloads, or any trace file (`--trace`, its text
+  measured with `--tokenizer`).
+* Memory: the GPU capped at `--device-memory-gb` (40 GiB, as both papers ran the 6B and 13B models,
+  spec 6.6), the device pool sized from it by the reference's rule.
+* Rates: FRACTIONS of the profile's compute capacity for the trace
+  (`infercept_jax.experiments.capacity.capacity_rps`, a scale that ignores tool-call time), chosen
+  so both workloads are swept from below InferCept's knee to past it on the 6B profile.
 * The learned variant trains `LengthModel` on a different generated trace (seed 1, 2000 requests)
   and predicts every segment's length from the request's shape; durations stay oracle. The
   tool-mean variant predicts each call's duration (and result size) as the running mean of the
@@ -33,14 +38,15 @@ from infercept_jax.experiments.capacity import capacity_rps
 from infercept_jax.experiments.length_training import fit_length_model, segment_examples
 from infercept_jax.experiments.replay import replay, sample_arrivals
 from infercept_jax.experiments.simulator import simulated_engine
-from infercept_jax.experiments.sweeps import resolve_trace
+from infercept_jax.experiments.sweeps import add_tokenizer_argument, resolve_trace
 from infercept_jax.experiments.workload import generate_workload
 from scheduling.lamps import LampsOptions
 from scheduling.length_model import evaluate
 from scheduling.profile import load_profile
 
-WORKLOADS = ("mixed-onecall", "mixed")
-FRACTIONS = (0.5, 0.75, 1.0, 1.25)
+TRACES = ("builtin:mixed-onecall", "builtin:mixed")
+FRACTIONS = (1.0, 1.5, 2.0, 2.5)
+PAPERS_DEVICE_MEMORY_GIB = 40.0
 # (label, policy, LAMPS options); "learned" gets the trained length model's path at run time.
 VARIANTS = (
     ("infercept", "infercept", None),
@@ -53,15 +59,26 @@ VARIANTS = (
 )
 
 
+def study_profile(name: str, device_memory_gb: float):
+    profile = load_profile(name)
+    return profile.with_device_memory(device_memory_gb) if device_memory_gb else profile
+
+
+def workload_name(trace_spec: str) -> str:
+    """A builtin's name, a file's name without its directory."""
+    return trace_spec.removeprefix("builtin:") if trace_spec.startswith("builtin:") else os.path.basename(trace_spec)
+
+
 def run_one(task: tuple) -> dict:
-    profile_name, workload, qps, window, seed, label, policy, options = task
-    profile = load_profile(profile_name)
-    trace = resolve_trace(f"builtin:{workload}")
+    profile_name, device_memory_gb, trace_spec, tokenizer, qps, window, seed, label, policy, options = task
+    profile = study_profile(profile_name, device_memory_gb)
+    trace = resolve_trace(trace_spec, tokenizer)
     arrivals = sample_arrivals(trace, qps, window, seed)
     engine = simulated_engine(profile, policy, lamps=LampsOptions(**(options or {})))
     start = time.perf_counter()
     metrics = replay(engine, arrivals, window)
-    return {"variant": label, "policy": policy, "workload": workload, "qps": qps, "profile": profile_name,
+    return {"variant": label, "policy": policy, "workload": workload_name(trace_spec), "trace": trace_spec,
+            "qps": qps, "profile": profile_name, "device_memory_gb": device_memory_gb or None,
             "window_s": window, "seed": seed, "lamps_options": options,
             "sim_seconds": time.perf_counter() - start,
             "starvation_quanta": getattr(engine.scheduler.policy, "quanta_granted", None), **metrics}
@@ -104,7 +121,12 @@ def format_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="a100-gptj-6b", help="profile name or JSON file (default a100-gptj-6b)")
-    parser.add_argument("--workload", action="append", choices=WORKLOADS, help="repeat for several (default both)")
+    parser.add_argument("--device-memory-gb", type=float, default=PAPERS_DEVICE_MEMORY_GIB,
+                        help="GiB of memory per GPU, the device pool sized from it "
+                        f"(default {PAPERS_DEVICE_MEMORY_GIB:g}, as the papers ran; 0: the profile's own pool)")
+    parser.add_argument("--trace", action="append", help="builtin:NAME or a trace file; repeat for several "
+                        f"(default: {', '.join(TRACES)})")
+    add_tokenizer_argument(parser)
     parser.add_argument("--fraction", action="append", type=float,
                         help=f"rate as a fraction of capacity; repeat for several (default {FRACTIONS})")
     parser.add_argument("--window", type=float, default=600.0, help="seconds of arrivals per run (default 600)")
@@ -124,10 +146,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     accuracy = train_length_model(model_path)
     print(f"length model (trained on generated mixed, seed 1): held-out MAE {accuracy['mae_tokens']:.1f} tokens "
           f"(constant mean: {accuracy['baseline_mae_tokens']:.1f}), exact bin {accuracy['bin_accuracy']:.0%}")
-    profile = load_profile(args.profile)
+    profile = study_profile(args.profile, args.device_memory_gb)
     tasks = []
-    for workload in args.workload or WORKLOADS:
-        capacity = capacity_rps(profile, resolve_trace(f"builtin:{workload}"))
+    for trace_spec in args.trace or TRACES:
+        capacity = capacity_rps(profile, resolve_trace(trace_spec, args.tokenizer))
         for fraction in args.fraction or FRACTIONS:
             qps = round(capacity * fraction, 2)
             extra = [(f"lamps rerank every {k}", "lamps", {"rerank_interval": k}) for k in args.rerank_interval]
@@ -137,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for label, policy, options in (*VARIANTS, *extra):
                 if options is not None and options.get("length_predictor") == "learned":
                     options = {**options, "length_predictor": model_path}
-                tasks.append((args.profile, workload, qps, args.window, args.seed, label, policy, options))
+                tasks.append((args.profile, args.device_memory_gb, trace_spec, args.tokenizer, qps, args.window,
+                              args.seed, label, policy, options))
     start = time.perf_counter()
     if args.workers == 1:
         results = [run_one(task) for task in tasks]
@@ -148,7 +171,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table)
     print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s")
     with open(os.path.join(args.out, "lamps.md"), "w") as f:
-        f.write(f"profile {args.profile}, {args.window:g} s windows, seed {args.seed}\n\n{table}\n")
+        memory = f"{args.device_memory_gb:g} GiB per GPU" if args.device_memory_gb else "its own pool"
+        f.write(f"profile {args.profile} at {memory}, {args.window:g} s windows, seed {args.seed}\n\n{table}\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"length_model_accuracy": accuracy, "runs": results}, f, indent=2)
     print(f"wrote {args.out}/lamps.md and {args.out}/results.json")

@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from infercept_jax.experiments.workload import generate_workload, load_trace, save_trace
+
 _PATH = Path(__file__).resolve().parent.parent / "scripts" / "lamps_study.py"
 _SPEC = importlib.util.spec_from_file_location("lamps_study", _PATH)
 study = importlib.util.module_from_spec(_SPEC)
@@ -18,7 +20,7 @@ def test_change_against_the_baseline():
 
 
 def test_a_tiny_study_runs_every_variant_on_the_same_arrivals(tmp_path):
-    results = study.main(["--workload", "mixed-onecall", "--fraction", "0.5", "--window", "8", "--workers", "1",
+    results = study.main(["--trace", "builtin:mixed-onecall", "--fraction", "0.5", "--window", "8", "--workers", "1",
                           "--starvation-threshold", "5", "--out", str(tmp_path)])
     labels = [r["variant"] for r in results]
     assert labels == [label for label, _, _ in study.VARIANTS] + ["lamps starvation threshold 5"]
@@ -30,3 +32,16 @@ def test_a_tiny_study_runs_every_variant_on_the_same_arrivals(tmp_path):
     assert saved["length_model_accuracy"]["mae_tokens"] < saved["length_model_accuracy"]["baseline_mae_tokens"]
     table = (tmp_path / "lamps.md").read_text()
     assert table.count("| mixed-onecall |") == len(results) and "| infercept | " in table
+    assert "at 40 GiB per GPU" in table and {r["device_memory_gb"] for r in results} == {40.0}
+
+
+def test_the_study_replays_a_trace_file_on_the_profiles_own_pool(tmp_path):
+    path = tmp_path / "calls.json"
+    save_trace(generate_workload("mixed", 20, seed=3, single_call=True), path)
+    results = study.main(["--trace", str(path), "--fraction", "0.5", "--window", "8", "--workers", "1",
+                          "--device-memory-gb", "0", "--out", str(tmp_path)])
+    assert {r["workload"] for r in results} == {"calls.json"} and {r["trace"] for r in results} == {str(path)}
+    assert {r["device_memory_gb"] for r in results} == {None}
+    # the profile's own 80 GB pool holds more than the 40 GB one: the rate grid scales with it
+    assert results[0]["qps"] == round(0.5 * study.capacity_rps(study.load_profile("a100-gptj-6b"),
+                                                               load_trace(path)), 2)
