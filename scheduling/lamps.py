@@ -167,6 +167,8 @@ class LampsPolicy(Policy):
     def plan(self, now: float) -> None:
         """Carry out planned swaps within the step's swap-out budget (the rest wait for later
         steps; a full host pool leaves the request preserved until room appears)."""
+        if self.view.swap_out_blocks_left == 0:
+            return      # room on the device: the budget is 0 and nothing can move (the common case)
         for request in self.view.paused:
             if request.pause_mode is PauseMode.SWAP:
                 held = self.view.device_blocks(request)
