@@ -286,11 +286,16 @@ def test_running_without_a_quantum_restarts_the_count():
     assert granted == [False, False, True]
 
 
-def test_a_planned_swap_moves_blocks_within_each_steps_budget():
+@pytest.mark.parametrize("budget, expected", [
+    (2, [(2, 2), (0, 4), (0, 4)]),
+    (1, [(3, 1), (2, 2), (1, 3)]),
+    (0, [(4, 0), (4, 0), (4, 0)]),      # no budget: it stays on the device
+])
+def test_a_planned_swap_moves_blocks_within_each_steps_budget(budget, expected):
     """Spec 6.2 (swap within the step's budget, lamps.py docstring): a request planned for SWAP is
     swapped out over as many steps as the budget takes."""
     policy = lamps()
-    policy.swap_budget = lambda: (0, 2)
+    policy.swap_budget = lambda: (0, budget)
     sched = scheduler_with(policy)
     request = make_request("r", 16)
     sched.add(request)                              # planned at arrival
@@ -305,7 +310,7 @@ def test_a_planned_swap_moves_blocks_within_each_steps_budget():
     for _ in range(3):
         sched.schedule()
         held.append((sched.blocks.num_blocks_of("r"), sched.blocks.num_host_blocks_of("r")))
-    assert held == [(2, 2), (0, 4), (0, 4)]
+    assert held == expected
 
 
 # ------------------------------------------------------------------ one ranked list of swapped and waiting
