@@ -1,6 +1,8 @@
 """InferCept's min-waste interception policy (spec 3.5), re-decided every step."""
 from __future__ import annotations
 
+from typing import Callable
+
 from scheduling.estimators import DurationEstimator, OracleEstimator
 from scheduling.policy import Policy, SchedulerView
 from scheduling.profile import HardwareProfile
@@ -14,6 +16,29 @@ def step_swap_budget(view: SchedulerView, profile: HardwareProfile) -> tuple[int
     bs = view.block_size
     budget = swap_budget(view.free_device_blocks * bs, view.free_host_blocks * bs, profile, bs)
     return budget.in_blocks, budget.out_blocks
+
+
+def scored_paused(view: SchedulerView, profile: HardwareProfile,
+                  remaining: Callable[[Request], float]) -> list[tuple[float, float, Request]]:
+    """(preserve waste, discard waste, request) of the paused requests holding device blocks, where
+    `remaining(request)` is the seconds left of its call."""
+    running_query, running_context = view.running_tokens()
+    scored = []
+    for request in view.paused:
+        held = view.device_blocks(request)
+        if held == 0:
+            continue
+        on_device = min(held * view.block_size, request.num_computed_tokens)
+        w_preserve = preserve_waste(remaining(request), on_device)
+        w_discard = chunked_discard_waste(request.num_computed_tokens, running_query, running_context, profile)
+        scored.append((w_preserve, w_discard, request))
+    return scored
+
+
+def eviction_order(scored: list[tuple[float, float, Request]]) -> list[Request]:
+    """The eviction that saves the most waste first, `w_p - w_d` (the discard waste is what giving
+    the memory up costs), ties by priority time."""
+    return [request for _, _, request in sorted(scored, key=lambda s: (s[1] - s[0], s[2].priority_time))]
 
 
 class InferCeptPolicy(Policy):
@@ -59,25 +84,11 @@ class InferCeptPolicy(Policy):
             request.pause_mode = PauseMode.SWAP
 
     def victims(self, now: float) -> list[Request]:
-        scored = sorted(self._scored(now), key=lambda s: (s[1] - s[0], s[2].priority_time))
-        return [request for _, _, request in scored]
+        return eviction_order(self._scored(now))
 
     def _scored(self, now: float) -> list[tuple[float, float, Request]]:
-        """(preserve waste, discard waste, request) of the paused requests holding device blocks."""
-        view = self.view
-        running_query, running_context = view.running_tokens()
-        scored = []
-        for request in view.paused:
-            held = view.device_blocks(request)
-            if held == 0:
-                continue
-            on_device = min(held * view.block_size, request.num_computed_tokens)
-            remaining = self.estimator.remaining(request.interceptions[-1], now)
-            w_preserve = preserve_waste(remaining, on_device)
-            w_discard = chunked_discard_waste(request.num_computed_tokens, running_query, running_context,
-                                              self.profile)
-            scored.append((w_preserve, w_discard, request))
-        return scored
+        return scored_paused(self.view, self.profile,
+                             lambda request: self.estimator.remaining(request.interceptions[-1], now))
 
     def _active_discard(self) -> None:
         """Nothing waits and compute is idle: recompute the oldest swapped request rather than

@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also run LAMPS with this starvation threshold (steps); repeat for several")
     parser.add_argument("--swapped-first", action="store_true",
                         help="also run LAMPS serving swapped requests before waiting ones")
+    parser.add_argument("--variant", action="append", choices=[label for label, _, _ in VARIANTS],
+                        help="run only these of the standard variants; repeat for several (default all; "
+                        "infercept is always run, as the baseline)")
     parser.add_argument("--workers", type=int, default=2, help="processes; 1 runs everything in this one")
     parser.add_argument("--out", default="results/lamps_study")
     args = parser.parse_args(argv)
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             extra += [(f"lamps starvation threshold {k}", "lamps", {"starvation_threshold": k})
                       for k in args.starvation_threshold]
             extra += [("lamps swapped first", "lamps", {"swapped_first": True})] if args.swapped_first else []
-            for label, policy, options in (*VARIANTS, *extra):
+            chosen = [v for v in VARIANTS if not args.variant or v[0] in args.variant or v[0] == "infercept"]
+            for label, policy, options in (*chosen, *extra):
                 if options is not None and options.get("length_predictor") == "learned":
                     options = {**options, "length_predictor": model_path}
                 tasks.append((args.profile, args.device_memory_gb, trace_spec, args.tokenizer, qps, args.window,

@@ -54,40 +54,46 @@ def blocked_behind_a_full_batch(policy: LampsPolicy):
     return sched
 
 
-# ------------------------------------------------------------------ victims (spec 6.2)
-def test_victims_largest_planned_waste_first_ties_by_priority_time():
+# ------------------------------------------------------------------ victims (spec 6.2, as InferCept)
+def test_victims_save_the_most_waste_first_by_the_predicted_time_left_ties_by_priority_time():
+    """As InferCept orders them (w_p - w_d), with each call's predicted remaining time: equal
+    contexts have equal discard waste, so the longest call left goes first."""
     policy = lamps()
     sched = scheduler_with(policy)
-    wastes = {"small": (1.0, 0.0), "late-twin": (5.0, 2.0), "big": (9.0, 3.0), "early-twin": (5.0, 1.0),
-              "gone": (99.0, 0.0)}
+    calls = {"short": (1.0, 0.0), "late-twin": (5.0, 2.0), "long": (9.0, 3.0), "early-twin": (5.0, 1.0),
+             "gone": (99.0, 0.0)}
     requests = {}
-    for rid, (waste, arrival) in wastes.items():
+    for rid, (seconds, arrival) in calls.items():
         request = requests[rid] = make_request(rid, 8, arrival)
         sched.add(request)
         sched.blocks.ensure(rid, 8)
         request.num_computed_tokens = 8
         sched.waiting.remove(request)
         sched.running.append(request)
+        policy.plans[rid].prediction = SegmentPrediction(2, seconds, 0)
         sched.pause(request, Interception((rid, 0), 0.0), 0.0)
-        policy.plans[rid].waste = waste
     sched.discard_paused(requests["gone"])     # holds no device block: not a victim
-    assert [r.request_id for r in policy.victims(0.0)] == ["big", "early-twin", "late-twin", "small"]
+    assert [r.request_id for r in policy.victims(0.0)] == ["long", "early-twin", "late-twin", "short"]
+    # 6 s into the calls only "long" has time left (3 s); the others tie at none, by priority time
+    assert [r.request_id for r in policy.victims(6.0)] == ["long", "short", "early-twin", "late-twin"]
 
 
 def test_a_planned_discard_keeps_its_kv_until_a_request_needs_the_blocks():
     """Memory nobody takes is not wasted: a paused request planned for discard keeps its KV at the
-    pause, and gives it up, as the largest planned waste, when a new request needs the blocks."""
+    pause, and gives it up, its eviction saving the most (the longer call), when a new request
+    needs the blocks."""
     policy = lamps(starvation_threshold=None)
     policy.swap_budget = lambda: (0, 0)             # no copies: a victim is discarded
     sched = scheduler_with(policy, device_blocks=7)     # 6 usable blocks of 4 tokens
-    for rid, mode, waste in (("to-discard", PauseMode.DISCARD, 5.0), ("to-keep", PauseMode.PRESERVE, 1.0)):
+    for rid, mode, call_seconds in (("to-discard", PauseMode.DISCARD, 50.0), ("to-keep", PauseMode.PRESERVE, 1.0)):
         request = make_request(rid, 8)
         sched.add(request)
         sched.blocks.ensure(rid, 8)
         request.num_computed_tokens = 8
         sched.waiting.remove(request)
         sched.running.append(request)
-        policy.plans[rid].mode, policy.plans[rid].waste = mode, waste
+        policy.plans[rid].mode = mode
+        policy.plans[rid].prediction = SegmentPrediction(2, call_seconds, 0)
         sched.pause(request, Interception((rid, 0), 0.0), 0.0)
     held = lambda rid: (sched.blocks.num_blocks_of(rid), sched.paused[rid].pause_mode)  # noqa: E731
     assert (held("to-discard"), held("to-keep"), sched.num_discards) == ((2, PauseMode.PRESERVE),

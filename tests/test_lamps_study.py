@@ -45,3 +45,9 @@ def test_the_study_replays_a_trace_file_on_the_profiles_own_pool(tmp_path):
     # the profile's own 80 GB pool holds more than the 40 GB one: the rate grid scales with it
     assert results[0]["qps"] == round(0.5 * study.capacity_rps(study.load_profile("a100-gptj-6b"),
                                                                load_trace(path)), 2)
+
+
+def test_variant_picks_the_standard_variants_and_keeps_the_baseline(tmp_path):
+    results = study.main(["--trace", "builtin:mixed-onecall", "--fraction", "0.5", "--window", "4", "--workers", "1",
+                          "--variant", "lamps no starvation guard", "--out", str(tmp_path)])
+    assert [r["variant"] for r in results] == ["infercept", "lamps no starvation guard"]
