@@ -122,7 +122,10 @@ class AsyncLLM:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """False from the moment the engine failed or was shut down (its thread may take a moment
+        more to exit)."""
+        with self._lock:
+            return self._dead is None and self._thread.is_alive()
 
     async def stats(self) -> dict:
         """A snapshot of the engine's state and counters (for /metrics)."""
