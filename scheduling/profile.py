@@ -131,6 +131,17 @@ PAPER_PROFILES: dict[str, HardwareProfile] = {
 }
 
 
+PAPERS_DEVICE_MEMORY_GIB = 40.0   # the papers capped each GPU at 40 GB for 6B and 13B (spec 6.6)
+
+
+def capped(profile: HardwareProfile, device_memory_gib: float) -> tuple[HardwareProfile, str]:
+    """The profile with its device pool sized from `device_memory_gib` per GPU where it gives the
+    size of its weights (0: its own pool), and where the pool's size came from."""
+    if device_memory_gib and profile.weights_gb is not None:
+        return profile.with_device_memory(device_memory_gib), f"{device_memory_gib:g} GiB per GPU"
+    return profile, "the profile's own pool"
+
+
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A paper profile by name, or a profile JSON file by path."""
     if name_or_path in PAPER_PROFILES:

@@ -31,13 +31,12 @@ from infercept_jax.experiments.sweeps import add_tokenizer_argument, resolve_tra
 from infercept_jax.experiments.workload import KINDS
 from scheduling.estimators import ESTIMATORS
 from scheduling.policies import POLICIES
-from scheduling.profile import PAPER_PROFILES, HardwareProfile, load_profile
+from scheduling.profile import PAPER_PROFILES, PAPERS_DEVICE_MEMORY_GIB, HardwareProfile, capped, load_profile
 
 DEFAULT_POLICIES = ("discard", "improved-discard", "preserve", "swap", "infercept")
 DEMO_PROFILE = "results/demo/profile.json"   # this machine's, measured by `make demo`, with its pool sizes
 MEASURED_PROFILES = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "profiles",
                                   "h200-smollm2-1.7b.json"),)
-PAPERS_DEVICE_MEMORY_GIB = 40.0   # the papers capped each GPU at 40 GB for 6B and 13B (spec 6.6)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -108,14 +107,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plot_gains(rows, os.path.join(out, "gain_over_discard.png"), column)
     print(f"wrote {out}/compare.md, results.json, gain_over_discard.png")
     return rows
-
-
-def capped(profile: HardwareProfile, device_memory_gib: float) -> tuple[HardwareProfile, str]:
-    """The profile with its device pool sized from `device_memory_gib` per GPU where it gives the
-    size of its weights (0: its own pool), and where the pool's size came from."""
-    if device_memory_gib and profile.weights_gb is not None:
-        return profile.with_device_memory(device_memory_gib), f"{device_memory_gib:g} GiB per GPU"
-    return profile, "the profile's own pool"
 
 
 def label(profile: HardwareProfile) -> str:

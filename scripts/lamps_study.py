@@ -42,11 +42,10 @@ from infercept_jax.experiments.sweeps import add_tokenizer_argument, resolve_tra
 from infercept_jax.experiments.workload import generate_workload
 from scheduling.lamps import LampsOptions
 from scheduling.length_model import evaluate
-from scheduling.profile import load_profile
+from scheduling.profile import PAPERS_DEVICE_MEMORY_GIB, capped, load_profile
 
 TRACES = ("builtin:mixed-onecall", "builtin:mixed")
 FRACTIONS = (1.0, 1.5, 2.0, 2.5)
-PAPERS_DEVICE_MEMORY_GIB = 40.0
 # (label, policy, LAMPS options); "learned" gets the trained length model's path at run time.
 VARIANTS = (
     ("infercept", "infercept", None),
@@ -59,11 +58,6 @@ VARIANTS = (
 )
 
 
-def study_profile(name: str, device_memory_gb: float):
-    profile = load_profile(name)
-    return profile.with_device_memory(device_memory_gb) if device_memory_gb else profile
-
-
 def workload_name(trace_spec: str) -> str:
     """A builtin's name, a file's name without its directory."""
     return trace_spec.removeprefix("builtin:") if trace_spec.startswith("builtin:") else os.path.basename(trace_spec)
@@ -71,14 +65,14 @@ def workload_name(trace_spec: str) -> str:
 
 def run_one(task: tuple) -> dict:
     profile_name, device_memory_gb, trace_spec, tokenizer, qps, window, seed, label, policy, options = task
-    profile = study_profile(profile_name, device_memory_gb)
+    profile, pool = capped(load_profile(profile_name), device_memory_gb)
     trace = resolve_trace(trace_spec, tokenizer)
     arrivals = sample_arrivals(trace, qps, window, seed)
     engine = simulated_engine(profile, policy, lamps=LampsOptions(**(options or {})))
     start = time.perf_counter()
     metrics = replay(engine, arrivals, window)
     return {"variant": label, "policy": policy, "workload": workload_name(trace_spec), "trace": trace_spec,
-            "qps": qps, "profile": profile_name, "device_memory_gb": device_memory_gb or None,
+            "qps": qps, "profile": profile_name, "device_memory_gb": device_memory_gb or None, "device_pool": pool,
             "window_s": window, "seed": seed, "lamps_options": options,
             "sim_seconds": time.perf_counter() - start,
             "starvation_quanta": getattr(engine.scheduler.policy, "quanta_granted", None), **metrics}
@@ -149,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     accuracy = train_length_model(model_path)
     print(f"length model (trained on generated mixed, seed 1): held-out MAE {accuracy['mae_tokens']:.1f} tokens "
           f"(constant mean: {accuracy['baseline_mae_tokens']:.1f}), exact bin {accuracy['bin_accuracy']:.0%}")
-    profile = study_profile(args.profile, args.device_memory_gb)
+    profile, pool = capped(load_profile(args.profile), args.device_memory_gb)
     tasks = []
     for trace_spec in args.trace or TRACES:
         capacity = capacity_rps(profile, resolve_trace(trace_spec, args.tokenizer))
@@ -175,8 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table)
     print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s")
     with open(os.path.join(args.out, "lamps.md"), "w") as f:
-        memory = f"{args.device_memory_gb:g} GiB per GPU" if args.device_memory_gb else "its own pool"
-        f.write(f"profile {args.profile} at {memory}, {args.window:g} s windows, seed {args.seed}\n\n{table}\n")
+        f.write(f"profile {args.profile} with {pool}, {args.window:g} s windows, seed {args.seed}\n\n{table}\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"length_model_accuracy": accuracy, "runs": results}, f, indent=2)
     print(f"wrote {args.out}/lamps.md and {args.out}/results.json")

@@ -32,7 +32,7 @@ def test_a_tiny_study_runs_every_variant_on_the_same_arrivals(tmp_path):
     assert saved["length_model_accuracy"]["mae_tokens"] < saved["length_model_accuracy"]["baseline_mae_tokens"]
     table = (tmp_path / "lamps.md").read_text()
     assert table.count("| mixed-onecall |") == len(results) and "| infercept | " in table
-    assert "at 40 GiB per GPU" in table and {r["device_memory_gb"] for r in results} == {40.0}
+    assert "with 40 GiB per GPU" in table and {r["device_memory_gb"] for r in results} == {40.0}
 
 
 def test_the_study_replays_a_trace_file_on_the_profiles_own_pool(tmp_path):
