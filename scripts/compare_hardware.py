@@ -28,7 +28,7 @@ import time
 from infercept_jax.experiments.capacity import (BASELINE, FRACTIONS, capacity_rps, format_compare, latency_slo,
                                                 plot_gains, summarize, sweep)
 from infercept_jax.experiments.sweeps import add_tokenizer_argument, resolve_trace, simulated_engines
-from infercept_jax.experiments.workload import KINDS
+from infercept_jax.experiments.workload import KINDS, Trace
 from scheduling.estimators import ESTIMATORS
 from scheduling.policies import POLICIES
 from scheduling.profile import PAPER_PROFILES, PAPERS_DEVICE_MEMORY_GIB, HardwareProfile, capped, load_profile
@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--window", type=float, default=1800.0, help="seconds of arrivals per run (default 1800)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-factor", type=float, default=2.0, help="SLO = this x the best latency at the lowest rate")
-    parser.add_argument("--per-kind", action="store_true", help="each augmentation kind (builtin:KIND, -small "
-                        "if --trace is) on the first profile, instead of the profiles")
+    parser.add_argument("--per-kind", action="store_true", help="each augmentation kind on the first profile, "
+                        "instead of the profiles: builtin:KIND (-small if --trace is) for a builtin --trace, "
+                        "else the file's requests of that kind")
     parser.add_argument("--kind", action="append", choices=KINDS, help="with --per-kind: this kind only; repeat "
                         "for several (default: all)")
     parser.add_argument("--out", default="results/compare_hardware")
@@ -68,17 +69,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = args.profile or [*PAPER_PROFILES, *MEASURED_PROFILES, *([DEMO_PROFILE] if os.path.isfile(DEMO_PROFILE) else [])]
     profiles = [capped(load_profile(name), args.device_memory_gb) for name in names]
     if args.per_kind:
-        suffix = "-small" if args.trace.endswith("-small") else ""
-        setups = [(kind, *profiles[0], f"builtin:{kind}{suffix}") for kind in args.kind or KINDS]
+        setups = [(kind, *profiles[0], spec, trace) for kind, spec, trace in per_kind_traces(args.trace, args.kind,
+                                                                                              args.tokenizer)]
         column, out = "kind", os.path.join(args.out, "per_kind")
     else:
-        setups = [(label(profile), profile, pool, args.trace) for profile, pool in profiles]
+        trace = resolve_trace(args.trace, args.tokenizer)
+        setups = [(label(profile), profile, pool, args.trace, trace) for profile, pool in profiles]
         column, out = "profile", args.out
 
     start = time.perf_counter()
     runs, rows, notes = [], [], []
-    for setup, profile, pool, trace_spec in setups:
-        trace = resolve_trace(trace_spec, args.tokenizer)
+    for setup, profile, pool, trace_spec, trace in setups:
         capacity = capacity_rps(profile, trace)
         rates = [capacity * f for f in FRACTIONS]
         print(f"{setup} ({trace_spec}): rates {', '.join(f'{r:.3g}' for r in rates)} req/s", flush=True)
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     steps = sum(r["steps"] for r in runs)
 
     table = format_compare(rows, column)
-    header = (f"{args.trace if not args.per_kind else 'builtin:KIND'} on the simulator, window {args.window:g} s, "
+    trace_name = "builtin:KIND" if args.per_kind and args.trace.startswith("builtin:") else args.trace
+    header = (f"{trace_name} on the simulator, window {args.window:g} s, "
               f"seed {args.seed}, estimator {args.estimator}, SLO {args.slo_factor:g}x the best latency at the lowest rate, "
               f"rates = capacity x {', '.join(map(str, FRACTIONS))}\n\n" + "\n".join(notes))
     print(f"\n{header}\n\n{table}\n")
@@ -107,6 +109,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plot_gains(rows, os.path.join(out, "gain_over_discard.png"), column)
     print(f"wrote {out}/compare.md, results.json, gain_over_discard.png")
     return rows
+
+
+def per_kind_traces(spec: str, kinds: list[str] | None, tokenizer: str) -> list[tuple[str, str, Trace]]:
+    """(kind, its trace's name, its trace) for each kind: a generated trace of that kind (-small if
+    `spec` is) for a builtin `spec`, else the requests of that kind in the file (by the kind each
+    names, or the one `infer_kind` reads from its calls)."""
+    if spec.startswith("builtin:"):
+        suffix = "-small" if spec.endswith("-small") else ""
+        return [(kind, f"builtin:{kind}{suffix}", resolve_trace(f"builtin:{kind}{suffix}"))
+                for kind in kinds or KINDS]
+    trace = resolve_trace(spec, tokenizer)
+    subsets = [(kind, f"{spec} ({kind})", {k: r for k, r in trace.items() if r.kind == kind}) for kind in kinds or KINDS]
+    return [subset for subset in subsets if subset[2]]
 
 
 def label(profile: HardwareProfile) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from infercept_jax.experiments import capacity as ch
-from infercept_jax.experiments.workload import Segment, TraceRequest
+from infercept_jax.experiments.workload import Segment, TraceRequest, generate_workload, save_trace
 from scheduling.profile import HardwareProfile
 
 _PATH = Path(__file__).resolve().parent.parent / "scripts" / "compare_hardware.py"
@@ -156,3 +156,20 @@ def test_compare_hardware_per_kind_runs_the_kinds_asked_for(tmp_path):
     assert (tmp_path / "per_kind" / "compare.md").is_file()
     with pytest.raises(SystemExit):
         compare_hardware.main(["--kind", "chat", "--out", str(tmp_path)])      # --kind is for --per-kind
+
+
+def test_compare_hardware_per_kind_splits_a_trace_file_by_kind(tmp_path):
+    """A file's requests of each kind, not a generated trace of it; a kind the file lacks is left out."""
+    trace = generate_workload("mixed", 60, seed=2)
+    path = tmp_path / "trace.json"
+    save_trace(trace, path)
+    rows = compare_hardware.main(["--profile", "a100-gptj-6b", "--trace", str(path), "--per-kind", "--kind", "qa",
+                                  "--kind", "ve", "--policy", "infercept", "--window", "4", "--out", str(tmp_path)])
+    assert [(r["setup"], r["policy"]) for r in rows] == [("qa", "discard"), ("qa", "infercept"),
+                                                         ("ve", "discard"), ("ve", "infercept")]
+    runs = json.loads((tmp_path / "per_kind" / "results.json").read_text())
+    assert {r["trace"] for r in runs} == {f"{path} (qa)", f"{path} (ve)"}
+    subsets = compare_hardware.per_kind_traces(str(path), ["qa", "ve"], "unused")
+    assert [(kind, set(sub)) for kind, _, sub in subsets] == [
+        (kind, {k for k, r in trace.items() if r.kind == kind}) for kind in ("qa", "ve")]
+    assert compare_hardware.per_kind_traces(str(path), ["qa", "nope"], "unused")[1:] == []

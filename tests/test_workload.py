@@ -103,7 +103,7 @@ def test_token_count_form_as_released(tmp_path):
         {"prompt_tokens": 831, "completion_tokens": 34},
     ]}
     request = load_trace(write(tmp_path, data))["824a"]
-    assert request == TraceRequest("824a", 415, (Segment(358, 8.1e-05, 20), Segment(0, 0.0, 38), Segment(34)))
+    assert request == TraceRequest("824a", 415, (Segment(358, 8.1e-05, 20), Segment(0, 0.0, 38), Segment(34)), "math")
     assert request.num_calls == 2 and request.final_context == 831 + 34
     assert request.total_completion_tokens == 392 and request.total_api_tokens == 58
 
@@ -116,9 +116,45 @@ def test_text_form_is_tokenized(tmp_path):
          "api_token": "Give me a few more", "api_time": 11.5},
     ]}
     request = load_trace(write(tmp_path, data), tokenizer=WordTokenizer())["95_2"]
-    assert request.prompt_tokens == 5 and request.kind is None
+    assert request.prompt_tokens == 5 and request.kind == "image"
     assert request.segments == (Segment(6, 10.2, 5), Segment(5, 11.5, 5))
     assert request.segments[-1].has_call    # a trailing call is kept
+
+
+def _calls(*times: float) -> list[dict]:
+    context, segments = 400, []
+    for t in times:
+        segments.append({"prompt_tokens": context, "completion_tokens": 10, "api_time": t, "api_token_length": 5})
+        context += 15
+    return segments + [{"prompt_tokens": context, "completion_tokens": 10}]
+
+
+def _text(*api_tokens: str) -> list[dict]:
+    return [{"prompt": "p q", "completion": "c", "api_token": a, "api_time": 5.0} for a in api_tokens] \
+        + [{"prompt": "p q c", "completion": "done"}]
+
+
+def test_a_file_without_kinds_is_split_as_the_spec_splits_the_released_trace(tmp_path):
+    """Spec 1.2: text-form requests by their model call's instruction (anywhere in the request, a
+    chat when neither), token-count ones by their *median* call time: < 0.01 s math, < 0.4 s VE,
+    else QA. A kind the file names wins; a request without calls has none."""
+    data = {
+        "tts": _text("Convert this to text to speech. ", "next question"),
+        "image": _text("what now", "Generate an image about this. "),
+        "chat": _text("tell me more", "and then?"),
+        "math": _calls(8e-5, 0.2, 1e-4),        # mean 0.067, median 1e-4
+        "math-edge": _calls(0.0099),
+        "ve": _calls(0.01, 0.09, 0.0001),
+        "ve-edge": _calls(0.3999),
+        "qa": _calls(0.0001, 0.72, 0.5),        # mean 0.41, median 0.5
+        "qa-edge": _calls(0.4),
+        "named": [{**_calls(8e-5)[0], "kind": "ve"}, _calls(8e-5)[1]],
+        "no-calls": [{"prompt_tokens": 12, "completion_tokens": 3}],
+    }
+    trace = load_trace(write(tmp_path, data), tokenizer=WordTokenizer())
+    assert {key: request.kind for key, request in trace.items()} == {
+        "tts": "tts", "image": "image", "chat": "chat", "math": "math", "math-edge": "math", "ve": "ve",
+        "ve-edge": "ve", "qa": "qa", "qa-edge": "qa", "named": "ve", "no-calls": None}
 
 
 def test_text_form_needs_a_tokenizer(tmp_path):

@@ -72,7 +72,7 @@ class TraceRequest:
     key: str
     prompt_tokens: int                      # segment 0's prompt; later prompts are the running context
     segments: tuple[Segment, ...]
-    kind: str | None = None                 # augmentation class when known (generated traces)
+    kind: str | None = None                 # augmentation class: given, generated or inferred on load
 
     @property
     def num_calls(self) -> int:
@@ -136,7 +136,8 @@ def parse_trace(data: Any, tokenizer: Tokenizer | None = None) -> Trace:
     """Validate a decoded trace and convert it to token counts; raises ValueError naming the
     request, segment and field at fault, and returns nothing until every request is valid.
 
-    Only segment 0's prompt is read (later ones are the running context). Text-form strings are
+    A request without a `kind` field gets the class `infer_kind` reads from its calls, so the
+    authors' files, which name none, split by augmentation as generated traces do. Only segment 0's prompt is read (later ones are the running context). Text-form strings are
     measured as `len(tokenizer.encode(text))`, as the reference benchmark does. A segment without
     api fields has no call and must be the last one. Requests keep the file's order, which the
     reference's sampling depends on.
@@ -197,7 +198,34 @@ def _parse_request(key: str, segments: Any, tokenizer: Tokenizer | None, negativ
                 or not math.isfinite(api_time) or api_time < 0:
             raise ValueError(f"{at}: api_time must be a number >= 0, got {_short(api_time)}")
         parsed.append(Segment(completion, float(api_time), _length(seg, result_name, at, tokenizer, negatives)))
+    if kind is None:
+        kind = infer_kind(segments, parsed)
     return TraceRequest(key, prompt, tuple(parsed), kind)
+
+
+# The fixed instructions of the released trace's model calls (spec 1.2); in text form, a request
+# with neither is a chat, whose calls are all the human's turns.
+_MODEL_CALL_KINDS = {"Generate an image about this.": "image", "Convert this to text to speech.": "tts"}
+# Median call time of a token-count request: the calculator takes ~1e-4 s, ALFWorld 0.09 (at most
+# 0.29), the Wikipedia API 0.72 (spec 1.2).
+_MATH_MAX_SECONDS, _VE_MAX_SECONDS = 0.01, 0.4
+
+
+def infer_kind(raw_segments: list[dict], segments: Sequence[Segment]) -> str | None:
+    """The augmentation class of a request whose file does not name it, as spec 1.2 splits the
+    released trace: text-form requests by their model call's instruction, token-count ones by
+    their median call time. None for a request without calls."""
+    if any("api_token" in seg or "prompt" in seg for seg in raw_segments):
+        for seg in raw_segments:
+            kind = _MODEL_CALL_KINDS.get(str(seg.get("api_token", "")).strip())
+            if kind is not None:
+                return kind
+        return "chat"
+    times = [s.api_time for s in segments if s.has_call]
+    if not times:
+        return None
+    median = float(np.median(times))
+    return "math" if median < _MATH_MAX_SECONDS else "ve" if median < _VE_MAX_SECONDS else "qa"
 
 
 # Counts the reference replays as `[0] * n` tokens, so a negative one means none. A negative
