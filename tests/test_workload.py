@@ -121,8 +121,8 @@ def test_text_form_is_tokenized(tmp_path):
     assert request.segments[-1].has_call    # a trailing call is kept
 
 
-def _calls(*times: float) -> list[dict]:
-    context, segments = 400, []
+def _calls(prompt: int, *times: float) -> list[dict]:
+    context, segments = prompt, []
     for t in times:
         segments.append({"prompt_tokens": context, "completion_tokens": 10, "api_time": t, "api_token_length": 5})
         context += 15
@@ -134,27 +134,31 @@ def _text(*api_tokens: str) -> list[dict]:
         + [{"prompt": "p q c", "completion": "done"}]
 
 
-def test_a_file_without_kinds_is_split_as_the_spec_splits_the_released_trace(tmp_path):
-    """Spec 1.2: text-form requests by their model call's instruction (anywhere in the request, a
-    chat when neither), token-count ones by their *median* call time: < 0.01 s math, < 0.4 s VE,
-    else QA. A kind the file names wins; a request without calls has none."""
+def test_a_file_without_kinds_is_split_by_what_each_request_shows(tmp_path):
+    """Text-form requests by their model call's instruction, anywhere in the request (spec 1.2), a
+    chat when neither; token-count ones by their first prompt, the dataset's few-shot prompt
+    (< 700 tokens math, < 1450 QA, else VE), whatever their calls took. A kind the file names
+    wins; a request without calls has none."""
     data = {
         "tts": _text("Convert this to text to speech. ", "next question"),
         "image": _text("what now", "Generate an image about this. "),
         "chat": _text("tell me more", "and then?"),
-        "math": _calls(8e-5, 0.2, 1e-4),        # mean 0.067, median 1e-4
-        "math-edge": _calls(0.0099),
-        "ve": _calls(0.01, 0.09, 0.0001),
-        "ve-edge": _calls(0.3999),
-        "qa": _calls(0.0001, 0.72, 0.5),        # mean 0.41, median 0.5
-        "qa-edge": _calls(0.4),
-        "named": [{**_calls(8e-5)[0], "kind": "ve"}, _calls(8e-5)[1]],
+        "math": _calls(411, 8e-5, 0.8),
+        "math-edge": _calls(699, 0.7),
+        "qa": _calls(934, 0.72),
+        "qa-fast-call": _calls(930, 0.0),
+        "qa-edge": _calls(700, 0.7),
+        "qa-top": _calls(1449, 0.1),
+        "ve": _calls(1973, 0.09),
+        "ve-edge": _calls(1450, 0.7),
+        "named": [{**_calls(411, 8e-5)[0], "kind": "ve"}, _calls(411, 8e-5)[1]],
         "no-calls": [{"prompt_tokens": 12, "completion_tokens": 3}],
     }
     trace = load_trace(write(tmp_path, data), tokenizer=WordTokenizer())
     assert {key: request.kind for key, request in trace.items()} == {
-        "tts": "tts", "image": "image", "chat": "chat", "math": "math", "math-edge": "math", "ve": "ve",
-        "ve-edge": "ve", "qa": "qa", "qa-edge": "qa", "named": "ve", "no-calls": None}
+        "tts": "tts", "image": "image", "chat": "chat", "math": "math", "math-edge": "math", "qa": "qa",
+        "qa-fast-call": "qa", "qa-edge": "qa", "qa-top": "qa", "ve": "ve", "ve-edge": "ve", "named": "ve",
+        "no-calls": None}
 
 
 def test_text_form_needs_a_tokenizer(tmp_path):

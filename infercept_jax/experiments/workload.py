@@ -136,7 +136,7 @@ def parse_trace(data: Any, tokenizer: Tokenizer | None = None) -> Trace:
     """Validate a decoded trace and convert it to token counts; raises ValueError naming the
     request, segment and field at fault, and returns nothing until every request is valid.
 
-    A request without a `kind` field gets the class `infer_kind` reads from its calls, so the
+    A request without a `kind` field gets the class `infer_kind` reads from it, so the
     authors' files, which name none, split by augmentation as generated traces do. Only segment 0's prompt is read (later ones are the running context). Text-form strings are
     measured as `len(tokenizer.encode(text))`, as the reference benchmark does. A segment without
     api fields has no call and must be the last one. Requests keep the file's order, which the
@@ -199,33 +199,34 @@ def _parse_request(key: str, segments: Any, tokenizer: Tokenizer | None, negativ
             raise ValueError(f"{at}: api_time must be a number >= 0, got {_short(api_time)}")
         parsed.append(Segment(completion, float(api_time), _length(seg, result_name, at, tokenizer, negatives)))
     if kind is None:
-        kind = infer_kind(segments, parsed)
+        kind = infer_kind(segments, prompt)
     return TraceRequest(key, prompt, tuple(parsed), kind)
 
 
 # The fixed instructions of the released trace's model calls (spec 1.2); in text form, a request
 # with neither is a chat, whose calls are all the human's turns.
 _MODEL_CALL_KINDS = {"Generate an image about this.": "image", "Convert this to text to speech.": "tts"}
-# Median call time of a token-count request: the calculator takes ~1e-4 s, ALFWorld 0.09 (at most
-# 0.29), the Wikipedia API 0.72 (spec 1.2).
-_MATH_MAX_SECONDS, _VE_MAX_SECONDS = 0.01, 0.4
+# A token-count request's first prompt is its dataset's few-shot prompt: 370-483 tokens for math
+# (GSM8K-XL), 923-955 for QA (HotpotQA), 1973 for VE (ALFWorld) in the released trace.
+_MATH_MAX_PROMPT, _QA_MAX_PROMPT = 700, 1450
 
 
-def infer_kind(raw_segments: list[dict], segments: Sequence[Segment]) -> str | None:
-    """The augmentation class of a request whose file does not name it, as spec 1.2 splits the
-    released trace: text-form requests by their model call's instruction, token-count ones by
-    their median call time. None for a request without calls."""
+def infer_kind(raw_segments: list[dict], prompt_tokens: int) -> str | None:
+    """The augmentation class of a request whose file does not name it: text-form requests by
+    their model call's instruction (spec 1.2), token-count ones by their first prompt's length.
+    Spec 1.2 splits the latter by median call time instead (99/47/56 requests); that puts three QA
+    requests whose calls returned fast among math and VE, and classes a single-call request of
+    the LAMPS subset by one call only, where the prompt gives each request the class it has in
+    the full mixture. None for a request without calls."""
+    if not any("api_time" in seg for seg in raw_segments):
+        return None
     if any("api_token" in seg or "prompt" in seg for seg in raw_segments):
         for seg in raw_segments:
             kind = _MODEL_CALL_KINDS.get(str(seg.get("api_token", "")).strip())
             if kind is not None:
                 return kind
         return "chat"
-    times = [s.api_time for s in segments if s.has_call]
-    if not times:
-        return None
-    median = float(np.median(times))
-    return "math" if median < _MATH_MAX_SECONDS else "ve" if median < _VE_MAX_SECONDS else "qa"
+    return "math" if prompt_tokens < _MATH_MAX_PROMPT else "qa" if prompt_tokens < _QA_MAX_PROMPT else "ve"
 
 
 # Counts the reference replays as `[0] * n` tokens, so a negative one means none. A negative
