@@ -29,6 +29,7 @@ Writes OUT/lamps.md (the table, with each variant's change against InferCept) an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -63,10 +64,16 @@ def workload_name(trace_spec: str) -> str:
     return trace_spec.removeprefix("builtin:") if trace_spec.startswith("builtin:") else os.path.basename(trace_spec)
 
 
+@functools.lru_cache(maxsize=None)
+def load_once(trace_spec: str, tokenizer: str) -> dict:
+    """A worker loads (and tokenizes) each trace once, not once per run."""
+    return resolve_trace(trace_spec, tokenizer)
+
+
 def run_one(task: tuple) -> dict:
     profile_name, device_memory_gb, trace_spec, tokenizer, qps, window, seed, label, policy, options = task
     profile, pool = capped(load_profile(profile_name), device_memory_gb)
-    trace = resolve_trace(trace_spec, tokenizer)
+    trace = load_once(trace_spec, tokenizer)
     arrivals = sample_arrivals(trace, qps, window, seed)
     engine = simulated_engine(profile, policy, lamps=LampsOptions(**(options or {})))
     start = time.perf_counter()
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     profile, pool = capped(load_profile(args.profile), args.device_memory_gb)
     tasks = []
     for trace_spec in args.trace or TRACES:
-        capacity = capacity_rps(profile, resolve_trace(trace_spec, args.tokenizer))
+        capacity = capacity_rps(profile, load_once(trace_spec, args.tokenizer))
         for fraction in args.fraction or FRACTIONS:
             qps = round(capacity * fraction, 2)
             extra = [(f"lamps rerank every {k}", "lamps", {"rerank_interval": k}) for k in args.rerank_interval]
@@ -163,8 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.workers == 1:
         results = [run_one(task) for task in tasks]
     else:
-        with ProcessPoolExecutor(args.workers) as pool:
-            results = list(pool.map(run_one, tasks))
+        with ProcessPoolExecutor(args.workers) as executor:
+            results = list(executor.map(run_one, tasks))
     table = format_table(results)
     print(table)
     print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from infercept_jax.experiments.workload import generate_workload, load_trace, save_trace
@@ -45,6 +47,18 @@ def test_the_study_replays_a_trace_file_on_the_profiles_own_pool(tmp_path):
     # the profile's own 80 GB pool holds more than the 40 GB one: the rate grid scales with it
     assert results[0]["qps"] == round(0.5 * study.capacity_rps(study.load_profile("a100-gptj-6b"),
                                                                load_trace(path)), 2)
+
+
+def test_worker_processes_give_the_runs_of_one_process(tmp_path):
+    argv = ["--trace", "builtin:mixed-onecall", "--fraction", "0.5", "--window", "4", "--variant", "lamps"]
+    alone = study.main([*argv, "--workers", "1", "--out", str(tmp_path / "one")])
+    subprocess.run([sys.executable, str(_PATH), *argv, "--workers", "2", "--out", str(tmp_path / "two")],
+                   check=True, capture_output=True, cwd=_PATH.parent.parent)
+    pooled = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]
+    drop = ("sim_seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in pooled] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in alone]
+    assert "with 40 GiB per GPU" in (tmp_path / "two" / "lamps.md").read_text()
 
 
 def test_variant_picks_the_standard_variants_and_keeps_the_baseline(tmp_path):
