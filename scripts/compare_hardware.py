@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--window", type=float, default=1800.0, help="seconds of arrivals per run (default 1800)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-factor", type=float, default=2.0, help="SLO = this x the best latency at the lowest rate")
+    parser.add_argument("--refine", type=int, default=0, help="bisect each sustainable rate this many times between "
+                        "the grid's rates (each halves a gain's uncertainty: 1.5x, 1.22x, 1.11x; default 0)")
     parser.add_argument("--per-kind", action="store_true", help="each augmentation kind on the first profile, "
                         "instead of the profiles: builtin:KIND (-small if --trace is) for a builtin --trace, "
                         "else the file's requests of that kind")
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rates = [capacity * f for f in FRACTIONS]
         print(f"{setup} ({trace_spec}): rates {', '.join(f'{r:.3g}' for r in rates)} req/s", flush=True)
         results = sweep(trace, simulated_engines(profile, estimator=args.estimator), policies, rates, args.window,
-                        seed=args.seed, slo_factor=args.slo_factor)
+                        seed=args.seed, slo_factor=args.slo_factor, refine=args.refine)
         slo = latency_slo(results, args.slo_factor)
         rows += summarize(results, setup, slo)
         runs += [{"profile": profile.name, "trace": trace_spec, **r} for r in results]
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     trace_name = "builtin:KIND" if args.per_kind and args.trace.startswith("builtin:") else args.trace
     header = (f"{trace_name} on the simulator, window {args.window:g} s, "
               f"seed {args.seed}, estimator {args.estimator}, SLO {args.slo_factor:g}x the best latency at the lowest rate, "
-              f"rates = capacity x {', '.join(map(str, FRACTIONS))}\n\n" + "\n".join(notes))
+              f"rates = capacity x {', '.join(map(str, FRACTIONS))}"
+              f"{f', each sustainable rate bisected {args.refine} times' if args.refine else ''}\n\n" + "\n".join(notes))
     print(f"\n{header}\n\n{table}\n")
     print(f"simulator: {steps:,} steps in {wall:.0f} s of real time = {steps / wall:,.0f} steps/s")
     os.makedirs(out, exist_ok=True)

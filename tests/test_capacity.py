@@ -101,6 +101,47 @@ def test_sweep_stops_a_policy_after_its_first_miss_past_discards_rate(monkeypatc
     assert len(results) == len(calls)
 
 
+def test_refine_bisects_each_sustainable_rate_and_compares_at_discards(monkeypatch):
+    """SLO 0.02; discard meets it up to 2.5 req/s, infercept up to 4.2: the grid says 2 and 4, two
+    bisections say 2.449 (sqrt(2 x 3)) and 4 (4.472 and 4.229 both miss); infercept is also run at
+    discard's refined rate, so the table has its latency there."""
+    limit = {"discard": 2.5, "infercept": 4.2}
+    calls = []
+
+    def fake_run_replays(trace, make_engine, policies, rates, window, seed, show_progress):
+        calls.extend((p, round(rates[0], 3)) for p in policies)
+        return [{**run(p, rates[0], 0.01 if rates[0] <= limit[p] else 0.05), "num_finished": 1, "num_submitted": 1,
+                 "memory_waste_pct": 1.0} for p in policies]
+
+    monkeypatch.setattr(ch, "run_replays", fake_run_replays)
+    results = ch.sweep({}, None, ["discard", "infercept"], [1, 2, 3, 4, 5], window=1.0, refine=2)
+    assert calls[-5:] == [("discard", 2.449), ("discard", 2.711), ("infercept", 2.449),
+                          ("infercept", 4.472), ("infercept", 4.229)]
+    rows = {r["policy"]: r for r in ch.summarize(results, "x", 0.02)}
+    assert rows["discard"]["sustainable_rps"] == pytest.approx(6 ** 0.5)
+    assert rows["infercept"]["sustainable_rps"] == 4
+    assert rows["infercept"]["gain"] == pytest.approx(4 / 6 ** 0.5)
+    assert rows["infercept"]["latency_at_baseline"] == 0.01
+    unrefined = ch.sweep({}, None, ["discard", "infercept"], [1, 2, 3, 4, 5], window=1.0)
+    assert {r["qps"] for r in unrefined} == {1, 2, 3, 4, 5}
+
+
+def test_refine_leaves_a_rate_with_no_miss_above_or_no_pass_below(monkeypatch):
+    """Sustaining the top rate gives nothing to bisect towards; missing the lowest, nothing from."""
+    limit = {"discard": 0.5, "infercept": 9.0}
+    calls = []
+
+    def fake_run_replays(trace, make_engine, policies, rates, window, seed, show_progress):
+        calls.extend((p, rates[0]) for p in policies)
+        return [{**run(p, rates[0], 0.01 if rates[0] <= limit[p] else 0.05), "num_finished": 1, "num_submitted": 1}
+                for p in policies]
+
+    monkeypatch.setattr(ch, "run_replays", fake_run_replays)
+    results = ch.sweep({}, None, ["discard", "infercept"], [1, 2, 3], window=1.0, refine=3)
+    assert [ch.sustainable_rate(results, p, 0.02) for p in ("discard", "infercept")] == [0, 3]
+    assert all(qps in (1, 2, 3) for _, qps in calls)
+
+
 def test_compare_hardware_writes_the_table_results_and_plot(tmp_path):
     rows = compare_hardware.main(["--profile", "a100-gptj-6b", "--profile", "a100x2-vicuna-13b", "--policy", "infercept",
                     "--window", "4", "--out", str(tmp_path)])
