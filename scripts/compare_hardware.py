@@ -13,6 +13,7 @@ it by the reference's rule; a profile that does not give its weights' size keeps
     .venv/bin/python scripts/compare_hardware.py --device-memory-gb 80   # A100-80GB pools
     .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --per-kind [--kind chat]
     .venv/bin/python scripts/compare_hardware.py --profile a100-gptj-6b --policy infercept --estimator dynamic
+    .venv/bin/python scripts/compare_hardware.py --trace merged_exp_uniform.json --per-kind --kind chat --refine 2
 
 Writes OUT/compare.md (the table), OUT/results.json (every run, with its profile and trace) and
 OUT/gain_over_discard.png; with --per-kind, the same for each augmentation kind on the first
