@@ -136,11 +136,12 @@ def parse_trace(data: Any, tokenizer: Tokenizer | None = None) -> Trace:
     """Validate a decoded trace and convert it to token counts; raises ValueError naming the
     request, segment and field at fault, and returns nothing until every request is valid.
 
-    A request without a `kind` field gets the class `infer_kind` reads from it, so the
-    authors' files, which name none, split by augmentation as generated traces do. Only segment 0's prompt is read (later ones are the running context). Text-form strings are
+    Only segment 0's prompt is read (later ones are the running context). Text-form strings are
     measured as `len(tokenizer.encode(text))`, as the reference benchmark does. A segment without
     api fields has no call and must be the last one. Requests keep the file's order, which the
-    reference's sampling depends on.
+    reference's sampling depends on. A request without a `kind` field gets the class `infer_kind`
+    reads from it, so the authors' files, which name none, split by augmentation as generated
+    traces do.
 
     A negative prompt_tokens or api_token_length is read as 0, as the reference does (it sends
     `[0] * n` tokens, empty when n < 0; the released trace has four api_token_length of -2), with
