@@ -147,9 +147,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     os.makedirs(args.out, exist_ok=True)
     model_path = os.path.join(args.out, "length_model.json")
-    accuracy = train_length_model(model_path)
-    print(f"length model (trained on generated mixed, seed 1): held-out MAE {accuracy['mae_tokens']:.1f} tokens "
-          f"(constant mean: {accuracy['baseline_mae_tokens']:.1f}), exact bin {accuracy['bin_accuracy']:.0%}")
+    chosen = [v for v in VARIANTS if not args.variant or v[0] in args.variant or v[0] == "infercept"]
+    accuracy = None
+    if any((options or {}).get("length_predictor") == "learned" for _, _, options in chosen):
+        accuracy = train_length_model(model_path)
+        print(f"length model (trained on generated mixed, seed 1): held-out MAE {accuracy['mae_tokens']:.1f} tokens "
+              f"(constant mean: {accuracy['baseline_mae_tokens']:.1f}), exact bin {accuracy['bin_accuracy']:.0%}")
     profile, pool = capped(load_profile(args.profile), args.device_memory_gb)
     tasks = []
     for trace_spec in args.trace or TRACES:
@@ -160,7 +163,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             extra += [(f"lamps starvation threshold {k}", "lamps", {"starvation_threshold": k})
                       for k in args.starvation_threshold]
             extra += [("lamps swapped first", "lamps", {"swapped_first": True})] if args.swapped_first else []
-            chosen = [v for v in VARIANTS if not args.variant or v[0] in args.variant or v[0] == "infercept"]
             for label, policy, options in (*chosen, *extra):
                 if options is not None and options.get("length_predictor") == "learned":
                     options = {**options, "length_predictor": model_path}

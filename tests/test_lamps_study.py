@@ -65,3 +65,5 @@ def test_variant_picks_the_standard_variants_and_keeps_the_baseline(tmp_path):
     results = study.main(["--trace", "builtin:mixed-onecall", "--fraction", "0.5", "--window", "4", "--workers", "1",
                           "--variant", "lamps no starvation guard", "--out", str(tmp_path)])
     assert [r["variant"] for r in results] == ["infercept", "lamps no starvation guard"]
+    assert not (tmp_path / "length_model.json").exists()      # no learned variant, no model trained
+    assert json.loads((tmp_path / "results.json").read_text())["length_model_accuracy"] is None
