@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def per_kind_traces(spec: str, kinds: list[str] | None, tokenizer: str) -> list[tuple[str, str, Trace]]:
     """(kind, its trace's name, its trace) for each kind: a generated trace of that kind (-small if
     `spec` is) for a builtin `spec`, else the requests of that kind in the file (by the kind each
-    names, or the one `infer_kind` reads from its calls)."""
+    names, or the one the loader infers, `workload.infer_kind`)."""
     if spec.startswith("builtin:"):
         suffix = "-small" if spec.endswith("-small") else ""
         return [(kind, f"builtin:{kind}{suffix}", resolve_trace(f"builtin:{kind}{suffix}"))

@@ -85,6 +85,11 @@ def run_one(task: tuple) -> dict:
             "starvation_quanta": getattr(engine.scheduler.policy, "quanta_granted", None), **metrics}
 
 
+def uses_learned_lengths(options: dict | None) -> bool:
+    """The variant predicts lengths with the length model the study trains."""
+    return (options or {}).get("length_predictor") == "learned"
+
+
 def train_length_model(path: str) -> dict:
     """Fit the length model on a trace the study does not replay; returns its held-out accuracy."""
     model, _, held_out = fit_length_model(generate_workload("mixed", 2000, seed=1))
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model_path = os.path.join(args.out, "length_model.json")
     chosen = [v for v in VARIANTS if not args.variant or v[0] in args.variant or v[0] == "infercept"]
     accuracy = None
-    if any((options or {}).get("length_predictor") == "learned" for _, _, options in chosen):
+    if any(uses_learned_lengths(options) for _, _, options in chosen):
         accuracy = train_length_model(model_path)
         print(f"length model (trained on generated mixed, seed 1): held-out MAE {accuracy['mae_tokens']:.1f} tokens "
               f"(constant mean: {accuracy['baseline_mae_tokens']:.1f}), exact bin {accuracy['bin_accuracy']:.0%}")
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       for k in args.starvation_threshold]
             extra += [("lamps swapped first", "lamps", {"swapped_first": True})] if args.swapped_first else []
             for label, policy, options in (*chosen, *extra):
-                if options is not None and options.get("length_predictor") == "learned":
+                if uses_learned_lengths(options):
                     options = {**options, "length_predictor": model_path}
                 tasks.append((args.profile, args.device_memory_gb, trace_spec, args.tokenizer, qps, args.window,
                               args.seed, label, policy, options))

@@ -100,14 +100,15 @@ def sweep(trace, make_engine, policies: list[str], rates: list[float], window: f
             if sustainable_rate(results, policy, slo) < previous and qps > sustainable_rate(results, BASELINE, slo):
                 break
             results += run([policy], qps)
-    for policy in policies if refine else []:
-        results += _bisect(results, policy, slo, refine, run)
-        if policy == BASELINE:
-            baseline = sustainable_rate(results, BASELINE, slo)
-            missing = [p for p in policies if p != BASELINE
-                       and not any(r["policy"] == p and r["qps"] == baseline for r in results)]
-            if baseline > 0 and missing:
-                results += run(missing, baseline)
+    if refine:
+        for policy in policies:
+            results += _bisect(results, policy, slo, refine, run)
+            if policy == BASELINE:
+                baseline = sustainable_rate(results, BASELINE, slo)
+                missing = [p for p in policies if p != BASELINE
+                           and not any(r["policy"] == p and r["qps"] == baseline for r in results)]
+                if baseline > 0 and missing:
+                    results += run(missing, baseline)
     return results
 
 

@@ -200,7 +200,7 @@ def _parse_request(key: str, segments: Any, tokenizer: Tokenizer | None, negativ
             raise ValueError(f"{at}: api_time must be a number >= 0, got {_short(api_time)}")
         parsed.append(Segment(completion, float(api_time), _length(seg, result_name, at, tokenizer, negatives)))
     if kind is None:
-        kind = infer_kind(segments, prompt)
+        kind = infer_kind(form, segments, parsed, prompt)
     return TraceRequest(key, prompt, tuple(parsed), kind)
 
 
@@ -212,16 +212,16 @@ _MODEL_CALL_KINDS = {"Generate an image about this.": "image", "Convert this to 
 _MATH_MAX_PROMPT, _QA_MAX_PROMPT = 700, 1450
 
 
-def infer_kind(raw_segments: list[dict], prompt_tokens: int) -> str | None:
+def infer_kind(form: str, raw_segments: list[dict], segments: Sequence[Segment], prompt_tokens: int) -> str | None:
     """The augmentation class of a request whose file does not name it: text-form requests by
     their model call's instruction (spec 1.2), token-count ones by their first prompt's length.
     Spec 1.2 splits the latter by median call time instead (99/47/56 requests); that puts three QA
     requests whose calls returned fast among math and VE, and classes a single-call request of
     the LAMPS subset by one call only, where the prompt gives each request the class it has in
     the full mixture. None for a request without calls."""
-    if not any("api_time" in seg for seg in raw_segments):
+    if not any(segment.has_call for segment in segments):
         return None
-    if any("api_token" in seg or "prompt" in seg for seg in raw_segments):
+    if form == "text":
         for seg in raw_segments:
             kind = _MODEL_CALL_KINDS.get(str(seg.get("api_token", "")).strip())
             if kind is not None:
