@@ -37,6 +37,12 @@ class HardwareProfile:
         """T_fwd(x) in seconds: the linear step-time model of spec 3.5.2."""
         return (self.fwd_ms_per_token * num_tokens + self.fwd_base_ms) / 1000
 
+    def swap_limit(self, num_tokens: float) -> float:
+        """N(x): KV tokens copied in+out behind a forward of x query tokens without lengthening it,
+        N(S) scaled by T_fwd(x) / T_fwd(S) at the same copy rate. The paper budgets every step at
+        N(S), as if each were saturated; a step of fewer tokens hides fewer copies."""
+        return self.swap_limit_tokens * self.fwd_seconds(num_tokens) / self.fwd_seconds(self.saturation_tokens)
+
     def swap_seconds(self, num_tokens: float) -> float:
         """T_swap(x): seconds to copy `num_tokens` of KV one way (eq. 3).
 

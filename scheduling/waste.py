@@ -60,8 +60,9 @@ class SwapBudget:
 
 
 def swap_budget(free_device_tokens: int, free_host_tokens: int, profile: HardwareProfile,
-                block_size: int) -> SwapBudget:
-    """How many blocks one step may swap in and out for free (spec 3.5.1 item 2, 3.5.2).
+                block_size: int, step_tokens: int) -> SwapBudget:
+    """How many blocks one step of `step_tokens` query tokens may swap in and out for free (spec
+    3.5.1 item 2, 3.5.2).
 
     Closed form of the paper's per-step problem with (a) and (c) tight: in + out = N fills the
     copy time hidden behind the forward, and in - out = F - S keeps swapped-in tokens plus S new
@@ -69,8 +70,13 @@ def swap_budget(free_device_tokens: int, free_host_tokens: int, profile: Hardwar
     is 0 and the other side gets all of N. Then (b): swap-out must fit in free host memory plus
     what swap-in frees there. Swap-in is floored to blocks first, so (b) counts only blocks that
     really leave the host. `block_size` is the engine's, which may differ from the profile's.
+
+    N is N(x) of the step's own forward (`HardwareProfile.swap_limit`), not the paper's N(S): a
+    step below saturation hides fewer copies, and copies past its forward stall the whole batch.
+    On the authors' chat requests (6B) N(S) stalled 4 % of the steps' time at 10 req/s and
+    N(x) none (docs/policies.md, "the chat gap on the authors' trace").
     """
-    n, s = profile.swap_limit_tokens, profile.saturation_tokens
+    n, s = profile.swap_limit(step_tokens), profile.saturation_tokens
     f = free_device_tokens
     tokens_in = min(max((n + f - s) / 2, 0.0), n)
     tokens_out = n - tokens_in

@@ -548,6 +548,22 @@ def test_active_discard_only_when_the_running_batch_leaves_compute(running_query
     assert (s.status is RequestStatus.WAITING) is recomputed
 
 
+@pytest.mark.parametrize("running_query, recomputed", [(0, True), (5, False)])
+def test_active_discard_weighs_the_recompute_against_the_swap_in_stall(running_query, recomputed):
+    """A swap-in costs only the copy time the running batch's forward does not hide. 8 tokens on the
+    host copy in 30 ms (N(S) = 176/30 tokens per 22 ms step); recomputing 16 tokens costs 16 ms.
+    Nothing running: the step's forward is c_f = 10 ms, the stall 20 ms, so recompute. A batch of 5
+    query tokens: 15 ms of forward, a 15 ms stall, so swap in (the whole copy, 30 ms, would still
+    say recompute)."""
+    import dataclasses
+    sched = scheduler_with(InferCeptPolicy(dataclasses.replace(HAND_PROFILE, swap_limit_tokens=176 / 30)))
+    s = swapped(sched, "s", 16, 2)
+    if running_query:
+        running(sched, "r", 40 - running_query, running_query)
+    sched.policy._active_discard()
+    assert (s.status is RequestStatus.WAITING) is recomputed
+
+
 def test_active_discard_keeps_swapping_when_recomputing_costs_the_same():
     """Swap limit 22 tokens per 22 ms step: 1 ms per token each way, as the recompute's a_f. All 16
     tokens on the host: 16 ms either way, and the recompute is chosen only when strictly cheaper."""
@@ -624,12 +640,29 @@ def test_a_host_pool_of_one_block_is_enough_for_a_swapping_policy():
 
 def test_infercept_swap_budget_counts_free_memory_in_tokens():
     """Spec 3.5.1 item 2 with N(S) = 24 and S = 12: in = (N + F - S) / 2 tokens (F: free device
-    tokens), out = N - in, at most the free host tokens plus the ones swap-in frees there."""
+    tokens), out = N - in, at most the free host tokens plus the ones swap-in frees there. A
+    waiting request makes the step a saturated one, of N(S)."""
     roomy = scheduler_with(InferCeptPolicy(HAND_PROFILE), device_blocks=5)        # F = 16: in 14, out 10
+    roomy.add(Request("w", [5] * 4, SamplingParams(max_tokens=4), 0.0))
     assert roomy.policy.swap_budget() == (3, 2)
     full = scheduler_with(InferCeptPolicy(HAND_PROFILE), device_blocks=2, host_blocks=1)
     running(full, "r", 4)                                                     # F = 0: in 6, out 18 ...
+    full.add(Request("w", [5] * 4, SamplingParams(max_tokens=4), 0.0))
     assert full.policy.swap_budget() == (1, 2)                                # ... but 4 + 4 host tokens
+
+
+@pytest.mark.parametrize("running_query, budget", [(0, (1, 1)), (1, (1, 2)), (12, (2, 3))])
+def test_infercept_swap_budget_follows_the_steps_forward(running_query, budget):
+    """Nothing waits, so the step computes the running batch's query tokens x, and the copies it
+    hides are N(x) = N(S) * T_fwd(x) / T_fwd(S) = 24 * (x + 10) / 22 tokens (HAND_PROFILE: 1 ms
+    a token, 10 ms a step), 3 free host blocks of 4 tokens, 3 free device blocks (the fourth is the
+    padding block). Nothing running, F = 12 free device tokens: N = 10.9, in = (N + F - S)/2 = 5.5 -> 1 block, out 5.5 -> 1 (N(S) would give 3 and 3).
+    A running request holding 1 block, F = 8: x = 1, N = 12, in 4 -> 1, out 8 -> 2; x = 12, N =
+    N(S) = 24, in 10 -> 2, out 14 -> 3."""
+    sched = scheduler_with(InferCeptPolicy(HAND_PROFILE), device_blocks=4, host_blocks=3)
+    if running_query:
+        running(sched, "r", 4, running_query)
+    assert sched.policy.swap_budget() == budget
 
 
 def test_make_policy_heuristic_defaults_to_h_b_with_the_oracle_and_keeps_what_it_is_given():

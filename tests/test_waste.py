@@ -12,6 +12,7 @@ from scheduling.waste import (SwapBudget, chunked_discard_waste, discard_waste, 
 
 GPTJ = PAPER_PROFILES["a100-gptj-6b"]
 VICUNA = PAPER_PROFILES["a100x2-vicuna-13b"]
+S = 384      # a saturated step: the paper's budget N(S)
 
 # Round numbers: T_fwd(400) = (0.05*400 + 10) ms = 30 ms; one token one way = 0.03 s / 600.
 ROUND = HardwareProfile(name="round", fwd_ms_per_token=0.05, fwd_base_ms=10.0,
@@ -162,30 +163,41 @@ PLENTY = 10**9
 def test_swap_budget_both_positive():
     # in = (605.52816 + 640 - 384)/2 = 430.76408 -> 6 blocks of 64; out = 605.52816 - 430.76408
     # = 174.76408 -> 2 blocks
-    assert swap_budget(640, PLENTY, GPTJ, 64) == SwapBudget(in_blocks=6, out_blocks=2)
+    assert swap_budget(640, PLENTY, GPTJ, 64, S) == SwapBudget(in_blocks=6, out_blocks=2)
     # the engine's block size, not the profile's: 430.76408 // 16 = 26, 174.76408 // 16 = 10
-    assert swap_budget(640, PLENTY, GPTJ, 16) == SwapBudget(in_blocks=26, out_blocks=10)
+    assert swap_budget(640, PLENTY, GPTJ, 16, S) == SwapBudget(in_blocks=26, out_blocks=10)
 
 
 def test_swap_budget_in_clamped_to_zero():
     # in = (318.7784 + 0 - 384)/2 = -32.6108 -> 0; out = N = 318.7784 -> 4 blocks
-    assert swap_budget(0, PLENTY, VICUNA, 64) == SwapBudget(in_blocks=0, out_blocks=4)
+    assert swap_budget(0, PLENTY, VICUNA, 64, S) == SwapBudget(in_blocks=0, out_blocks=4)
     # a whole number of blocks: N = 256 = 4 blocks of 64, all of them out (nothing kept back for in)
     whole = dataclasses.replace(VICUNA, swap_limit_tokens=256.0)
-    assert swap_budget(0, PLENTY, whole, 64) == SwapBudget(in_blocks=0, out_blocks=4)
+    assert swap_budget(0, PLENTY, whole, 64, S) == SwapBudget(in_blocks=0, out_blocks=4)
 
 
 def test_swap_budget_out_clamped_to_zero():
     # in = (605.52816 + 1280 - 384)/2 = 750.76 > N -> N = 605.52816 -> 9 blocks; out = 0
-    assert swap_budget(1280, PLENTY, GPTJ, 64) == SwapBudget(in_blocks=9, out_blocks=0)
+    assert swap_budget(1280, PLENTY, GPTJ, 64, S) == SwapBudget(in_blocks=9, out_blocks=0)
+
+
+def test_swap_budget_of_a_step_below_saturation_hides_fewer_copies():
+    # 6B, a step of 134 query tokens: T_fwd = 0.0463*134 + 10 = 16.2042 ms against 27.7792 at S,
+    # so N = 605.52816 * 16.2042/27.7792 = 353.22. F = 1280: in = min((353.22 + 896)/2, N) = N ->
+    # 5 blocks of 64 (9 at S); out = 0
+    assert GPTJ.swap_limit(134) == pytest.approx(605.52816 * 16.2042 / 27.7792)
+    assert swap_budget(1280, PLENTY, GPTJ, 64, 134) == SwapBudget(in_blocks=5, out_blocks=0)
+    # F = 0: in = (353.22 - 384)/2 < 0 -> 0; out = N -> 5 blocks (9 at S: 605.5 // 64)
+    assert swap_budget(0, PLENTY, GPTJ, 64, 134) == SwapBudget(in_blocks=0, out_blocks=5)
+    assert swap_budget(0, PLENTY, GPTJ, 64, S) == SwapBudget(in_blocks=1, out_blocks=7)
 
 
 def test_swap_budget_host_room():
     # 6B, F = 0: in = (605.52816 - 384)/2 = 110.76408 -> 1 block; out = 494.76408, but the host
     # has 0 free + 64 freed by the swap-in -> 64 -> 1 block
-    assert swap_budget(0, 0, GPTJ, 64) == SwapBudget(in_blocks=1, out_blocks=1)
+    assert swap_budget(0, 0, GPTJ, 64, S) == SwapBudget(in_blocks=1, out_blocks=1)
     # 13B, F = 0: in = 0; out = 318.7784 limited to 128 host tokens -> 2 blocks
-    assert swap_budget(0, 128, VICUNA, 64) == SwapBudget(in_blocks=0, out_blocks=2)
+    assert swap_budget(0, 128, VICUNA, 64, S) == SwapBudget(in_blocks=0, out_blocks=2)
 
 
 # --- accounting ------------------------------------------------------------------------------
