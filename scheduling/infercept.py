@@ -69,7 +69,8 @@ class InferCeptPolicy(Policy):
     less than keeping it, room or not; on long human-paced calls (chat) that recomputed the context
     after every turn for memory nobody used (docs/policies.md, "the chat gap"). When nothing waits
     and the step has spare compute, the oldest swapped request is recomputed instead of swapped in
-    if that costs the batch less time (`_active_discard`).
+    when the link's backlog costs the swapped requests more waiting than the recompute costs the
+    batch (`_active_discard`).
     """
 
     name = "infercept"
@@ -102,17 +103,20 @@ class InferCeptPolicy(Policy):
 
     def _active_discard(self) -> None:
         """Nothing waits and compute is idle: recompute the oldest swapped request rather than
-        swap it in, if that costs the batch less time.
+        swap it in, when the swapped requests' wait for the link costs more than the recompute
+        costs the batch.
 
         The released code always recomputes here, as if idle compute were free. It is not: the
-        chunks lengthen the steps by a_f per token. Nor is a swap-in dear in itself: the copy runs
-        beside the step, and only the part that outlasts the running batch's forward stalls it. So
-        the recompute (the whole context) is chosen only when its extra compute is below that stall
-        (spec 8.1, "_active_discard generalized"). Comparing against the whole copy time instead
-        recomputed about half the swapped chat contexts on the paper's 6B profile, where a token
-        costs the same either way and the block rounding decided (docs/policies.md, "the chat gap
-        on the authors' trace"); on a CPU, where compute is dear and copies are cheap, it never
-        recomputes.
+        chunks lengthen the steps by a_f per token, and the running requests and the request
+        itself wait that long (`recompute_s * (running + 1)`, in request-seconds). A swap-in costs
+        the waiting it causes instead: its copy runs beside the step, and the swapped requests
+        wait for the link's backlog, all their host blocks, beyond what this step's forward hides
+        (`wait_s * swapped`). So a short backlog is swapped in, and a link that falls behind hands
+        its oldest request to the compute (spec 8.1: "_active_discard generalized", and the
+        queueing delay of resumed requests). On the paper's 6B profile, where a token costs about
+        the same either way, comparing a_f * C with the request's whole copy time recomputed about
+        half the swapped chat contexts, and comparing it with the request's own stall let the
+        link fall behind on image (docs/policies.md, "the chat gap on the authors' trace").
         """
         view = self.view
         if view.waiting or not view.swapped:
@@ -121,8 +125,8 @@ class InferCeptPolicy(Policy):
         if running_query >= view.token_budget:
             return
         oldest = min(view.swapped, key=lambda r: r.priority_time)
-        on_host = view.host_blocks(oldest) * view.block_size
+        backlog = sum(view.host_blocks(r) for r in view.swapped) * view.block_size
         recompute_s = self.profile.fwd_ms_per_token * oldest.num_computed_tokens / 1000
-        stall_s = self.profile.swap_seconds(on_host) - self.profile.fwd_seconds(running_query)
-        if recompute_s < stall_s:
+        wait_s = self.profile.swap_seconds(backlog) - self.profile.fwd_seconds(running_query)
+        if recompute_s * (len(view.running) + 1) < wait_s * len(view.swapped):
             view.recompute(oldest)

@@ -548,20 +548,26 @@ def test_active_discard_only_when_the_running_batch_leaves_compute(running_query
     assert (s.status is RequestStatus.WAITING) is recomputed
 
 
-@pytest.mark.parametrize("running_query, recomputed", [(0, True), (5, False)])
-def test_active_discard_weighs_the_recompute_against_the_swap_in_stall(running_query, recomputed):
-    """A swap-in costs only the copy time the running batch's forward does not hide. 8 tokens on the
-    host copy in 30 ms (N(S) = 176/30 tokens per 22 ms step); recomputing 16 tokens costs 16 ms.
-    Nothing running: the step's forward is c_f = 10 ms, the stall 20 ms, so recompute. A batch of 5
-    query tokens: 15 ms of forward, a 15 ms stall, so swap in (the whole copy, 30 ms, would still
-    say recompute)."""
-    import dataclasses
-    sched = scheduler_with(InferCeptPolicy(dataclasses.replace(HAND_PROFILE, swap_limit_tokens=176 / 30)))
-    s = swapped(sched, "s", 16, 2)
-    if running_query:
-        running(sched, "r", 40 - running_query, running_query)
+@pytest.mark.parametrize("behind, running_requests, recomputed",
+                         [(0, 0, False), (3, 0, True), (3, 8, True), (3, 9, False)])
+def test_active_discard_weighs_the_batchs_wait_against_the_links_backlog(behind, running_requests, recomputed):
+    """Recompute the oldest swapped request when the swapped requests' wait for the link (its
+    backlog's copy time beyond this step's forward, times the swapped requests) exceeds the
+    recompute's a_f * C times the running requests and itself. HAND_PROFILE: 1 ms a token, 10 ms a
+    step, copies 22/24 ms a token. "old" has 16 tokens, all on the host: 16 ms of recompute.
+    * alone: backlog 16 tokens, 14.7 ms - 10 = 4.7 ms x 1 < 16 x 1: swap in;
+    * 3 more swapped of 16 tokens: backlog 58.7 ms - 10 = 48.7 x 4 = 195 > 16: recompute;
+    * and 8 running requests of 1 query token: 58.7 - 18 = 40.7 x 4 = 163 > 16 x 9 = 144: recompute;
+      9 of them: 39.7 x 4 = 159 < 16 x 10 = 160: swap in."""
+    sched = scheduler_with(InferCeptPolicy(HAND_PROFILE))
+    old = swapped(sched, "old", 16, 4, arrival=0.0)
+    for k in range(behind):
+        swapped(sched, f"s{k}", 16, 4, arrival=1.0 + k)
+    for k in range(running_requests):
+        running(sched, f"r{k}", 4, 1, arrival=10.0 + k)
     sched.policy._active_discard()
-    assert (s.status is RequestStatus.WAITING) is recomputed
+    assert (old.status is RequestStatus.WAITING) is recomputed
+    assert all(r.status is RequestStatus.SWAPPED for r in sched.swapped if r is not old)
 
 
 def test_active_discard_keeps_swapping_when_recomputing_costs_the_same():
