@@ -72,10 +72,8 @@ def swap_budget(free_device_tokens: int, free_host_tokens: int, profile: Hardwar
     really leave the host. `block_size` is the engine's, which may differ from the profile's.
 
     N is N(x) of the step's own forward (`HardwareProfile.swap_limit`), not the paper's N(S): a
-    step below saturation hides fewer copies, and copies past its forward stall the whole batch.
-    On the authors' chat requests (6B) N(S) stalled 4 % of the steps' time at 10 req/s and
-    N(x) none (docs/policies.md, "the chat gap on the authors' trace").
-    """
+    step below saturation hides fewer copies, and copies past its forward stall the whole batch
+    (docs/policies.md, "the chat gap on the authors' trace")."""
     n, s = profile.swap_limit(step_tokens), profile.saturation_tokens
     f = free_device_tokens
     tokens_in = min(max((n + f - s) / 2, 0.0), n)
