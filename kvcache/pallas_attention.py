@@ -9,6 +9,13 @@ a time straight from the page-major pool (`k_ref[pages]`, a gather of whole page
 online softmax in float32. The loop's bound, the row's longest position, is read on the device, so
 a step costs what its contexts need and no context length enters the compiled shape.
 
+When the rows and KV heads alone give too few programs to fill the GPU (a batch-1 decode has one
+per KV head: 32 programs on the H200's 132 SMs), each (row, KV head) is split along its context
+into `kv_splits` programs (split-K, as in flash-decoding): each walks its share of the row's pages
+and writes its unnormalized output with its softmax max and sum, and one XLA step combines them.
+The share is computed on the device from the row's last position, so a short context splits as
+evenly as a long one.
+
 The kernel is written for Pallas's Triton lowering (GPU). Everywhere else it runs in Pallas's
 interpret mode, which is how CPU tests check it against the portable path.
 """
@@ -23,15 +30,26 @@ from jax.experimental.pallas import triton as plgpu
 
 _NEG = -1e30
 MIN_TILE_ROWS = 16   # Triton's dot wants at least 16 rows
+TARGET_PROGRAMS = 264   # two waves of an H100's or H200's 132 SMs
+MAX_KV_SPLITS = 16
 
 
 def _next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
-def _kernel(layer_ref, positions_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *,
-            pages_per_block: int, pages_per_layer: int, scale: float):
-    """One (row, KV head): q [M, D] against the row's pages; writes o [M, D] float32."""
+def kv_splits(rows: int, num_kv_heads: int, max_iterations: int) -> int:
+    """Programs per (row, KV head): 1 where `rows * num_kv_heads` programs fill the GPU, else as
+    many as bring the grid to `TARGET_PROGRAMS`, at most one per iteration a row may have and at
+    most `MAX_KV_SPLITS` (every split adds a partial output the combine reads back)."""
+    return max(1, min(TARGET_PROGRAMS // (rows * num_kv_heads), max_iterations, MAX_KV_SPLITS))
+
+
+def _kernel(layer_ref, positions_ref, table_ref, q_ref, k_ref, v_ref, *out_refs,
+            pages_per_block: int, pages_per_layer: int, scale: float, splits: int):
+    """One (row, KV head, split): q [M, D] against the split's share of the row's pages. With one
+    split it writes the output o [M, D] float32; with more, the unnormalized o and the softmax's
+    running max m [M] and sum l [M] for the combine."""
     block_size, head_dim = k_ref.shape[1], k_ref.shape[2]
     block_tokens = pages_per_block * block_size
     positions = positions_ref[...]                          # [M], padding -1
@@ -56,19 +74,34 @@ def _kernel(layer_ref, positions_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *,
 
     rows = q.shape[0]
     num_blocks = pl.cdiv(jnp.max(positions) + 1, block_tokens)
+    per_split = pl.cdiv(num_blocks, splits)
+    start = pl.program_id(2) * per_split
+    stop = jnp.minimum(start + per_split, num_blocks)
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
             jnp.zeros((rows, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    o_ref[...] = acc / jnp.maximum(l, 1e-30)[:, None]
+    m, l, acc = jax.lax.fori_loop(start, stop, body, init)
+    if splits == 1:
+        out_refs[0][...] = acc / jnp.maximum(l, 1e-30)[:, None]
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...], m_ref[...], l_ref[...] = acc, m, l
+
+
+def _combine(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """The splits' partial outputs [..., S, M, D] (maxes and sums [..., S, M]) as one output [..., M, D]."""
+    weight = jnp.exp(m - m.max(axis=-2, keepdims=True))        # an empty split: m = -1e30, weight 0
+    total = (weight * l).sum(axis=-2)
+    return (weight[..., None] * o).sum(axis=-3) / jnp.maximum(total, 1e-30)[..., None]
 
 
 def attend_rows(q_padded: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
                 row_token_index: jax.Array, row_positions: jax.Array, block_tables: jax.Array,
-                pages_per_block: int, *, interpret: bool | None = None, num_warps: int = 4,
-                num_stages: int = 2) -> jax.Array:
+                pages_per_block: int, *, splits: int | None = None, interpret: bool | None = None,
+                num_warps: int = 4, num_stages: int = 2) -> jax.Array:
     """The rows [R, Q] of one group against the pools: returns [R * Q, H, D] float32.
 
-    `q_padded` is [T + 1, H, D] (the last entry is the padding rows' query). `interpret` (None:
+    `q_padded` is [T + 1, H, D] (the last entry is the padding rows' query). `splits` (None:
+    `kv_splits` of the group's shape) is the programs per (row, KV head). `interpret` (None:
     everywhere but on a GPU) runs the kernel in Pallas's interpreter."""
     num_heads, head_dim = q_padded.shape[1:]
     num_layers, blocks_per_layer, block_size, num_kv_heads, _ = k_pool.shape
@@ -87,24 +120,32 @@ def attend_rows(q_padded: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     # Pages as rows of a [layers * blocks, ...] view (a free reshape): the kernel adds the layer's offset.
     k_pages = k_pool.reshape(num_layers * blocks_per_layer, block_size, num_kv_heads, head_dim)
     v_pages = v_pool.reshape(num_layers * blocks_per_layer, block_size, num_kv_heads, head_dim)
-    pool_spec = pl.BlockSpec((num_layers * blocks_per_layer, block_size, None, head_dim), lambda r, h: (0, 0, h, 0))
+    if splits is None:
+        splits = kv_splits(rows, num_kv_heads, pl.cdiv(block_tables.shape[1], pages_per_block))
+    pool_spec = pl.BlockSpec((num_layers * blocks_per_layer, block_size, None, head_dim), lambda r, h, s: (0, 0, h, 0))
     kernel = functools.partial(_kernel, pages_per_block=pages_per_block, pages_per_layer=blocks_per_layer,
-                               scale=head_dim ** -0.5)
-    out = pl.pallas_call(
+                               scale=head_dim ** -0.5, splits=splits)
+    out_specs = [pl.BlockSpec((None, None, None, tile, head_dim), lambda r, h, s: (r, h, s, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((rows, num_kv_heads, splits, tile, head_dim), jnp.float32)]
+    if splits > 1:   # each split's softmax max and sum, for the combine
+        out_specs += [pl.BlockSpec((None, None, None, tile), lambda r, h, s: (r, h, s, 0))] * 2
+        out_shape += [jax.ShapeDtypeStruct((rows, num_kv_heads, splits, tile), jnp.float32)] * 2
+    outs = pl.pallas_call(
         kernel,
-        grid=(rows, num_kv_heads),
+        grid=(rows, num_kv_heads, splits),
         in_specs=[
-            pl.BlockSpec((1,), lambda r, h: (0,)),                                   # layer
-            pl.BlockSpec((None, tile), lambda r, h: (r, 0)),                         # positions
-            pl.BlockSpec((None, block_tables.shape[1]), lambda r, h: (r, 0)),        # block table
-            pl.BlockSpec((None, None, tile, head_dim), lambda r, h: (r, h, 0, 0)),   # q
+            pl.BlockSpec((1,), lambda r, h, s: (0,)),                                   # layer
+            pl.BlockSpec((None, tile), lambda r, h, s: (r, 0)),                         # positions
+            pl.BlockSpec((None, block_tables.shape[1]), lambda r, h, s: (r, 0)),        # block table
+            pl.BlockSpec((None, None, tile, head_dim), lambda r, h, s: (r, h, 0, 0)),   # q
             pool_spec, pool_spec,
         ],
-        out_specs=pl.BlockSpec((None, None, tile, head_dim), lambda r, h: (r, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows, num_kv_heads, tile, head_dim), jnp.float32),
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="paged_attention_rows",
     )(layer, positions, block_tables, q, k_pages, v_pages)
+    out = outs[0][:, :, 0] if splits == 1 else _combine(*outs)
     out = out[:, :, :entries].reshape(rows, num_kv_heads, width, group, head_dim)
     return out.transpose(0, 2, 1, 3, 4).reshape(rows * width, num_heads, head_dim)

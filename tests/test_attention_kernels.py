@@ -17,7 +17,7 @@ from infercept_jax.llm import for_backend
 from infercept_jax.model_runner import check_attention_kernel
 from infercept_jax.parallel import tp_mesh
 from kvcache import pallas_attention
-from kvcache.paged import AttentionInputs, RowGroup, paged_attention
+from kvcache.paged import AttentionInputs, RowGroup, _attend_rows, paged_attention
 from models.llama import Llama
 
 
@@ -80,15 +80,40 @@ def test_the_kernel_equals_the_xla_path_in_every_layer(num_kv_heads, group, dtyp
     assert not np.allclose(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+def test_a_context_split_over_programs_gives_what_one_program_gives(splits):
+    """Split-K: each (row, KV head) walks 1/splits of its pages and the combine merges the partial
+    softmaxes. With 3 splits of a row whose context is 3 iterations long each split has one; with 8
+    most splits of every row are empty; a row at position 0 has one iteration whatever the split."""
+    q, (k_pool, v_pool), meta = ragged_step(np.random.default_rng(7), 2, 2, 16, jnp.float32)
+    q_padded = jnp.concatenate([q, jnp.zeros((1,) + q.shape[1:], q.dtype)])
+    for group in meta.groups:
+        want = _attend_rows(q_padded, k_pool, v_pool, jnp.int32(1), group, 4)
+        got = pallas_attention.attend_rows(q_padded, k_pool, v_pool, jnp.int32(1), group.row_token_index,
+                                           group.row_positions, group.block_tables, 4, splits=splits)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_the_context_is_split_only_when_the_rows_leave_the_gpu_idle():
+    target, cap = pallas_attention.TARGET_PROGRAMS, pallas_attention.MAX_KV_SPLITS
+    assert pallas_attention.kv_splits(64, 32, 16) == 1              # batch-64 decode of SmolLM2-1.7B
+    assert pallas_attention.kv_splits(1, 32, 16) == target // 32    # its batch-1 decode
+    assert pallas_attention.kv_splits(target // 8, 8, 16) == 1      # exactly enough programs
+    assert pallas_attention.kv_splits(target // 8 - 1, 8, 16) == 1  # just short: a split would double them
+    assert pallas_attention.kv_splits(1, 8, 3) == 3                 # no more splits than iterations
+    assert pallas_attention.kv_splits(1, 1, 1000) == cap
+
+
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, dtype", [
     (32, 32, 64, jnp.bfloat16),    # SmolLM2-1.7B's attention
     (32, 8, 128, jnp.bfloat16),    # Llama-3-8B's
     (9, 3, 64, jnp.float32),       # SmolLM2-135M's, in float32
 ], ids=["smollm2-1.7b", "llama3-8b", "smollm2-135m-f32"])
-@pytest.mark.parametrize("rows, width", [(64, 1), (20, 32)], ids=["decode", "chunks"])
+@pytest.mark.parametrize("rows, width", [(64, 1), (1, 1), (20, 32)], ids=["decode", "decode-split", "chunks"])
 def test_triton_lowers_the_kernel_for_cuda(num_heads, num_kv_heads, head_dim, dtype, rows, width):
     """Lowered for CUDA without a GPU: Pallas turns the kernel into Triton IR here, so a kernel
-    Triton cannot express fails on CPU (the compile to PTX itself happens on a GPU)."""
+    Triton cannot express fails on CPU (the compile to PTX itself happens on a GPU). A batch-1
+    decode is split along the context; the others are not."""
     num_tokens, table_width = rows * width, 128
     pool = jax.ShapeDtypeStruct((24, 1000, 16, num_kv_heads, head_dim), dtype)
     args = (jax.ShapeDtypeStruct((num_tokens + 1, num_heads, head_dim), dtype), pool, pool,
