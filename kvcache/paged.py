@@ -58,17 +58,19 @@ def write_kv(pool: jax.Array, layer: jax.Array, slot_mapping: jax.Array, new: ja
 
 
 def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
-                    meta: AttentionInputs, pages_per_chunk: int, kernel: str = "xla") -> jax.Array:
+                    meta: AttentionInputs, pages_per_chunk: int, kernel: str = "xla",
+                    kv_splits: int | None = None) -> jax.Array:
     """Causal attention of flat queries `q` [T, H, D] against their sequences' paged KV.
 
     Returns [T, H, D]. Row entries see keys at positions `<=` their own position. `kernel` is one
     of `ATTENTION_KERNELS`: the XLA loop below, or the Pallas kernel (which reads `pages_per_chunk`
-    pages per iteration too).
+    pages per iteration too, with `kv_splits` programs per row and KV head; None: its own choice).
     """
     q_padded = jnp.concatenate([q, jnp.zeros((1,) + q.shape[1:], q.dtype)])
     if kernel == "pallas":
         outs = [pallas_attention.attend_rows(q_padded, k_pool, v_pool, layer, group.row_token_index,
-                                             group.row_positions, group.block_tables, pages_per_chunk)
+                                             group.row_positions, group.block_tables, pages_per_chunk,
+                                             splits=kv_splits)
                 for group in meta.groups]
     elif kernel == "xla":
         outs = [_attend_rows(q_padded, k_pool, v_pool, layer, group, pages_per_chunk) for group in meta.groups]

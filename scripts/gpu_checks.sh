@@ -33,3 +33,7 @@ timeout 90 python3 scripts/bench_engine.py $SHAPE --batches 1,64 --skip-hf --att
 # 3. Swap through the pinned host pool against the link (issue 14), and the measured profile.
 timeout 120 python3 scripts/bench_swap.py --shape smollm2-1.7b --quick --dtype bfloat16 \
     --kv-cache-gb 4 --swap-space-gb 4 --out "$OUT/bench_swap.json" 2>&1 | tail -40 | tee "$OUT/bench_swap.log"
+
+# 4. The attention read alone, split-K against one program per (row, KV head) and the XLA path.
+timeout 60 python3 scripts/bench_attention.py --shape smollm2-1.7b --batches 1,64 --contexts 512,4096 \
+    --out "$OUT/bench_attention.json" 2>&1 | tail -20 | tee "$OUT/bench_attention.log"

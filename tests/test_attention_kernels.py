@@ -176,3 +176,29 @@ def test_a_kernel_the_shapes_do_not_fit_is_refused():
     with pytest.raises(ValueError, match="attn_chunk_tokens = 8 is below 16"):
         check_attention_kernel("pallas", 64, 4, 2)
     check_attention_kernel("xla", 80, 12, 3)
+
+
+def test_the_attention_benchmark_times_kernels_that_agree(tmp_path):
+    """scripts/bench_attention.py: the three kernels compute the same attention of its decode rows,
+    and the bytes per second it reports are the rows' KV over the time it measured."""
+    import bench_attention
+
+    spec = bench_attention.shape_spec("tiny")
+    rng = np.random.default_rng(0)
+    meta = bench_attention.decode_rows(3, 40, 4, 4, 40, rng)
+    tables = np.asarray(meta.groups[0].block_tables)          # 10 pages a row, 12 wide (3 reads of 4 pages)
+    assert tables.shape == (3, 12) and (tables[:, 10:] == 0).all()
+    assert len(set(tables[:, :10].ravel())) == 30 and 0 not in tables[:, :10]
+    q = jnp.asarray(rng.normal(size=(3, spec.num_heads, spec.head_dim)), jnp.float32)
+    k_pool, v_pool = (jnp.asarray(rng.normal(size=(spec.num_layers, 40, 4, spec.num_kv_heads, spec.head_dim)),
+                                  jnp.float32) for _ in "kv")
+    sums = [float(bench_attention.step_attention(kernel, 4)(q, k_pool, v_pool, meta))
+            for kernel in bench_attention.KERNELS]
+    np.testing.assert_allclose(sums, sums[0], rtol=1e-5)
+
+    rows = bench_attention.main(["--shape", "tiny", "--batches", "2", "--contexts", "24", "--kernels", "xla,pallas",
+                                 "--repeats", "1", "--out", str(tmp_path / "attention.json")])
+    assert [(row["batch"], row["ctx"], row["kernel"]) for row in rows] == [(2, 24, "xla"), (2, 24, "pallas")]
+    for row in rows:
+        assert row["kv_bytes_per_s"] * row["ms"] / 1e3 == pytest.approx(2 * 24 * spec.kv_bytes_per_token(4))
+    assert (tmp_path / "attention.json").exists()
