@@ -44,11 +44,26 @@ def test_more_devices_than_the_run_has_is_an_error(capsys, command):
     assert "tensor_parallel_size=2 needs 2 devices; this run has 1 (cpu)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", [["--dtype", "bfloat16"], ["--tensor-parallel-size", "2"]])
+@pytest.mark.parametrize("flag", [["--dtype", "bfloat16"], ["--tensor-parallel-size", "2"], ["--attention", "xla"],
+                                  ["--swap-transfer", "numpy"], ["--async-scheduling"]])
 def test_replay_refuses_real_engine_options_in_the_simulator(capsys, tmp_path, flag):
     command = ["replay", "--trace", "builtin:mixed-small", "--simulate", "--profile", "a100-gptj-6b", "--out", str(tmp_path)]
     assert main(command + flag) == 2
     assert f"{flag[0]} is for the real engine; the simulator runs no model" in capsys.readouterr().err
+
+
+def test_real_engine_options_of_replay_reach_the_engines(monkeypatch, tmp_path):
+    from infercept_jax.experiments import sweeps
+
+    built = {}
+    monkeypatch.setattr(sweeps, "real_engines", lambda model, estimator, **options: built.update(options))
+    monkeypatch.setattr(sweeps, "run_replays", lambda *args, **kwargs: [])
+    monkeypatch.setattr(sweeps, "write_results", lambda results, out: [])
+    assert main(["replay", "--trace", "builtin:mixed-small", "--profile", "a100-gptj-6b", "--out", str(tmp_path),
+                 "--attention", "pallas", "--swap-transfer", "pinned_host", "--async-scheduling",
+                 "--dtype", "bfloat16"]) == 0
+    assert {name: built[name] for name in sweeps.REAL_ENGINE_OPTIONS if name in built} == {
+        "attention": "pallas", "swap_transfer": "pinned_host", "async_scheduling": True, "dtype": "bfloat16"}
 
 
 def test_engine_options_of_serve_and_profile_reach_the_engine_config():

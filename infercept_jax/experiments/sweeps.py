@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from infercept_jax.config import ATTENTION_CHOICES, SWAP_TRANSFERS
 from infercept_jax.engine import Engine
 from infercept_jax.experiments.replay import replay, sample_arrivals
 from infercept_jax.experiments.simulator import simulated_engine
@@ -21,6 +22,7 @@ from scheduling.policies import HEURISTICS, POLICIES
 from scheduling.profile import HardwareProfile, load_profile
 
 DEFAULT_POLICIES = ("discard", "preserve", "swap", "infercept")
+REAL_ENGINE_OPTIONS = ("dtype", "tensor_parallel_size", "attention", "swap_transfer", "async_scheduling")
 SMALL_SCALE = 1 / 8   # builtin:*-small: token counts for a small model on a CPU
 
 
@@ -206,6 +208,12 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         "and KV dtype (default auto)")
     parser.add_argument("--tensor-parallel-size", type=int, help="real engine: devices the weights and the KV "
                         "cache are split over (default 1)")
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, help="real engine: the paged attention kernel "
+                        "(default auto: the Pallas kernel on a GPU, else the XLA path)")
+    parser.add_argument("--swap-transfer", choices=SWAP_TRANSFERS, help="real engine: the host pool's memory "
+                        "(default auto: pinned_host off the CPU, else numpy)")
+    parser.add_argument("--async-scheduling", action="store_true", default=None,
+                        help="real engine: launch each step while the one before runs")
     parser.add_argument("--out", required=True, help="folder for results.json and the plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -239,14 +247,14 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
     policies = args.policy or list(DEFAULT_POLICIES)
     rates = args.qps or [1.0]
     given = {name: getattr(args, name) for name in ("num_host_blocks", "max_num_seqs", "max_num_batched_tokens",
-                                                     "max_model_len", "dtype", "tensor_parallel_size")}
+                                                     "max_model_len", *REAL_ENGINE_OPTIONS)}
     options = {name: value for name, value in given.items() if value is not None}
     decisions = {"heuristic": args.heuristic, "estimator_error": args.estimator_error, "lamps": lamps_options(args)}
     trace = resolve_trace(args.trace, args.tokenizer or args.model)
     if args.simulate:
         if args.profile is None:
             raise ValueError("--simulate needs --profile (a name such as a100-gptj-6b, or a JSON file)")
-        for flag in ("dtype", "tensor_parallel_size"):
+        for flag in REAL_ENGINE_OPTIONS:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} is for the real engine; the simulator runs no model")
         profile = load_profile(args.profile)
