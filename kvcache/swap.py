@@ -14,8 +14,9 @@ chosen by a probe at start (`make_host_pool`, logged):
   lives while one of its blocks does: a host block lets go of it when a swap-out overwrites the
   block, or when the runner `release`s the host blocks freed since the last step
   (`SchedulerOutput.host_freed`; blocks freed between steps, by an abort, are let go of with the
-  next step that runs). While a request is swapped in a few blocks per step, the whole array of
-  its next blocks crosses the link each step.
+  next step that runs). A swap-in moves whole arrays, so a request swapped in a few blocks per
+  step sends its next array over the link each step: pieces are capped at
+  `PINNED_PIECE_BYTES` per device, which bounds that waste.
 * `NumpyHostPool`, the fallback (and `auto` on the CPU backend, whose device memory already is host
   memory, so a pinned copy is one more memcpy): one preallocated numpy array per local device.
   Swap-out gathers on the device and copies to host asynchronously; `land` writes into numpy after
@@ -41,6 +42,10 @@ from jax.sharding import SingleDeviceSharding
 log = logging.getLogger(__name__)
 
 PAD_BLOCK = 0
+# A pinned piece's size cap: a swap-in moves its whole array even when it needs a few of its blocks.
+# One DMA's fixed cost is microseconds, so a 16 MiB copy should still move at about the link's peak
+# (inferred, not measured on a GPU yet).
+PINNED_PIECE_BYTES = 16 * 2**20
 
 
 def copy_buckets(max_blocks: int) -> list[int]:
@@ -60,6 +65,15 @@ def piece_sizes(n: int, buckets: list[int]) -> list[int]:
             sizes.append(size)
             n -= size
     return sizes
+
+
+def pinned_piece_blocks(block_bytes: int, max_blocks: int) -> int:
+    """Blocks of the largest pinned piece: the largest power of two up to `max_blocks` whose bytes
+    (`block_bytes` a block on one device) stay within `PINNED_PIECE_BYTES`; at least 1."""
+    blocks = 1
+    while blocks * 2 <= max_blocks and blocks * 2 * block_bytes <= PINNED_PIECE_BYTES:
+        blocks *= 2
+    return blocks
 
 
 def _gather(k_pool: jax.Array, v_pool: jax.Array, blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -104,11 +118,15 @@ def make_host_pool(num_layers: int, num_blocks: int, block_size: int, num_kv_hea
         raise ValueError(f"transfer must be auto, pinned_host or numpy, got {transfer!r}")
     if transfer == "pinned_host" and "pinned_host" not in kinds:
         raise ValueError(f"the {device.platform} backend has no pinned_host memory")
+    shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+    if transfer == "pinned_host":
+        part = sharding.shard_shape(shape)
+        device_block_bytes = 2 * int(np.prod(part[:1] + part[2:])) * jnp.dtype(dtype).itemsize
+        max_blocks_per_copy = pinned_piece_blocks(device_block_bytes, max_blocks_per_copy)
     kind = PinnedHostPool if transfer == "pinned_host" else NumpyHostPool
-    pool = kind((num_layers, num_blocks, block_size, num_kv_heads, head_dim), jnp.dtype(dtype), sharding,
-                max_blocks_per_copy)
-    log.info("host KV pool (%s): %d blocks (%.2f GB) on %d device(s)", transfer, num_blocks,
-             pool.block_bytes * num_blocks / 1e9, len(pool.devices))
+    pool = kind(shape, jnp.dtype(dtype), sharding, max_blocks_per_copy)
+    log.info("host KV pool (%s): %d blocks (%.2f GB) on %d device(s), copies of up to %d blocks", transfer,
+             num_blocks, pool.block_bytes * num_blocks / 1e9, len(pool.devices), pool.buckets[-1])
     return pool
 
 

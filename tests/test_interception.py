@@ -8,6 +8,7 @@ import pytest
 from helpers import count_compiles, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from kvcache.block_manager import BlockManager
+from kvcache import swap
 from kvcache.swap import make_host_pool, piece_sizes
 from models.llama import Llama
 from scheduling.policies import POLICIES
@@ -176,6 +177,20 @@ def test_copies_are_made_in_power_of_two_pieces_largest_first():
     assert piece_sizes(13, [1, 2, 4, 8]) == [8, 4, 1]
     assert piece_sizes(21, [1, 2, 4, 8]) == [8, 8, 4, 1]
     assert piece_sizes(0, [1, 2]) == []
+
+
+def test_pinned_pieces_are_capped_in_bytes_so_a_partial_swap_in_moves_little(monkeypatch):
+    """A swap-in moves a pinned piece whole: pieces stay within PINNED_PIECE_BYTES on each device.
+    The numpy pool copies only the blocks asked for and keeps its pieces."""
+    block_bytes = 2 * 2 * 4 * 2 * 8 * 4            # K and V, 2 layers, 4 tokens, 2 KV heads, head_dim 8, float32
+    assert swap.pinned_piece_blocks(block_bytes, 64) == 64                       # 64 blocks are 64 KiB
+    monkeypatch.setattr(swap, "PINNED_PIECE_BYTES", 4 * block_bytes)             # a piece may reach the cap
+    assert swap.pinned_piece_blocks(block_bytes, 64) == 4
+    assert swap.pinned_piece_blocks(block_bytes, 2) == 2
+    assert swap.pinned_piece_blocks(5 * block_bytes, 64) == 1                   # a block over the cap still moves
+    assert make_host_pool(2, 10, 4, 2, 8, jnp.float32, max_blocks_per_copy=64, transfer="pinned_host").buckets \
+        == [1, 2, 4]
+    assert make_host_pool(2, 10, 4, 2, 8, jnp.float32, max_blocks_per_copy=64, transfer="numpy").buckets[-1] == 64
 
 
 def test_the_pinned_pool_lets_go_of_an_array_when_none_of_its_blocks_is_held():
