@@ -5,7 +5,8 @@
     and this machine's numpy copy bandwidth of a 512 MiB buffer (memcpy, the yardstick on CPU);
   * swap-out (`copy_out` + `land`, until the pages are in host memory) and swap-in (`copy_in`)
     throughput through the runner's host pool, with the model's KV shape, for several block
-    counts, as a share of the link and of memcpy; target >= 50 %; and the stall of each: the host
+    counts, as a share of the link and of memcpy; target >= 70 % of the link on an accelerator,
+    >= 50 % of memcpy on CPU; and the stall of each: the host
     time `execute` spends issuing the copy before it could dispatch a step;
   * overlap: a step alone and the same step with swaps issued in the same `execute` (half out, half
     in), as many as its swap budget allows: N = T(step) * min(out, in bandwidth) / M tokens in+out
@@ -47,8 +48,9 @@ from models.shapes import SHAPES
 from scheduling.output import ScheduledRequest, SchedulerOutput
 
 MEMCPY_BYTES = 512 * 2**20
-TARGET_BANDWIDTH = 0.5    # of memcpy
-TARGET_OVERLAP = 1.10     # step with swaps / step alone
+TARGET_LINK_SHARE = 0.7      # of the pinned link, on an accelerator (issue 14)
+TARGET_MEMCPY_SHARE = 0.5    # of memcpy, on CPU
+TARGET_OVERLAP = 1.10         # step with swaps / step alone
 
 
 def parse_args() -> argparse.Namespace:
@@ -207,7 +209,8 @@ def print_tables(memcpy: float, transfer: str, throughput: list[dict], overlap: 
                       f"{100 * swap / memcpy:.0f} %"]
         cells += [f"{r['out_stall_ms']:.1f}", f"{r['in_stall_ms']:.1f}"]
         print("| " + " | ".join(cells) + " |")
-    print(f"\ntarget: >= {100 * TARGET_BANDWIDTH:.0f} % of the link (memcpy on CPU) each way\n")
+    print(f"\ntarget: >= {100 * TARGET_LINK_SHARE:.0f} % of the link each way on an accelerator, "
+          f">= {100 * TARGET_MEMCPY_SHARE:.0f} % of memcpy on CPU\n")
     print("| step | query tokens | alone ms | swap budget tokens | swapped tokens (in+out) "
           "| with swaps ms | ratio | stall ms |")
     print("|---|" + "---:|" * 7)
