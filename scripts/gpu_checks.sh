@@ -6,7 +6,8 @@
 # project needs that the machine lacks; `.whl/` is git-ignored), then through the device tool:
 #     run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Everything it writes lands in $OUT. Each step has its own timeout, so one that hangs costs only
-# its share; about 10 minutes in all on an H200.
+# its share; about 10 minutes in all on an H200. `SHAPE_NAME=tiny bash scripts/gpu_checks.sh` is a
+# dry run of the same steps on a CPU (slow: the kernel tests run in Pallas's interpreter there).
 set -o pipefail
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
@@ -22,8 +23,9 @@ timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_ker
 
 # 2. The engine against transformers on SmolLM2-1.7B's shape in bf16 (issue 13's table): the
 #    kernel (auto), then the XLA path and async scheduling for the comparison.
-SHAPE="--shape smollm2-1.7b --contexts 512 --decode-tokens 64"
-timeout 180 python3 scripts/bench_engine.py $SHAPE --batches 1,8,64 \
+SHAPE_NAME=${SHAPE_NAME:-smollm2-1.7b}
+SHAPE="--shape $SHAPE_NAME --contexts 512 --decode-tokens 64"
+timeout 180 python3 scripts/bench_engine.py $SHAPE --batches 1,8,64 --hf-max-tokens 0 \
     --out "$OUT/bench_engine.json" 2>&1 | tail -40 | tee "$OUT/bench_engine.log"
 timeout 90 python3 scripts/bench_engine.py $SHAPE --batches 1,64 --skip-hf --async-scheduling \
     --out "$OUT/bench_engine_async.json" 2>&1 | tail -25 | tee "$OUT/bench_engine_async.log"
@@ -31,9 +33,9 @@ timeout 90 python3 scripts/bench_engine.py $SHAPE --batches 1,64 --skip-hf --att
     --out "$OUT/bench_engine_xla.json" 2>&1 | tail -25 | tee "$OUT/bench_engine_xla.log"
 
 # 3. Swap through the pinned host pool against the link (issue 14), and the measured profile.
-timeout 120 python3 scripts/bench_swap.py --shape smollm2-1.7b --quick --dtype bfloat16 \
+timeout 120 python3 scripts/bench_swap.py --shape $SHAPE_NAME --quick --dtype bfloat16 \
     --kv-cache-gb 4 --swap-space-gb 4 --out "$OUT/bench_swap.json" 2>&1 | tail -40 | tee "$OUT/bench_swap.log"
 
 # 4. The attention read alone, split-K against one program per (row, KV head) and the XLA path.
-timeout 60 python3 scripts/bench_attention.py --shape smollm2-1.7b --batches 1,64 --contexts 512,4096 \
+timeout 60 python3 scripts/bench_attention.py --shape $SHAPE_NAME --batches 1,64 --contexts 512,4096 \
     --out "$OUT/bench_attention.json" 2>&1 | tail -20 | tee "$OUT/bench_attention.log"
