@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -20,8 +21,11 @@ from infercept_jax.model_runner import ModelRunner, pallas_misfits
 from infercept_jax.outputs import RequestOutput
 from infercept_jax.parallel import check_tensor_parallel, tp_mesh
 from infercept_jax.tools import Tool, ToolCalls
+from kvcache import pallas_attention
 from kvcache.block_manager import BlockManager
 from models.llama import Llama
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -44,16 +48,24 @@ def resolve_dtype(name: str):
     return _DTYPES[name]
 
 
-def for_backend(config: EngineConfig, spec, mesh) -> EngineConfig:
+def for_backend(config: EngineConfig, spec, mesh, dtype) -> EngineConfig:
     """`config` with what depends on the devices filled in: the attention kernel (`auto`: the
-    Pallas kernel on a GPU for shapes it fits; else the XLA path) and, without a
-    profile, the backend's default step budget."""
+    Pallas kernel on a GPU for shapes it fits, if it compiles there for the model's heads and
+    `dtype`; else the XLA path) and, without a profile, the backend's default step budget."""
     platform = mesh.devices.flat[0].platform
     changes = {}
     if config.attention == "auto":
         block_pages = max(1, config.attn_chunk_tokens // config.block_size)
-        fits = not pallas_misfits(spec.head_dim, config.block_size, block_pages)
-        changes["attention"] = "pallas" if platform == "gpu" and fits else "xla"
+        use_kernel = platform == "gpu" and not pallas_misfits(spec.head_dim, config.block_size, block_pages)
+        if use_kernel:
+            error = pallas_attention.compile_error(
+                spec.num_heads // mesh.size, spec.num_kv_heads // mesh.size, spec.head_dim, config.block_size,
+                block_pages, config.row_width, dtype)
+            if error is not None:
+                log.warning("the Pallas attention kernel does not compile on this %s, so the XLA path is used: %s",
+                            platform, error)
+                use_kernel = False
+        changes["attention"] = "pallas" if use_kernel else "xla"
     if config.profile is None and config.max_num_batched_tokens is None:
         changes["max_num_batched_tokens"] = DEFAULT_TOKEN_BUDGETS.get(platform, DEFAULT_TOKEN_BUDGET)
     return dataclasses.replace(config, **changes)
@@ -81,7 +93,7 @@ class LLM:
 
     def _build(self, model: Llama, tokenizer, config: EngineConfig, mesh) -> None:
         spec = model.spec
-        config = for_backend(config, spec, mesh)
+        config = for_backend(config, spec, mesh, model.dtype)
         self._tool_pool: ThreadPoolExecutor | None = None
         if config.compile_cache:
             enable_compile_cache()

@@ -149,3 +149,22 @@ def attend_rows(q_padded: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     out = outs[0][:, :, 0] if splits == 1 else _combine(*outs)
     out = out[:, :, :entries].reshape(rows, num_kv_heads, width, group, head_dim)
     return out.transpose(0, 2, 1, 3, 4).reshape(rows * width, num_heads, head_dim)
+
+
+def compile_error(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, pages_per_block: int,
+                  row_width: int, dtype) -> Exception | None:
+    """Compile the kernel (not interpreted) on the default backend for a decode row group and a
+    chunk row group of these shapes: None if both compile, else the error. Triton compiles for the
+    GPU only there, on the machine itself, so `attention="auto"` asks before it commits to the kernel."""
+    pool = jax.ShapeDtypeStruct((1, 8, block_size, num_kv_heads, head_dim), dtype)
+    table = (4 * pages_per_block,)
+    try:
+        for rows, width in ((1, 1), (2, row_width)):
+            index = jax.ShapeDtypeStruct((rows, width), jnp.int32)
+            jax.jit(functools.partial(attend_rows, pages_per_block=pages_per_block, interpret=False)).lower(
+                jax.ShapeDtypeStruct((rows * width + 1, num_heads, head_dim), dtype), pool, pool,
+                jax.ShapeDtypeStruct((), jnp.int32), index, index,
+                jax.ShapeDtypeStruct((rows,) + table, jnp.int32)).compile()
+    except Exception as error:  # noqa: BLE001 - whatever the reason, the kernel is not for this machine
+        return error
+    return None

@@ -149,17 +149,45 @@ def mesh_of(platform: str):
     return dataclasses.make_dataclass("Mesh", [("devices", np.ndarray), ("size", int)])(np.array([device]), 1)
 
 
-def test_attention_auto_picks_the_kernel_on_gpu_only():
-    spec = tiny_spec()
-    cpu = for_backend(EngineConfig(), spec, mesh_of("cpu"))
+def test_attention_auto_picks_the_kernel_on_gpu_only(monkeypatch):
+    monkeypatch.setattr(pallas_attention, "compile_error", lambda *shapes: None)    # as on a GPU it compiles on
+    spec, f32 = tiny_spec(), jnp.float32
+    cpu = for_backend(EngineConfig(), spec, mesh_of("cpu"), f32)
     assert cpu.attention == "xla" and cpu.max_num_batched_tokens == 384
-    gpu = for_backend(EngineConfig(), spec, mesh_of("gpu"))
+    gpu = for_backend(EngineConfig(), spec, mesh_of("gpu"), f32)
     assert gpu.attention == "pallas" and gpu.max_num_batched_tokens == 2048
-    assert for_backend(EngineConfig(block_size=12), spec, mesh_of("gpu")).attention == "xla"
-    assert for_backend(EngineConfig(attention="xla"), spec, mesh_of("gpu")).attention == "xla"
-    assert for_backend(EngineConfig(max_num_batched_tokens=512), spec, mesh_of("gpu")).max_num_batched_tokens == 512
-    assert for_backend(EngineConfig(), spec, tp_mesh(1)).attention == ("pallas" if jax.default_backend() == "gpu"
-                                                                     else "xla")
+    assert for_backend(EngineConfig(block_size=12), spec, mesh_of("gpu"), f32).attention == "xla"
+    assert for_backend(EngineConfig(attention="xla"), spec, mesh_of("gpu"), f32).attention == "xla"
+    assert for_backend(EngineConfig(max_num_batched_tokens=512), spec, mesh_of("gpu"), f32).max_num_batched_tokens == 512
+    assert for_backend(EngineConfig(), spec, tp_mesh(1), f32).attention == ("pallas" if jax.default_backend() == "gpu"
+                                                                          else "xla")
+
+
+def test_attention_auto_takes_the_xla_path_where_the_kernel_does_not_compile(monkeypatch, caplog):
+    asked = []
+
+    def fails(*shapes):
+        asked.append(shapes)
+        return RuntimeError("PTX for sm_90a failed")
+    monkeypatch.setattr(pallas_attention, "compile_error", fails)
+    spec = tiny_spec()
+    with caplog.at_level("WARNING"):
+        assert for_backend(EngineConfig(), spec, mesh_of("gpu"), jnp.bfloat16).attention == "xla"
+    assert "does not compile on this gpu, so the XLA path is used: PTX for sm_90a failed" in caplog.text
+    assert asked == [(spec.num_heads, spec.num_kv_heads, spec.head_dim, 16, 8, 32, jnp.bfloat16)]
+    assert for_backend(EngineConfig(attention="pallas"), spec, mesh_of("gpu"), jnp.bfloat16).attention == "pallas"
+    assert len(asked) == 1              # asked for by name: no probe, its errors are the user's to see
+
+
+def test_the_compile_probe_compiles_the_kernel_for_this_machine():
+    """On a GPU the kernel compiles for SmolLM2-1.7B's and Llama-3-8B's heads in bf16; elsewhere
+    only the interpreter runs it, and the probe reports the compiler's refusal."""
+    for heads, kv_heads, head_dim in ((32, 32, 64), (32, 8, 128)):
+        error = pallas_attention.compile_error(heads, kv_heads, head_dim, 16, 8, 32, jnp.bfloat16)
+        if jax.default_backend() == "gpu":
+            assert error is None
+        else:
+            assert "Only interpret mode is supported" in str(error)
 
 
 def test_a_kernel_the_shapes_do_not_fit_is_refused():
