@@ -17,11 +17,13 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import nnls
 
 from infercept_jax.config import SamplingParams
 from kvcache.swap import HostKVPool
+from models.llama import matmul_precision
 from scheduling.profile import HardwareProfile
 from scheduling.request import Request
 from scheduling.output import ScheduledRequest, SchedulerOutput
@@ -43,6 +45,22 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def measure_machine(dtype) -> dict:
+    """This machine's roofline, for the benchmarks: read bandwidth (a jitted sum over a float32
+    array of 512 MiB on CPU, 4 GiB on an accelerator) and matmul FLOP/s in `dtype` at the
+    engine's precision for it (n x n by n x n, n = 2048 on CPU, 8192 on an accelerator), medians of 5."""
+    on_cpu = jax.default_backend() == "cpu"
+    x = jnp.ones((512 if on_cpu else 4096) * 2**20 // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    read_s = median_seconds(lambda: total(x).block_until_ready(), 5)
+    n = 2048 if on_cpu else 8192
+    a = jnp.ones((n, n), dtype)
+    with matmul_precision(dtype):
+        matmul = jax.jit(jnp.matmul).lower(a, a).compile()
+    matmul_s = median_seconds(lambda: matmul(a, a).block_until_ready(), 5)
+    return {"read_bytes_per_s": x.nbytes / read_s, "matmul_flops_per_s": 2 * n**3 / matmul_s}
 
 
 def synthetic_request(request_id: str, num_tokens: int, num_computed: int, vocab_size: int,

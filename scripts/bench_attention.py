@@ -7,7 +7,7 @@ each row's pages scattered over them), one jitted call walks the layers as a ste
   * `pallas`: the Pallas kernel, its context split over programs where the grid is small (split-K);
   * `pallas-1`: the Pallas kernel with one program per (row, KV head), for the split's effect.
 It reports the median ms per step's attention, the KV bytes read per second, and their share of the
-read bandwidth (the issue-13 roofline's, from `bench_engine.measure_machine`). On a CPU the kernel
+read bandwidth (the issue-13 roofline's, `profiler.measure_machine`). On a CPU the kernel
 runs in Pallas's interpreter: its times there say nothing about a GPU.
 
     .venv/bin/python scripts/bench_attention.py --shape tiny --batches 1,4 --contexts 64 --kernels xla,pallas
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_engine import measure_machine, median_time
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.llm import resolve_dtype
+from infercept_jax.profiler import measure_machine, median_seconds
 from kvcache.paged import AttentionInputs, RowGroup, paged_attention
 from models.shapes import shape_spec
 
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         q = jnp.asarray(rng.normal(size=(batch, spec.num_heads, spec.head_dim)), dtype)
         kv_bytes = batch * ctx * spec.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
         for kernel, run in runs.items():
-            run(q, k_pool, v_pool, meta).block_until_ready()
-            seconds, _ = median_time(lambda: run(q, k_pool, v_pool, meta).block_until_ready(), args.repeats)
+            seconds = median_seconds(lambda: run(q, k_pool, v_pool, meta).block_until_ready(), args.repeats)
             row = {"batch": batch, "ctx": ctx, "kernel": kernel, "ms": seconds * 1e3,
                    "kv_bytes_per_s": kv_bytes / seconds, "of_bandwidth": kv_bytes / seconds / bandwidth}
             rows.append(row)

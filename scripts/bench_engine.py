@@ -35,14 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from infercept_jax.build import DEFAULT_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGETS
 from infercept_jax.config import ATTENTION_CHOICES, SamplingParams
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.llm import LLM, resolve_dtype
-from models.llama import Llama, hf_weight_names, matmul_precision
+from infercept_jax.profiler import measure_machine
+from models.llama import Llama, hf_weight_names
 from models.registry import hf_reference_folder
 from models.shapes import SHAPES
 from models.spec import ModelSpec
@@ -117,24 +117,6 @@ def median_time(fn, repeats: int, budget_s: float = math.inf) -> tuple[float, in
 
 
 # ----------------------------------------------------------------- machine roofline
-def measure_machine(dtype) -> dict:
-    """Read bandwidth (a jitted sum over a float32 array of 512 MiB on CPU, 4 GiB on an accelerator)
-    and matmul FLOP/s in `dtype` at the engine's precision for it (n x n by n x n, n = 2048 on CPU,
-    8192 on an accelerator), medians of 5."""
-    on_cpu = jax.default_backend() == "cpu"
-    x = jnp.ones((512 if on_cpu else 4096) * 2**20 // 4, jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    read_s, _ = median_time(lambda: total(x).block_until_ready(), 5)
-    n = 2048 if on_cpu else 8192
-    a = jnp.ones((n, n), dtype)
-    with matmul_precision(dtype):
-        matmul = jax.jit(jnp.matmul).lower(a, a).compile()
-    matmul(a, a).block_until_ready()
-    matmul_s, _ = median_time(lambda: matmul(a, a).block_until_ready(), 5)
-    return {"read_bytes_per_s": x.nbytes / read_s, "matmul_flops_per_s": 2 * n**3 / matmul_s}
-
-
 def param_counts(spec: ModelSpec) -> tuple[int, int, int]:
     """(all parameters, body = layers + final norm, head = V*D of the lm_head matmul).
 

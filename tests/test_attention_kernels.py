@@ -3,7 +3,9 @@ on GPU: run in Pallas's interpreter here, and lowered for CUDA to check that Tri
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -209,8 +211,10 @@ def test_a_kernel_the_shapes_do_not_fit_is_refused():
 def test_the_attention_benchmark_times_kernels_that_agree(tmp_path):
     """scripts/bench_attention.py: the three kernels compute the same attention of its decode rows,
     and the bytes per second it reports are the rows' KV over the time it measured."""
-    import bench_attention
-
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_attention.py"
+    loader = importlib.util.spec_from_file_location("bench_attention", path)
+    bench_attention = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench_attention)
     spec = bench_attention.shape_spec("tiny")
     rng = np.random.default_rng(0)
     meta = bench_attention.decode_rows(3, 40, 4, 4, 40, rng)
