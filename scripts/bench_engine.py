@@ -438,7 +438,8 @@ def engine_rows(model: BenchModel, args: argparse.Namespace, machine: dict) -> t
              "warmup_compile_s": llm.warmup_seconds, "attention": llm.runner.attention,
              "step_budget": llm.config.max_num_batched_tokens}
     print(f"engine built in {build['engine_build_s']:.1f} s ({llm.warmup_shapes} step shapes "
-          f"compiled in {llm.warmup_seconds:.1f} s)", flush=True)
+          f"compiled in {llm.warmup_seconds:.1f} s); attention: {build['attention']}, step budget S = "
+          f"{build['step_budget']}", flush=True)
     spec, dtype_bytes = model.spec, model.dtype_bytes
     rows = []
     for batch, ctx in configs:
