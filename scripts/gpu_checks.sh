@@ -18,8 +18,9 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gp
 
 # 1. Correctness on the GPU: the Pallas kernel compiled by Triton against the XLA path, async
 #    scheduling, the model against transformers in float32 (the SmolLM2 tests skip: no weights here).
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_kernels.py \
-    tests/test_async_scheduling.py tests/test_model.py 2>&1 | tail -30 | tee "$OUT/tests.log"
+#    Every test runs (no -x), one line per failure, so one failure does not hide the others.
+timeout 240 python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_attention_kernels.py \
+    tests/test_async_scheduling.py tests/test_model.py 2>&1 | tail -40 | tee "$OUT/tests.log"
 
 # 2. The engine against transformers on SmolLM2-1.7B's shape in bf16 (issue 13's table): the
 #    kernel (auto), then the XLA path and async scheduling for the comparison.
