@@ -153,15 +153,17 @@ def attend_rows(q_padded: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
 
 def compile_error(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, pages_per_block: int,
                   row_width: int, dtype) -> Exception | None:
-    """Compile the kernel (not interpreted) on the default backend for a decode row group and a
-    chunk row group of these shapes: None if both compile, else the error. Triton compiles for the
-    GPU only there, on the machine itself, so `attention="auto"` asks before it commits to the kernel."""
+    """Compile the kernel (not interpreted) on the default backend for a decode row group split
+    along its context and a chunk row group in one pass, of these shapes: None if both compile,
+    else the error. Triton compiles for the GPU only there, on the machine itself, so
+    `attention="auto"` asks before it commits to the kernel."""
     pool = jax.ShapeDtypeStruct((1, 8, block_size, num_kv_heads, head_dim), dtype)
     table = (4 * pages_per_block,)
     try:
-        for rows, width in ((1, 1), (2, row_width)):
+        for rows, width, splits in ((1, 1, 2), (2, row_width, 1)):
             index = jax.ShapeDtypeStruct((rows, width), jnp.int32)
-            jax.jit(functools.partial(attend_rows, pages_per_block=pages_per_block, interpret=False)).lower(
+            jax.jit(functools.partial(attend_rows, pages_per_block=pages_per_block, splits=splits,
+                                      interpret=False)).lower(
                 jax.ShapeDtypeStruct((rows * width + 1, num_heads, head_dim), dtype), pool, pool,
                 jax.ShapeDtypeStruct((), jnp.int32), index, index,
                 jax.ShapeDtypeStruct((rows,) + table, jnp.int32)).compile()
