@@ -93,10 +93,10 @@ class LLM:
 
     def _build(self, model: Llama, tokenizer, config: EngineConfig, mesh) -> None:
         spec = model.spec
+        if config.compile_cache:
+            enable_compile_cache()      # before `for_backend`, whose kernel probe compiles
         config = for_backend(config, spec, mesh, model.dtype)
         self._tool_pool: ThreadPoolExecutor | None = None
-        if config.compile_cache:
-            enable_compile_cache()
         self.tokenizer = tokenizer
         eos = set(spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
