@@ -37,6 +37,9 @@ timeout 90 python3 scripts/bench_engine.py $SHAPE --batches 1,64 --skip-hf --att
 timeout 120 python3 scripts/bench_swap.py --shape $SHAPE_NAME --quick --dtype bfloat16 \
     --kv-cache-gb 4 --swap-space-gb 4 --out "$OUT/bench_swap.json" 2>&1 | tail -40 | tee "$OUT/bench_swap.log"
 
-# 4. The attention read alone, split-K against one program per (row, KV head) and the XLA path.
+# 4. The attention alone: decode (split-K against one program per (row, KV head) and the XLA path),
+#    then prefill rows (the chunk kernel against the XLA path).
 timeout 60 python3 scripts/bench_attention.py --shape $SHAPE_NAME --batches 1,64 --contexts 512,4096 \
     --out "$OUT/bench_attention.json" 2>&1 | tail -20 | tee "$OUT/bench_attention.log"
+timeout 45 python3 scripts/bench_attention.py --shape $SHAPE_NAME --rows prefill --batches 8 --contexts 512 \
+    --kernels xla,pallas --out "$OUT/bench_attention_prefill.json" 2>&1 | tail -8 | tee "$OUT/bench_attention_prefill.log"

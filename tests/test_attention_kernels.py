@@ -209,28 +209,43 @@ def test_a_kernel_the_shapes_do_not_fit_is_refused():
 
 
 def test_the_attention_benchmark_times_kernels_that_agree(tmp_path):
-    """scripts/bench_attention.py: the three kernels compute the same attention of its decode rows,
-    and the bytes per second it reports are the rows' KV over the time it measured."""
+    """scripts/bench_attention.py: the three kernels compute the same attention of its decode rows
+    and of its prefill rows, and its rates are the bytes and FLOPs of those rows over the time it
+    measured."""
     path = Path(__file__).resolve().parent.parent / "scripts" / "bench_attention.py"
     loader = importlib.util.spec_from_file_location("bench_attention", path)
     bench_attention = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(bench_attention)
     spec = bench_attention.shape_spec("tiny")
     rng = np.random.default_rng(0)
-    meta = bench_attention.decode_rows(3, 40, 4, 4, 40, rng)
-    tables = np.asarray(meta.groups[0].block_tables)          # 10 pages a row, 12 wide (3 reads of 4 pages)
+    decode = bench_attention.decode_rows(3, 40, 4, 4, 40, rng)
+    tables = np.asarray(decode.groups[0].block_tables)          # 10 pages a row, 12 wide (3 reads of 4 pages)
     assert tables.shape == (3, 12) and (tables[:, 10:] == 0).all()
     assert len(set(tables[:, :10].ravel())) == 30 and 0 not in tables[:, :10]
-    q = jnp.asarray(rng.normal(size=(3, spec.num_heads, spec.head_dim)), jnp.float32)
+    prefill = bench_attention.prefill_rows(2, 16, 8, 4, 4, 40, rng)   # 2 prompts of 16 tokens, rows of 8
+    group = prefill.groups[0]
+    assert np.asarray(group.row_positions).tolist() == [list(range(8)), list(range(8, 16))] * 2
+    assert np.asarray(group.row_token_index)[3].tolist() == list(range(24, 32))
+    assert (np.asarray(group.block_tables)[2] == np.asarray(group.block_tables)[3]).all()
+    with pytest.raises(ValueError, match="multiple of --row-width"):
+        bench_attention.prefill_rows(1, 20, 8, 4, 4, 40, rng)
     k_pool, v_pool = (jnp.asarray(rng.normal(size=(spec.num_layers, 40, 4, spec.num_kv_heads, spec.head_dim)),
                                   jnp.float32) for _ in "kv")
-    sums = [float(bench_attention.step_attention(kernel, 4)(q, k_pool, v_pool, meta))
-            for kernel in bench_attention.KERNELS]
-    np.testing.assert_allclose(sums, sums[0], rtol=1e-5)
+    for meta, tokens in ((decode, 3), (prefill, 32)):
+        q = jnp.asarray(rng.normal(size=(tokens, spec.num_heads, spec.head_dim)), jnp.float32)
+        sums = [float(bench_attention.step_attention(kernel, 4)(q, k_pool, v_pool, meta))
+                for kernel in bench_attention.KERNELS]
+        np.testing.assert_allclose(sums, sums[0], rtol=1e-5)
 
-    rows = bench_attention.main(["--shape", "tiny", "--batches", "2", "--contexts", "24", "--kernels", "xla,pallas",
-                                 "--repeats", "1", "--out", str(tmp_path / "attention.json")])
-    assert [(row["batch"], row["ctx"], row["kernel"]) for row in rows] == [(2, 24, "xla"), (2, 24, "pallas")]
+    common = ["--shape", "tiny", "--batches", "2", "--contexts", "32", "--kernels", "xla,pallas", "--repeats", "1"]
+    rows = bench_attention.main(common + ["--out", str(tmp_path / "attention.json")])
+    assert [(row["batch"], row["ctx"], row["kernel"]) for row in rows] == [(2, 32, "xla"), (2, 32, "pallas")]
     for row in rows:
-        assert row["kv_bytes_per_s"] * row["ms"] / 1e3 == pytest.approx(2 * 24 * spec.kv_bytes_per_token(4))
+        assert row["kv_bytes_per_s"] * row["ms"] / 1e3 == pytest.approx(2 * 32 * spec.kv_bytes_per_token(4))
+        assert row["flops_per_s"] * row["ms"] / 1e3 == pytest.approx(
+            4 * 2 * 32 * spec.num_heads * spec.head_dim * spec.num_layers)
     assert (tmp_path / "attention.json").exists()
+    rows = bench_attention.main(common + ["--rows", "prefill", "--row-width", "16"])
+    for row in rows:
+        assert row["flops_per_s"] * row["ms"] / 1e3 == pytest.approx(
+            4 * 2 * (32 * 33 // 2) * spec.num_heads * spec.head_dim * spec.num_layers)
