@@ -42,10 +42,10 @@ from jax.sharding import SingleDeviceSharding
 log = logging.getLogger(__name__)
 
 PAD_BLOCK = 0
-# A pinned piece's size cap: a swap-in moves its whole array even when it needs a few of its blocks.
-# One DMA's fixed cost is microseconds, so a 16 MiB copy should still move at about the link's peak
-# (inferred, not measured on a GPU yet).
-PINNED_PIECE_BYTES = 16 * 2**20
+# A pinned piece's size cap: a swap-in moves its whole array even when it needs a few of its blocks,
+# but every piece is a dispatch or two on the host. 64 MiB: 16 blocks of SmolLM2-1.7B in bf16, all 64
+# of SmolLM2-135M (docs/swap.md; the balance is inferred, not measured on a GPU yet).
+PINNED_PIECE_BYTES = 64 * 2**20
 
 
 def copy_buckets(max_blocks: int) -> list[int]:
