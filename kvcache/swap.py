@@ -118,13 +118,9 @@ def make_host_pool(num_layers: int, num_blocks: int, block_size: int, num_kv_hea
         raise ValueError(f"transfer must be auto, pinned_host or numpy, got {transfer!r}")
     if transfer == "pinned_host" and "pinned_host" not in kinds:
         raise ValueError(f"the {device.platform} backend has no pinned_host memory")
-    shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-    if transfer == "pinned_host":
-        part = sharding.shard_shape(shape)
-        device_block_bytes = 2 * int(np.prod(part[:1] + part[2:])) * jnp.dtype(dtype).itemsize
-        max_blocks_per_copy = pinned_piece_blocks(device_block_bytes, max_blocks_per_copy)
     kind = PinnedHostPool if transfer == "pinned_host" else NumpyHostPool
-    pool = kind(shape, jnp.dtype(dtype), sharding, max_blocks_per_copy)
+    pool = kind((num_layers, num_blocks, block_size, num_kv_heads, head_dim), jnp.dtype(dtype), sharding,
+                max_blocks_per_copy)
     log.info("host KV pool (%s): %d blocks (%.2f GB) on %d device(s), copies of up to %d blocks", transfer,
              num_blocks, pool.block_bytes * num_blocks / 1e9, len(pool.devices), pool.buckets[-1])
     return pool
@@ -139,7 +135,7 @@ class HostKVPool:
                  max_blocks_per_copy: int):
         self.shape, self.dtype, self.sharding = shape, dtype, sharding
         self.devices = sorted(sharding.addressable_devices, key=lambda d: d.id)
-        self.buckets = copy_buckets(max_blocks_per_copy)
+        self.buckets = copy_buckets(self._largest_piece(max_blocks_per_copy))
         self._gather_jit = jax.jit(_gather, out_shardings=(sharding, sharding))
         self._scatter_jit = jax.jit(_scatter, donate_argnums=(0, 1), out_shardings=(sharding, sharding))
         # Compiled ahead of time per bucket, like the step: a jit call would retrace when the pools
@@ -152,6 +148,10 @@ class HostKVPool:
         """Bytes of one block, K and V, every layer, over this process's devices."""
         part = self.sharding.shard_shape(self.shape)
         return 2 * len(self.devices) * int(np.prod(part[:1] + part[2:])) * self.dtype.itemsize
+
+    def _largest_piece(self, max_blocks_per_copy: int) -> int:
+        """Blocks of the largest piece of a copy."""
+        return max_blocks_per_copy
 
     def _pieces(self, pairs: list[tuple[int, int]]):
         """(sources, destinations) of each power-of-two piece of a copy."""
@@ -273,6 +273,10 @@ class PinnedHostPool(HostKVPool):
         self._pinned = sharding.with_memory_kind("pinned_host")
         self._where: dict[int, tuple[_Pinned, int]] = {}     # host block -> (its array, its row)
         self._pending: list[tuple[np.ndarray, _Pinned]] = []
+
+    def _largest_piece(self, max_blocks_per_copy: int) -> int:
+        """Within `PINNED_PIECE_BYTES` on each device: a swap-in moves whole pieces."""
+        return pinned_piece_blocks(self.block_bytes // len(self.devices), max_blocks_per_copy)
 
     @property
     def num_arrays(self) -> int:
