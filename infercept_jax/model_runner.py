@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from infercept_jax.parallel import StepChannel, check_tensor_parallel, kv_pool_sharding, tensor_parallel_size, tp_mesh
-from infercept_jax.sampling import sample
+from infercept_jax.sampling import FILTERED, GREEDY, SamplingBatch, greedy, sample, sampling_mode
 from kvcache.block_manager import BlockManager
 from kvcache.paged import ATTENTION_KERNELS, AttentionInputs, RowGroup, allocate_pools
 from kvcache.swap import make_host_pool
@@ -43,11 +43,7 @@ class StepBatch(NamedTuple):
     positions: jax.Array     # [T]
     attn: AttentionInputs
     sample_index: jax.Array  # [B] flat index of the token whose logits are sampled
-    temperature: jax.Array   # [B]
-    top_k: jax.Array         # [B]
-    top_p: jax.Array         # [B]
-    seeds: jax.Array         # [B]
-    steps: jax.Array         # [B] tokens the request generated so far (folds into its key)
+    sampling: SamplingBatch  # [B] each
     previous: jax.Array      # [T] a placeholder token's index among the previous step's samples, else -1
 
 
@@ -168,23 +164,31 @@ class ModelRunner:
         self.max_samples = max(shape.num_samples for shape in self.all_shapes())
         max_samples = self.max_samples
 
+        def padded(tokens):
+            return jnp.zeros(max_samples, tokens.dtype).at[:tokens.shape[0]].set(tokens)
+
         def step(params, k_pool, v_pool, batch: StepBatch, previous_tokens):
+            """The forward pass and the greedy tokens; also the logits, for a batch that draws."""
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
             token_ids = jnp.where(batch.previous >= 0, previous_tokens[jnp.maximum(batch.previous, 0)], batch.token_ids)
             hidden, k_pool, v_pool = model(token_ids, batch.positions, k_pool, v_pool,
                                            batch.attn, pages_per_chunk, attention, mesh)
             logits = model.logits(hidden[batch.sample_index])
-            tokens = sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps)
-            return jnp.zeros(max_samples, tokens.dtype).at[:tokens.shape[0]].set(tokens), k_pool, v_pool
+            return padded(greedy(logits)), logits, k_pool, v_pool
+
+        def draw(logits, sampling: SamplingBatch, filtered: bool):
+            return padded(sample(logits, sampling, filtered))
 
         # Explicit shardings (see infercept_jax/parallel.py): the weights keep their splits, the
-        # pools stay split by KV heads, the step's inputs and sampled tokens are replicated.
+        # pools stay split by KV heads, the step's inputs, logits and sampled tokens are replicated.
         replicated = NamedSharding(self.mesh, P())
         param_shardings = [p.sharding for p in self._params]
         self._step = jax.jit(step, donate_argnums=(1, 2),
                              in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated, replicated),
-                             out_shardings=(replicated, pool_sharding, pool_sharding))
+                             out_shardings=(replicated, replicated, pool_sharding, pool_sharding))
+        self._draw = jax.jit(draw, static_argnums=2, in_shardings=(replicated, replicated), out_shardings=replicated)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
+        self._compiled_draws: dict[tuple[int, bool], jax.stages.Compiled] = {}   # by (B, filtered)
         self._last_step: tuple[StepShape, StepBatch] | None = None   # for device_seconds_of_last_step
         # The last step's sampled tokens, and the slot of each request among them (the placeholders
         # of the next step's inputs are read from there).
@@ -291,21 +295,16 @@ class ModelRunner:
         samplers = [i for i, item in enumerate(items) if item.samples]
         sampled = [items[i].request for i in samplers]
         sample_index = np.zeros(B, np.int32)
-        temperature = np.zeros(B, np.float32)
-        top_k = np.zeros(B, np.int32)
-        top_p = np.ones(B, np.float32)
-        seeds = np.zeros(B, np.uint32)
-        steps = np.zeros(B, np.int32)
+        sampling = _greedy_sampling(B)
         n = len(sampled)
         sample_index[:n] = first_tokens[samplers] + counts[samplers] - 1
-        temperature[:n] = [req.sampling.temperature for req in sampled]
-        top_k[:n] = [req.sampling.top_k for req in sampled]
-        top_p[:n] = [req.sampling.top_p for req in sampled]
-        seeds[:n] = [req.seed for req in sampled]
-        steps[:n] = [req.num_tokens - req.num_prompt_tokens for req in sampled]   # no copy of the output
+        sampling.temperature[:n] = [req.sampling.temperature for req in sampled]
+        sampling.top_k[:n] = [req.sampling.top_k for req in sampled]
+        sampling.top_p[:n] = [req.sampling.top_p for req in sampled]
+        sampling.seeds[:n] = [req.seed for req in sampled]
+        sampling.steps[:n] = [req.num_tokens - req.num_prompt_tokens for req in sampled]   # no copy of the output
         attn = AttentionInputs(slot_mapping, token_row_index, tuple(groups))
-        batch = StepBatch(token_ids, positions, attn, sample_index, temperature, top_k, top_p, seeds, steps, previous)
-        return batch, sampled
+        return StepBatch(token_ids, positions, attn, sample_index, sampling, previous), sampled
 
     # ----------------------------------------------------------------- run
     def compile(self, shape: StepShape) -> jax.stages.Compiled:
@@ -313,19 +312,39 @@ class ModelRunner:
             self._compiled[shape] = self._lower(shape).compile()
         return self._compiled[shape]
 
+    def compile_draw(self, num_samples: int, filtered: bool) -> jax.stages.Compiled:
+        """The draw of a batch of `num_samples` rows that samples (`sampling_mode`)."""
+        key = num_samples, filtered
+        if key not in self._compiled_draws:
+            self._compiled_draws[key] = self._lower_draw(*key).compile()
+        return self._compiled_draws[key]
+
     def _lower(self, shape: StepShape) -> jax.stages.Lowered:
         empty = self.prepare(SchedulerOutput(), shape)[0]  # all padding: the same layout a real step gets
         with matmul_precision(self.dtype):
             return self._step.lower(self._params, self.k_pool, self.v_pool, empty, self._previous_tokens)
 
+    def _lower_draw(self, num_samples: int, filtered: bool) -> jax.stages.Lowered:
+        logits = jax.ShapeDtypeStruct((num_samples, self.spec.vocab_size), jnp.float32)
+        return self._draw.lower(logits, _greedy_sampling(num_samples), filtered)
+
+    def _draw_needed(self, shape: StepShape, batch: StepBatch) -> tuple[int, bool] | None:
+        """The key of the draw a step needs after its greedy tokens (`compile_draw`), or None."""
+        mode = sampling_mode(batch.sampling)
+        return None if mode == GREEDY else (shape.num_samples, mode == FILTERED)
+
     def warmup(self) -> tuple[int, float]:
-        """Compile every step shape; returns (number of shapes, seconds)."""
+        """Compile every step shape, and the draws of each batch size; returns (number of step
+        shapes, seconds)."""
         start = time.perf_counter()
         shapes = self.all_shapes()
+        draws = [(b, filtered) for b in sorted({shape.num_samples for shape in shapes}) for filtered in (False, True)]
         lowered = [(shape, self._lower(shape)) for shape in shapes]
+        lowered_draws = [(key, self._lower_draw(*key)) for key in draws]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            compiled = list(pool.map(lambda item: item[1].compile(), lowered))
+            compiled = list(pool.map(lambda item: item[1].compile(), lowered + lowered_draws))
         self._compiled.update((shape, c) for (shape, _), c in zip(lowered, compiled))
+        self._compiled_draws.update((key, c) for (key, _), c in zip(lowered_draws, compiled[len(lowered):]))
         if self.host_pool is not None:
             self.k_pool, self.v_pool = self.host_pool.warmup(self.k_pool, self.v_pool)
         seconds = time.perf_counter() - start
@@ -351,6 +370,9 @@ class ModelRunner:
             if self.strict_compile and shape not in self._compiled:
                 raise RuntimeError(f"step shape {shape} was not compiled at warm-up")
             batch, sampled = self.prepare(output, shape)
+            draw = self._draw_needed(shape, batch)
+            if self.strict_compile and draw is not None and draw not in self._compiled_draws:
+                raise RuntimeError(f"the draw of {draw[0]} rows (filtered: {draw[1]}) was not compiled at warm-up")
             self._last_step = shape, batch
             self._previous_slots = {req.request_id: i for i, req in enumerate(sampled)}
         if self.channel is not None:
@@ -380,14 +402,21 @@ class ModelRunner:
         stall = time.perf_counter() - start
         tokens = None
         if shape is not None:
-            tokens, self.k_pool, self.v_pool = self.compile(shape)(self._params, self.k_pool, self.v_pool, batch,
-                                                                   self._previous_tokens)
+            tokens = self._dispatch(shape, batch, self._draw_needed(shape, batch))
             self._previous_tokens = tokens
         if swap_out:
             self.host_pool.land()
         if host_freed:
             self.host_pool.release(host_freed)
         return tokens, stall
+
+    def _dispatch(self, shape: StepShape, batch: StepBatch, draw: tuple[int, bool] | None) -> jax.Array:
+        """The step, then its draw if it needs one: returns the sampled tokens, on the device."""
+        tokens, logits, self.k_pool, self.v_pool = self.compile(shape)(self._params, self.k_pool, self.v_pool, batch,
+                                                                       self._previous_tokens)
+        if draw is not None:
+            tokens = self.compile_draw(*draw)(logits, batch.sampling)
+        return tokens
 
     def device_seconds_of_last_step(self, repeats: int = 10, rounds: int = 3) -> float:
         """Seconds the device takes for the last step's compiled computation alone: the same shape
@@ -401,14 +430,13 @@ class ModelRunner:
             raise RuntimeError("timing a step alone is for single-process runs (the other processes would not "
                                "join its collectives)")
         shape, batch = self._last_step
-        step = self.compile(shape)
+        draw = self._draw_needed(shape, batch)
         batch = jax.device_put(batch, NamedSharding(self.mesh, P()))
         best = float("inf")
         for _ in range(rounds):
             start = time.perf_counter()
             for _ in range(repeats):
-                tokens, self.k_pool, self.v_pool = step(self._params, self.k_pool, self.v_pool, batch,
-                                                        self._previous_tokens)
+                tokens = self._dispatch(shape, batch, draw)
             jax.block_until_ready((tokens, self.k_pool, self.v_pool))
             best = min(best, (time.perf_counter() - start) / repeats)
         return best
@@ -437,6 +465,13 @@ class ModelRunner:
         if self.channel is not None and self.channel.is_sender:
             self.channel.send(None)
             self.channel = None
+
+
+def _greedy_sampling(num_samples: int) -> SamplingBatch:
+    """Sampling parameters of `num_samples` greedy rows (the padding rows keep them)."""
+    return SamplingBatch(temperature=np.zeros(num_samples, np.float32), top_k=np.zeros(num_samples, np.int32),
+                         top_p=np.ones(num_samples, np.float32), seeds=np.zeros(num_samples, np.uint32),
+                         steps=np.zeros(num_samples, np.int32))
 
 
 def _step_message(swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], host_freed: list[int],

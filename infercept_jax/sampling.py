@@ -2,11 +2,45 @@
 
 Each row's randomness comes from `fold_in(key(seed), step)`, so a request's tokens do not depend
 on which other requests share its batch.
+
+Which work a batch needs is decided on the host, from its sampling parameters (`sampling_mode`),
+not by a `lax.cond` on the device: XLA:GPU copies a cond's predicate to the host and waits for it,
+a stall inside every step. The step itself takes the greedy tokens; a batch that draws runs
+`sample` on the step's logits, compiled once without and once with the top-k/top-p filter.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+GREEDY, RANDOM, FILTERED = "greedy", "random", "filtered"
+
+
+class SamplingBatch(NamedTuple):
+    temperature: jax.Array   # [B], 0 for greedy
+    top_k: jax.Array         # [B], 0 for all
+    top_p: jax.Array         # [B], 1 for all
+    seeds: jax.Array         # [B]
+    steps: jax.Array         # [B] tokens the request generated so far (folds into its key)
+
+
+def sampling_mode(batch: SamplingBatch) -> str:
+    """GREEDY when no row draws, FILTERED when a row that draws has top-k or top-p, else RANDOM.
+
+    Host-side (numpy): the mode picks the compiled sampler, so the device never branches."""
+    draws = np.asarray(batch.temperature) > 0.0
+    if not draws.any():
+        return GREEDY
+    filters = (np.asarray(batch.top_k) > 0) | (np.asarray(batch.top_p) < 1.0)
+    return FILTERED if (draws & filters).any() else RANDOM
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """logits [B, V] -> the most likely token of each row [B]."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -24,20 +58,12 @@ def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           seeds: jax.Array, steps: jax.Array) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B]. temperature 0 means greedy.
-
-    An all-greedy batch skips the random draws (threefry over the vocabulary is not free on CPU).
-    """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(logits):
-        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
-        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
-        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-        return jnp.where(temperature <= 0.0, greedy, sampled)
-
-    return jax.lax.cond(jnp.all(temperature <= 0.0), lambda _: greedy, draw, logits)
+def sample(logits: jax.Array, batch: SamplingBatch, filtered: bool) -> jax.Array:
+    """logits [B, V] float32 -> token ids [B]: a draw at each row's temperature (greedy where it is
+    0), from its top-k/top-p nucleus if `filtered` (a static choice: `sampling_mode`)."""
+    scaled = logits / jnp.maximum(batch.temperature, 1e-6)[:, None]
+    if filtered:
+        scaled = _filter_top_k_top_p(scaled, batch.top_k, batch.top_p)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(batch.seeds, batch.steps)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(batch.temperature <= 0.0, greedy(logits), sampled)

@@ -108,6 +108,7 @@ def test_no_compile_after_warmup(model):
     with count_compiles() as compiles:
         llm.generate(prompts(8, seed=7, lo=2, hi=90), SamplingParams(max_tokens=9, temperature=0.0))
         llm.generate(prompts(1, seed=8), SamplingParams(max_tokens=3, temperature=0.5, top_p=0.5))
+        llm.generate(prompts(2, seed=10), SamplingParams(max_tokens=3, temperature=0.5))
         llm.generate(prompts(3, seed=9, lo=60, hi=100), SamplingParams(max_tokens=4, temperature=0.0))
     assert compiles == []
 
