@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from infercept_jax.parallel import tp_mesh
 from kvcache import pallas_attention
 from kvcache.paged import AttentionInputs, RowGroup, _attend_rows, paged_attention
 from models.llama import Llama
+from scheduling.scheduler import SchedulerOutput
 
 
 def ragged_step(rng, num_kv_heads: int, group: int, head_dim: int, dtype, block_size: int = 4,
@@ -126,6 +128,28 @@ def test_triton_lowers_the_kernel_for_cuda(num_heads, num_kv_heads, head_dim, dt
                                  platforms=["cuda"], disabled_checks=[triton_call])(*args)
     assert "__gpu$xla.gpu.triton" in exported.mlir_module()
     assert exported.out_avals[0].shape == (num_tokens, num_heads, head_dim)
+
+
+@pytest.mark.parametrize("attention", ["pallas", "xla"])
+def test_the_gpu_step_has_no_loop_but_the_layers_and_no_branch(monkeypatch, attention):
+    """A whole step of every shape lowered for CUDA: XLA:GPU waits on the host at every iteration
+    of a loop whose trip count it does not know and at every conditional, so on a GPU the step's
+    only XLA loop is the layer scan (its trip count is known); the kernel's loop is inside Triton.
+    The XLA path, the CPU's, has a traced context loop per row group."""
+    spec = tiny_spec(num_heads=4, num_kv_heads=2, head_dim=16)
+    runner = LLM.from_model(Llama.from_hf_weights(spec, random_hf_tensors(spec, seed=0)), None, num_kv_blocks=32,
+                            block_size=4, attn_chunk_tokens=16, max_num_seqs=4, max_num_batched_tokens=16,
+                            max_model_len=64, attention=attention, compile_cache=False, warmup=False).runner
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # the kernel is traced for Triton, not interpreted
+    triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    for shape in runner.all_shapes():
+        batch = runner.prepare(SchedulerOutput(), shape)[0]
+        exported = jax.export.export(runner._step, platforms=["cuda"], disabled_checks=[triton_call])(
+            runner._params, runner.k_pool, runner.v_pool, batch, runner._previous_tokens)
+        control = re.findall(r"stablehlo\.(while|case|if)\b", exported.mlir_module())
+        groups = (shape.decode_rows > 0) + (shape.chunk_rows > 0)
+        assert control == ["while"] * (1 if attention == "pallas" else 1 + groups), (shape, control)
+        assert exported.mlir_module().count("xla.gpu.triton") == (groups if attention == "pallas" else 0)
 
 
 def test_the_engine_generates_the_same_tokens_with_either_kernel():
