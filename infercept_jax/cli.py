@@ -18,6 +18,8 @@ import sys
 import time
 from collections import defaultdict
 
+from models.shapes import SHAPES
+
 
 def _generate(args: argparse.Namespace) -> int:
     from infercept_jax import LLM, SamplingParams
@@ -97,17 +99,28 @@ def _profile(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = {k: getattr(args, k) for k in PROFILE_ENGINE_OPTIONS if getattr(args, k) is not None}
+    model = args.shape or args.model
     try:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         # Any policy with a host pool will do; `swap` needs no profile, so none is asked for.
-        llm = LLM(args.model, policy="swap", **options)
+        if args.shape:   # timings do not depend on the weights' values
+            import jax.numpy as jnp
+
+            from infercept_jax.llm import resolve_dtype
+            from models.llama import Llama
+
+            dtype = resolve_dtype(options.pop("dtype", "auto"))
+            llm = LLM.from_model(Llama(SHAPES[args.shape], dtype=dtype), None, policy="swap", **options)
+            model = f"{args.shape} shape, random weights, {jnp.dtype(dtype).name}"
+        else:
+            llm = LLM(args.model, policy="swap", **options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if _followed_process_0(llm):
         return 0
     try:
-        profile = measure_profile(llm, name=args.name or f"{args.model}-measured", model=args.model,
+        profile = measure_profile(llm, name=args.name or f"{args.shape or args.model}-measured", model=model,
                                   repeats=args.repeats, quick=args.quick)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -116,8 +129,9 @@ def _profile(args: argparse.Namespace) -> int:
         llm.close()
     profile.to_json(args.out)
     print(json.dumps(profile.to_dict(), indent=2))
-    print(f"wrote {args.out}; use it with LLM({args.model!r}, profile={args.out!r}), which also sets the "
-          f"step budget to its S = {profile.saturation_tokens} tokens")
+    target = repr(args.model) if args.shape is None else f"<a {args.shape} model>"
+    print(f"wrote {args.out}; use it with LLM({target}, profile={args.out!r}), which also sets the step budget "
+          f"to its S = {profile.saturation_tokens} tokens")
     return 0
 
 
@@ -277,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     prof = sub.add_parser("profile", help="measure this machine's hardware profile (InferCept's constants)")
-    prof.add_argument("--model", default="smollm2-135m", help="a known name, an HF folder or a .gguf file")
+    which = prof.add_mutually_exclusive_group()
+    which.add_argument("--model", default="smollm2-135m", help="a known name, an HF folder or a .gguf file")
+    which.add_argument("--shape", choices=sorted(SHAPES),
+                       help="random weights of this model shape instead (models/shapes.py): a profile times the "
+                            "model, it does not read its weights, so a machine without them can be profiled")
     prof.add_argument("-o", "--out", default="profile.json", help="where to write the profile JSON")
     prof.add_argument("--name", help="the profile's name (default: <model>-measured)")
     prof.add_argument("--quick", action="store_true", help="fewer step sizes and repeats (seconds, rough)")

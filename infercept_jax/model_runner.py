@@ -197,6 +197,11 @@ class ModelRunner:
         # A run of several processes: process 0 schedules, the others follow its steps.
         self.channel = StepChannel() if jax.process_count() > 1 else None
 
+    @property
+    def weight_bytes(self) -> int:
+        """The model's weights in bytes, all devices' parts together."""
+        return sum(param.nbytes for param in self._params)
+
     # ----------------------------------------------------------------- shapes
     def all_shapes(self) -> list[StepShape]:
         """Every shape a step can take: decode-only shapes, then three per token bucket."""

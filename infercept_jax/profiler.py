@@ -209,4 +209,5 @@ def measure_profile(llm, *, name: str = "measured", model: str = "", repeats: in
         kv_bytes_per_token=kv_bytes, block_size=blocks.block_size,
         swap_out_gb_per_s=out_gbps, swap_in_gb_per_s=in_gbps,
         num_device_blocks=blocks.device.num_blocks, num_host_blocks=blocks.host.num_blocks,
-        device=f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})", model=model)
+        device=f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})", model=model,
+        weights_gb=runner.weight_bytes / 1e9, num_gpus=len(devices))

@@ -3,7 +3,9 @@ profiling leaves the engine as it found it; the CLI's `profile` passes its optio
 file. No timing thresholds: times on a shared machine are noise."""
 from __future__ import annotations
 
+import jax
 import pytest
+from flax import nnx
 
 import infercept_jax
 from helpers import random_hf_tensors, tiny_spec
@@ -11,6 +13,7 @@ from infercept_jax import LLM, SamplingParams
 from infercept_jax.cli import build_parser, main
 from infercept_jax.profiler import fit_linear, measure_profile, saturation_point
 from models.llama import Llama
+from models.shapes import SHAPES
 from scheduling.profile import HardwareProfile, load_profile
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -36,7 +39,7 @@ def profiled(model):
     return llm, measure_profile(llm, name="tiny", model="tiny-random", quick=True)
 
 
-def test_profile_is_positive_and_consistent(profiled):
+def test_profile_is_positive_and_consistent(model, profiled):
     llm, p = profiled
     assert (p.name, p.model, p.block_size) == ("tiny", "tiny-random", 4)
     assert p.kv_bytes_per_token == llm.runner.spec.kv_bytes_per_token(4)   # float32
@@ -49,6 +52,8 @@ def test_profile_is_positive_and_consistent(profiled):
         p.fwd_seconds(p.saturation_tokens) * slower / p.kv_bytes_per_token)
     assert (p.num_device_blocks, p.num_host_blocks) == (256, 64)
     assert p.device
+    assert p.num_gpus == 1
+    assert p.weights_gb == pytest.approx(sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))) / 1e9)
 
 
 def test_profiling_gives_back_every_block_and_leaves_generation_unchanged(model, profiled):
@@ -115,3 +120,18 @@ def test_cli_profile_passes_its_options_and_writes_the_file(model, tmp_path, mon
     p = HardwareProfile.from_json(path)
     assert (p.name, p.model) == ("tiny-measured", "tiny") and p.saturation_tokens <= 32
     assert str(path) in capsys.readouterr().out
+
+
+def test_cli_profiles_random_weights_of_a_named_shape(tmp_path, capsys):
+    """`--shape`: a machine without the model's weights (a GPU box without a registry) still gets
+    the model's profile: timings depend on its sizes, not on the weights' values."""
+    path = tmp_path / "profile.json"
+    assert main(["profile", "--shape", "tiny", "--out", str(path), "--quick", "--max-num-batched-tokens", "16",
+                 "--max-num-seqs", "2", "--max-model-len", "128", "--kv-cache-gb", "0.01", "--swap-space-gb", "0.01"]) == 0
+    p = HardwareProfile.from_json(path)
+    assert (p.name, p.model) == ("tiny-measured", "tiny shape, random weights, float32")
+    assert p.kv_bytes_per_token == SHAPES["tiny"].kv_bytes_per_token(4)
+    assert p.weights_gb == pytest.approx(sum(x.nbytes for x in jax.tree.leaves(nnx.state(Llama(SHAPES["tiny"])))) / 1e9)
+    assert "<a tiny model>" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["profile", "--model", "smollm2-135m", "--shape", "tiny"])

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from helpers import count_compiles, paged_logits, paused_run, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
@@ -136,6 +137,9 @@ def test_a_profile_measured_on_a_split_engine_describes_the_whole_model(engines)
     profile = measure_profile(llm, name="tiny-tp2", model="tiny-random", quick=True)
     assert profile.device.startswith("2 x ") and profile.device.endswith("(cpu)")
     assert profile.kv_bytes_per_token == SPEC.kv_bytes_per_token(4)
+    one_device = Llama.from_hf_weights(SPEC, random_hf_tensors(SPEC, seed=3))
+    assert profile.num_gpus == 2
+    assert profile.weights_gb == pytest.approx(sum(x.nbytes for x in jax.tree.leaves(nnx.state(one_device))) / 1e9)
     assert profile.swap_out_gb_per_s > 0 and profile.swap_in_gb_per_s > 0
     assert profile.num_device_blocks == 40 and profile.saturation_tokens in llm.runner.chunk_buckets
     blocks = llm.engine.blocks
