@@ -424,11 +424,12 @@ class ModelRunner:
         return tokens
 
     def device_seconds_of_last_step(self, repeats: int = 10, rounds: int = 3) -> float:
-        """Seconds the device takes for the last step's compiled computation alone: the same shape
-        and inputs (already on the device) run `repeats` times back to back, each waiting on the
-        previous one's pools, so the host's scheduling and preparation overlap nothing; the fastest
-        of `rounds` rounds, per run. A step's wall time minus this is its host time. The runs
-        write the same KV to the same slots as the last step did, so the pools keep their values."""
+        """Seconds the device takes for the last step's compiled computations alone (the step, and
+        its draw if it had one): the same shape and inputs (already on the device) run `repeats`
+        times back to back, each waiting on the previous one's pools, so the host's scheduling and
+        preparation overlap nothing; the fastest of `rounds` rounds, per run. A step's wall time
+        minus this is its host time. The runs write the same KV to the same slots as the last step
+        did, so the pools keep their values."""
         if self._last_step is None:
             raise RuntimeError("no step has run yet")
         if self.channel is not None:
