@@ -1,0 +1,170 @@
+"""Trace a few decode steps of the engine with JAX's profiler and sum up where the device's time went.
+
+A session lent a GPU has minutes of it; this leaves a timeline to study after the machine is gone:
+the trace (`perfetto_trace.json.gz` under --out, for ui.perfetto.dev) and a summary read from it,
+printed and written as JSON: each device lane's busy time inside the traced window (XLA's streams,
+and its module and op lines), the kernels that took the most time, and the host's wall time per
+step. B requests of ctx random tokens are prefilled, a few decode steps compile and warm up, and
+then `--steps` decode steps of the whole batch run under the profiler. The CPU backend has no
+device lanes: there only the step times and the trace's host lanes mean anything.
+
+    python scripts/trace_steps.py --shape smollm2-1.7b --batch 64 --context 512     # on a GPU
+    .venv/bin/python scripts/trace_steps.py --shape tiny --batch 2 --context 16 --steps 2
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+
+import jax
+import numpy as np
+
+from infercept_jax import LLM, SamplingParams
+from infercept_jax.experiments.records import machine_record, write_result
+from infercept_jax.llm import resolve_dtype
+from models.llama import Llama
+from models.shapes import SHAPES
+
+WARM_STEPS = 3   # decode steps before the traced ones: the decode shape compiles in the first
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="smollm2-1.7b", choices=list(SHAPES), help="random weights of this shape")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: float32 on CPU, bfloat16 on GPU/TPU (as the engine's dtype=auto)")
+    p.add_argument("--batch", type=int, default=64, help="B: requests decoding together")
+    p.add_argument("--context", type=int, default=512, help="prompt tokens per request")
+    p.add_argument("--steps", type=int, default=5, help="decode steps traced")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"])
+    p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--top", type=int, default=15, help="kernels listed")
+    p.add_argument("--out", default="results/trace", help="folder for the trace and summary.json")
+    return p.parse_args(argv)
+
+
+def decode_ready_llm(args: argparse.Namespace) -> LLM:
+    """An engine whose B requests are all past their prefill and warmed up on the decode shape.
+    Only the shapes the run uses compile (no warm-up of every shape: minutes of device time)."""
+    spec = SHAPES[args.shape]
+    max_len = args.context + WARM_STEPS + args.steps + 8
+    block_size = 16
+    llm = LLM.from_model(Llama(spec, dtype=resolve_dtype(args.dtype)), None, policy="preserve",
+                         max_num_seqs=args.batch, max_model_len=max_len, block_size=block_size,
+                         num_kv_blocks=args.batch * -(-max_len // block_size) + 1,   # + the reserved block 0
+                         attention=args.attention, async_scheduling=args.async_scheduling,
+                         warmup=False, strict_compile=False)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=WARM_STEPS + args.steps + 4, temperature=0.0, ignore_eos=True)
+    ids = [llm.engine.add_request(rng.integers(3, spec.vocab_size, args.context).tolist(), params)
+           for _ in range(args.batch)]
+    generated = dict.fromkeys(ids, 0)
+    while min(generated.values()) < 1:
+        for out in llm.engine.step():
+            generated[out.request_id] = out.num_generated_tokens
+    for _ in range(WARM_STEPS):
+        llm.engine.step()
+    return llm
+
+
+def trace_decode_steps(llm: LLM, steps: int, out_dir: str) -> tuple[list[float], str]:
+    """Run `steps` engine steps under the profiler; returns their wall seconds and the trace file."""
+    trace_dir = os.path.join(out_dir, "profile")
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    seconds = []
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            start = time.perf_counter()
+            llm.engine.step()
+            seconds.append(time.perf_counter() - start)
+        jax.block_until_ready((llm.runner.k_pool, llm.runner.v_pool))
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    return seconds, path
+
+
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, reach = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarize(trace_path: str, top: int) -> dict:
+    """Device lanes of a perfetto trace: each lane's event count and busy time, the traced window,
+    and the `top` kernels of the stream lanes (XLA:GPU's "Stream #..." lines) by total time."""
+    with gzip.open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    device = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    lanes: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in device:
+            lanes[processes[e["pid"]], threads.get((e["pid"], e.get("tid")), str(e.get("tid")))].append(e)
+    if not lanes:
+        return {"window_ms": None, "lanes": [], "top": []}
+    spans = [(e["ts"], e["ts"] + e["dur"]) for lane in lanes.values() for e in lane]
+    window = max(end for _, end in spans) - min(start for start, _ in spans)
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for (_, lane), lane_events in lanes.items():
+        if lane.startswith("Stream"):
+            for e in lane_events:
+                kernels[e["name"]].append(e["dur"])
+    stream_busy = busy_us([(e["ts"], e["ts"] + e["dur"]) for (_, lane), lane_events in lanes.items()
+                           if lane.startswith("Stream") for e in lane_events])
+    ranked = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:top]
+    return {
+        "window_ms": window / 1e3,
+        "lanes": [{"process": process, "lane": lane, "events": len(lane_events),
+                   "busy_ms": busy_us([(e["ts"], e["ts"] + e["dur"]) for e in lane_events]) / 1e3}
+                  for (process, lane), lane_events in sorted(lanes.items())],
+        "top": [{"kernel": name, "count": len(durations), "total_ms": sum(durations) / 1e3,
+                 "share_of_streams": sum(durations) / stream_busy if stream_busy else None}
+                for name, durations in ranked],
+    }
+
+
+def print_summary(step_seconds: list[float], summary: dict, steps: int) -> None:
+    print(f"host wall per step: median {1e3 * float(np.median(step_seconds)):.2f} ms "
+          f"({', '.join(f'{1e3 * s:.2f}' for s in step_seconds)})")
+    if summary["window_ms"] is None:
+        print("no device lanes in the trace (the CPU backend has none): step times only")
+        return
+    print(f"device window: {summary['window_ms']:.2f} ms for {steps} steps")
+    print("| process | lane | events | busy ms | busy per step ms |\n|---|---|---:|---:|---:|")
+    for lane in summary["lanes"]:
+        print(f"| {lane['process']} | {lane['lane']} | {lane['events']} | {lane['busy_ms']:.2f} | "
+              f"{lane['busy_ms'] / steps:.3f} |")
+    print("| kernel | count | total ms | share of stream time |\n|---|---:|---:|---:|")
+    for k in summary["top"]:
+        share = f"{100 * k['share_of_streams']:.1f} %" if k["share_of_streams"] is not None else "-"
+        print(f"| {k['kernel'][:80]} | {k['count']} | {k['total_ms']:.3f} | {share} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    machine = machine_record()
+    llm = decode_ready_llm(args)
+    print(f"engine ready: B={args.batch}, ctx={args.context}, attention: {llm.config.attention}, "
+          f"async scheduling: {llm.config.async_scheduling}", flush=True)
+    step_seconds, trace_path = trace_decode_steps(llm, args.steps, args.out)
+    summary = summarize(trace_path, args.top)
+    print_summary(step_seconds, summary, args.steps)
+    write_result(os.path.join(args.out, "summary.json"), {
+        **machine, "args": vars(args), "attention": llm.config.attention, "trace": trace_path,
+        "step_ms": [1e3 * s for s in step_seconds], **summary}, started)
+    print(f"trace: {trace_path}")
+
+
+if __name__ == "__main__":
+    main()
