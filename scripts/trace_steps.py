@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from infercept_jax import LLM, SamplingParams
+from infercept_jax.build import DEFAULT_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGETS
 from infercept_jax.experiments.records import machine_record, write_result
 from infercept_jax.llm import resolve_dtype
 from models.llama import Llama
@@ -51,17 +52,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def decode_ready_llm(args: argparse.Namespace) -> LLM:
     """An engine whose B requests are all past their prefill and warmed up on the decode shape.
+
+    The first requests decode while the last ones prefill, so each may generate a token per step
+    of the prefill (at most B*ctx / (S - B) + 1 steps: the decodes take their tokens of the budget
+    S first) before the traced steps: it is allowed that many, so none finishes before the trace.
     Only the shapes the run uses compile (no warm-up of every shape: minutes of device time)."""
     spec = SHAPES[args.shape]
-    max_len = args.context + WARM_STEPS + args.steps + 8
-    block_size = 16
+    budget = DEFAULT_TOKEN_BUDGETS.get(jax.default_backend(), DEFAULT_TOKEN_BUDGET)
+    if budget <= args.batch:
+        raise SystemExit(f"--batch must be below the step budget S = {budget}")
+    prefill_steps = -(-args.batch * args.context // (budget - args.batch)) + 1
+    max_tokens = prefill_steps + WARM_STEPS + args.steps + 2
+    max_len, block_size = args.context + max_tokens, 16
     llm = LLM.from_model(Llama(spec, dtype=resolve_dtype(args.dtype)), None, policy="preserve",
-                         max_num_seqs=args.batch, max_model_len=max_len, block_size=block_size,
-                         num_kv_blocks=args.batch * -(-max_len // block_size) + 1,   # + the reserved block 0
+                         max_num_seqs=args.batch, max_num_batched_tokens=budget, max_model_len=max_len,
+                         block_size=block_size, num_kv_blocks=args.batch * -(-max_len // block_size) + 1,
                          attention=args.attention, async_scheduling=args.async_scheduling,
-                         warmup=False, strict_compile=False)
+                         warmup=False, strict_compile=False)   # + 1: the reserved block 0
     rng = np.random.default_rng(0)
-    params = SamplingParams(max_tokens=WARM_STEPS + args.steps + 4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = [llm.engine.add_request(rng.integers(3, spec.vocab_size, args.context).tolist(), params)
            for _ in range(args.batch)]
     generated = dict.fromkeys(ids, 0)
@@ -73,19 +82,20 @@ def decode_ready_llm(args: argparse.Namespace) -> LLM:
     return llm
 
 
-def trace_decode_steps(llm: LLM, steps: int, out_dir: str) -> tuple[list[float], str]:
-    """Run `steps` engine steps under the profiler; returns their wall seconds and the trace file."""
+def trace_decode_steps(llm: LLM, steps: int, out_dir: str) -> tuple[list[float], list[int], str]:
+    """Run `steps` engine steps under the profiler; returns their wall seconds, the number of
+    requests each advanced, and the trace file."""
     trace_dir = os.path.join(out_dir, "profile")
     shutil.rmtree(trace_dir, ignore_errors=True)
-    seconds = []
+    seconds, advanced = [], []
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(steps):
             start = time.perf_counter()
-            llm.engine.step()
+            advanced.append(len(llm.engine.step()))
             seconds.append(time.perf_counter() - start)
         jax.block_until_ready((llm.runner.k_pool, llm.runner.v_pool))
     (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    return seconds, path
+    return seconds, advanced, path
 
 
 def busy_us(spans: list[tuple[float, float]]) -> float:
@@ -157,12 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     llm = decode_ready_llm(args)
     print(f"engine ready: B={args.batch}, ctx={args.context}, attention: {llm.config.attention}, "
           f"async scheduling: {llm.config.async_scheduling}", flush=True)
-    step_seconds, trace_path = trace_decode_steps(llm, args.steps, args.out)
+    step_seconds, advanced, trace_path = trace_decode_steps(llm, args.steps, args.out)
     summary = summarize(trace_path, args.top)
     print_summary(step_seconds, summary, args.steps)
     write_result(os.path.join(args.out, "summary.json"), {
         **machine, "args": vars(args), "attention": llm.config.attention, "trace": trace_path,
-        "step_ms": [1e3 * s for s in step_seconds], **summary}, started)
+        "step_ms": [1e3 * s for s in step_seconds], "requests_per_step": advanced, **summary}, started)
     print(f"trace: {trace_path}")
 
 

@@ -51,8 +51,11 @@ def test_the_summary_counts_device_lanes_only_and_ranks_kernels_by_total_time(tm
 
 
 def test_a_traced_run_on_cpu_writes_the_trace_and_the_step_times(tmp_path, capsys):
-    trace_steps.main(["--shape", "tiny", "--batch", "2", "--context", "16", "--steps", "2", "--out", str(tmp_path)])
+    """Prompts that take several steps to prefill (8 x 400 tokens, S = 384 on CPU): the first
+    requests decode meanwhile, and still every traced step decodes the whole batch."""
+    trace_steps.main(["--shape", "tiny", "--batch", "8", "--context", "400", "--steps", "2", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["step_ms"]) == 2 and all(ms > 0 for ms in summary["step_ms"])
+    assert summary["requests_per_step"] == [8, 8]
     assert Path(summary["trace"]).is_file() and summary["lanes"] == []     # the CPU backend has no device lanes
     assert "no device lanes" in capsys.readouterr().out
