@@ -53,7 +53,8 @@ step bench_engine 180 30 python3 scripts/bench_engine.py $SHAPE --batches 1,8,64
 for batch in 64 1; do
     step "trace_b$batch" 75 45 python3 scripts/trace_steps.py --shape "$SHAPE_NAME" --batch "$batch" \
         --context 512 --out "$RES/trace_b$batch"
-    find "$RES/trace_b$batch" -name '*.xplane.pb' -delete    # the perfetto file holds the same, smaller
+    # The perfetto file holds what the other two formats hold.
+    find "$RES/trace_b$batch" \( -name '*.xplane.pb' -o -name '*.trace.json.gz' \) -delete
 done
 tar czf "$OUT/results.tar.gz" -C "$RES" .
 
