@@ -3,10 +3,10 @@
 A session lent a GPU has minutes of it; this leaves a timeline to study after the machine is gone:
 the trace (`perfetto_trace.json.gz` under --out, for ui.perfetto.dev) and a summary read from it,
 printed and written as JSON: each device lane's busy time inside the traced window (XLA's streams,
-and its module and op lines), the kernels that took the most time, and the host's wall time per
-step. B requests of ctx random tokens are prefilled, a few decode steps compile and warm up, and
-then `--steps` decode steps of the whole batch run under the profiler. The CPU backend has no
-device lanes: there only the step times and the trace's host lanes mean anything.
+and its module and op lines), the kernels that took the most time, the host's wall time per step
+and the project's Python functions in it. B requests of ctx random tokens are prefilled, a few
+decode steps compile and warm up, and then `--steps` decode steps of the whole batch run under the
+profiler. The CPU backend has no device lanes: there only the host's side means anything.
 
     python scripts/trace_steps.py --shape smollm2-1.7b --batch 64 --context 512     # on a GPU
     .venv/bin/python scripts/trace_steps.py --shape tiny --batch 2 --context 16 --steps 2
@@ -18,9 +18,11 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,6 +34,8 @@ from infercept_jax.llm import resolve_dtype
 from models.llama import Llama
 from models.shapes import SHAPES
 
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("infercept_jax", "kvcache", "models", "scheduling")   # whose functions the host summary lists
 WARM_STEPS = 3   # decode steps before the traced ones: the decode shape compiles in the first
 
 
@@ -108,20 +112,40 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+def host_functions(events: list[dict], threads: dict, top: int) -> list[dict]:
+    """The project's Python functions on the host's Python threads, by inclusive time: the host
+    side of a step. JAX's profiler names a Python call "$file.py:line name", the file by its base
+    name alone, so a call is ours where one of our files of that name defines a function so named
+    (JAX has a profiler.py too)."""
+    ours = {(path.name, name) for package in PACKAGES for path in (ROOT / package).rglob("*.py")
+            for name in re.findall(r"def (\w+)", path.read_text())}
+    calls: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("ph") != "X" or threads.get((e["pid"], e.get("tid"))) != "python" or not e["name"].startswith("$"):
+            continue
+        where, _, function = e["name"][1:].partition(" ")
+        if (where.split(":")[0], function) in ours:
+            calls[e["name"][1:]].append(e["dur"])
+    ranked = sorted(calls.items(), key=lambda item: -sum(item[1]))[:top]
+    return [{"function": name, "calls": len(durations), "total_ms": sum(durations) / 1e3} for name, durations in ranked]
+
+
 def summarize(trace_path: str, top: int) -> dict:
-    """Device lanes of a perfetto trace: each lane's event count and busy time, the traced window,
-    and the `top` kernels of the stream lanes (XLA:GPU's "Stream #..." lines) by total time."""
+    """A perfetto trace's device lanes (each lane's event count and busy time, the traced window,
+    and the `top` kernels of the stream lanes, XLA:GPU's "Stream #..." lines, by total time) and
+    the project's `top` host functions."""
     with gzip.open(trace_path) as f:
         events = json.load(f)["traceEvents"]
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    host = host_functions(events, threads, top)
     device = {pid for pid, name in processes.items() if name.startswith("/device:")}
     lanes: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e["pid"] in device:
             lanes[processes[e["pid"]], threads.get((e["pid"], e.get("tid")), str(e.get("tid")))].append(e)
     if not lanes:
-        return {"window_ms": None, "lanes": [], "top": []}
+        return {"window_ms": None, "lanes": [], "top": [], "host": host}
     spans = [(e["ts"], e["ts"] + e["dur"]) for lane in lanes.values() for e in lane]
     window = max(end for _, end in spans) - min(start for start, _ in spans)
     kernels: dict[str, list[float]] = defaultdict(list)
@@ -140,14 +164,18 @@ def summarize(trace_path: str, top: int) -> dict:
         "top": [{"kernel": name, "count": len(durations), "total_ms": sum(durations) / 1e3,
                  "share_of_streams": sum(durations) / stream_busy if stream_busy else None}
                 for name, durations in ranked],
+        "host": host,
     }
 
 
 def print_summary(step_seconds: list[float], summary: dict, steps: int) -> None:
     print(f"host wall per step: median {1e3 * float(np.median(step_seconds)):.2f} ms "
           f"({', '.join(f'{1e3 * s:.2f}' for s in step_seconds)})")
+    print("| host function (this project's, inclusive) | calls | ms per step |\n|---|---:|---:|")
+    for f in summary["host"]:
+        print(f"| {f['function']} | {f['calls']} | {f['total_ms'] / steps:.3f} |")
     if summary["window_ms"] is None:
-        print("no device lanes in the trace (the CPU backend has none): step times only")
+        print("no device lanes in the trace (the CPU backend has none)")
         return
     print(f"device window: {summary['window_ms']:.2f} ms for {steps} steps")
     print("| process | lane | events | busy ms | busy per step ms |\n|---|---|---:|---:|---:|")

@@ -38,7 +38,9 @@ def test_busy_time_is_the_union_of_the_intervals():
 def test_the_summary_counts_device_lanes_only_and_ranks_kernels_by_total_time(tmp_path):
     events = [span(7, 1, 100, 30, "gemm"), span(7, 1, 140, 10, "attention"), span(7, 1, 160, 30, "gemm"),
               span(7, 1, 200, 60, "attention"), span(7, 2, 100, 150, "jit_step"),
-              span(1, 5, 0, 1000, "host work")]
+              span(1, 5, 0, 1000, "$engine.py:224 step"), span(1, 5, 10, 300, "$model_runner.py:244 prepare"),
+              span(1, 5, 500, 400, "$model_runner.py:244 prepare"), span(1, 5, 20, 900, "$numpy asarray"),
+              span(1, 5, 0, 2000, "$profiler.py:307 trace")]     # JAX's profiler.py, not ours
     summary = trace_steps.summarize(write_trace(tmp_path / "t.json.gz", events), top=5)
     assert summary["window_ms"] == pytest.approx(0.160)          # the device's first start to its last end
     lanes = {lane["lane"]: lane for lane in summary["lanes"]}
@@ -48,6 +50,8 @@ def test_the_summary_counts_device_lanes_only_and_ranks_kernels_by_total_time(tm
     assert [(k["kernel"], k["count"]) for k in summary["top"]] == [("attention", 2), ("gemm", 2)]
     assert summary["top"][0]["share_of_streams"] == pytest.approx(70 / 130)
     assert trace_steps.summarize(write_trace(tmp_path / "t.json.gz", events), top=1)["top"][0]["kernel"] == "attention"
+    assert [(f["function"], f["calls"], f["total_ms"]) for f in summary["host"]] == [     # not numpy's
+        ("engine.py:224 step", 1, 1.0), ("model_runner.py:244 prepare", 2, 0.7)]
 
 
 def test_a_traced_run_on_cpu_writes_the_trace_and_the_step_times(tmp_path, capsys):
@@ -59,3 +63,6 @@ def test_a_traced_run_on_cpu_writes_the_trace_and_the_step_times(tmp_path, capsy
     assert summary["requests_per_step"] == [8, 8]
     assert Path(summary["trace"]).is_file() and summary["lanes"] == []     # the CPU backend has no device lanes
     assert "no device lanes" in capsys.readouterr().out
+    host = {f["function"].split(" ")[-1]: f for f in summary["host"]}
+    assert host["step"]["calls"] == 2 and host["step"]["function"].startswith("engine.py:")
+    assert host["prepare"]["total_ms"] < host["step"]["total_ms"]           # inside the step
