@@ -29,7 +29,7 @@ from infercept_jax.sampling import FILTERED, GREEDY, SamplingBatch, greedy, samp
 from kvcache.block_manager import BlockManager
 from kvcache.paged import ATTENTION_KERNELS, AttentionInputs, RowGroup, allocate_pools
 from kvcache.swap import make_host_pool
-from models.llama import Llama, matmul_precision
+from models.llama import TP, Llama, matmul_precision
 from scheduling.request import PLACEHOLDER_TOKEN
 from scheduling.scheduler import SchedulerOutput
 
@@ -180,13 +180,15 @@ class ModelRunner:
             return padded(sample(logits, sampling, filtered))
 
         # Explicit shardings (see infercept_jax/parallel.py): the weights keep their splits, the
-        # pools stay split by KV heads, the step's inputs, logits and sampled tokens are replicated.
+        # pools stay split by KV heads, the logits by vocabulary as the head makes them (a greedy
+        # step gathers none of them), the step's inputs and sampled tokens are replicated.
         replicated = NamedSharding(self.mesh, P())
+        vocab_split = NamedSharding(self.mesh, P(None, TP))
         param_shardings = [p.sharding for p in self._params]
         self._step = jax.jit(step, donate_argnums=(1, 2),
                              in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated, replicated),
-                             out_shardings=(replicated, replicated, pool_sharding, pool_sharding))
-        self._draw = jax.jit(draw, static_argnums=2, in_shardings=(replicated, replicated), out_shardings=replicated)
+                             out_shardings=(replicated, vocab_split, pool_sharding, pool_sharding))
+        self._draw = jax.jit(draw, static_argnums=2, in_shardings=(vocab_split, replicated), out_shardings=replicated)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
         self._compiled_draws: dict[tuple[int, bool], jax.stages.Compiled] = {}   # by (B, filtered)
         self._last_step: tuple[StepShape, StepBatch] | None = None   # for device_seconds_of_last_step

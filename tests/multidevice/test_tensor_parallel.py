@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from helpers import count_compiles, paged_logits, paused_run, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
@@ -119,6 +120,15 @@ def test_the_step_moves_activations_never_weights_or_pools(engines):
         assert per_layer == [] and layer_reduces == [shape.num_tokens * SPEC.hidden_size] * 2, (shape, found)
         largest = max(shape.num_tokens * SPEC.hidden_size, shape.num_samples * SPEC.vocab_size)
         assert all(size <= largest for _, size, _ in found), (shape, found)
+
+
+def test_the_logits_stay_split_by_vocabulary(engines):
+    """The step hands its logits to a draw as the head made them, split by vocabulary: a greedy
+    step, which needs only their argmax, gathers none of them."""
+    runner = engines[4].runner
+    split = P(None, "tp")
+    assert {compiled.output_shardings[1].spec for compiled in runner._compiled.values()} == {split}
+    assert runner.compile_draw(4, True).input_shardings[0][0].spec == split
 
 
 def test_a_model_that_does_not_split_is_refused():
