@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="decode steps traced")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"])
     p.add_argument("--async-scheduling", action="store_true")
-    p.add_argument("--top", type=int, default=15, help="kernels listed")
+    p.add_argument("--top", type=int, default=15, help="kernels, and host functions, listed")
     p.add_argument("--out", default="results/trace", help="folder for the trace and summary.json")
     return p.parse_args(argv)
 
@@ -182,6 +182,9 @@ def print_summary(step_seconds: list[float], summary: dict, steps: int) -> None:
     for lane in summary["lanes"]:
         print(f"| {lane['process']} | {lane['lane']} | {lane['events']} | {lane['busy_ms']:.2f} | "
               f"{lane['busy_ms'] / steps:.3f} |")
+    if not summary["top"]:
+        print("no lane named Stream... among the device lanes, so no kernels ranked: the trace has them")
+        return
     print("| kernel | count | total ms | share of stream time |\n|---|---:|---:|---:|")
     for k in summary["top"]:
         share = f"{100 * k['share_of_streams']:.1f} %" if k["share_of_streams"] is not None else "-"
