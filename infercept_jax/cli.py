@@ -99,7 +99,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = {k: getattr(args, k) for k in PROFILE_ENGINE_OPTIONS if getattr(args, k) is not None}
-    model = args.shape or args.model
+    model = args.model   # what the profile names as its model
     try:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         # Any policy with a host pool will do; `swap` needs no profile, so none is asked for.
