@@ -3,10 +3,12 @@
 A session lent a GPU has minutes of it; this leaves a timeline to study after the machine is gone:
 the trace (`perfetto_trace.json.gz` under --out, for ui.perfetto.dev) and a summary read from it,
 printed and written as JSON: each device lane's busy time inside the traced window (XLA's streams,
-and its module and op lines), the kernels that took the most time, the host's wall time per step
-and the project's Python functions in it. B requests of ctx random tokens are prefilled, a few
-decode steps compile and warm up, and then `--steps` decode steps of the whole batch run under the
-profiler. The CPU backend has no device lanes: there only the host's side means anything.
+and its module and op lines), the kernels that took the most time, the wall time per step (also
+of as many steps run just before without the profiler, whose Python tracing slows the host) and
+the project's Python functions in the traced steps. B requests of ctx random tokens are
+prefilled, a few decode steps compile and warm up, and then `--steps` decode steps of the whole
+batch run, untraced and then under the profiler. The CPU backend has no device lanes: there only
+the host's side means anything.
 
     python scripts/trace_steps.py --shape smollm2-1.7b --batch 64 --context 512     # on a GPU
     .venv/bin/python scripts/trace_steps.py --shape tiny --batch 2 --context 16 --steps 2
@@ -66,7 +68,7 @@ def decode_ready_llm(args: argparse.Namespace) -> LLM:
     if budget <= args.batch:
         raise SystemExit(f"--batch must be below the step budget S = {budget}")
     prefill_steps = -(-args.batch * args.context // (budget - args.batch)) + 1
-    max_tokens = prefill_steps + WARM_STEPS + args.steps + 2
+    max_tokens = prefill_steps + WARM_STEPS + 2 * args.steps + 2   # the steps run untraced, then traced
     max_len, block_size = args.context + max_tokens, 16
     llm = LLM.from_model(Llama(spec, dtype=resolve_dtype(args.dtype)), None, policy="preserve",
                          max_num_seqs=args.batch, max_num_batched_tokens=budget, max_model_len=max_len,
@@ -168,9 +170,21 @@ def summarize(trace_path: str, top: int) -> dict:
     }
 
 
-def print_summary(step_seconds: list[float], summary: dict, steps: int) -> None:
-    print(f"host wall per step: median {1e3 * float(np.median(step_seconds)):.2f} ms "
-          f"({', '.join(f'{1e3 * s:.2f}' for s in step_seconds)})")
+def untraced_step_seconds(llm: LLM, steps: int) -> list[float]:
+    """Wall seconds of `steps` engine steps without the profiler, whose Python tracing slows the
+    host's side of a traced step several times over."""
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        llm.engine.step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def print_summary(untraced: list[float], traced: list[float], summary: dict, steps: int) -> None:
+    for label, seconds in (("untraced", untraced), ("traced (Python tracing slows the host)", traced)):
+        print(f"wall per step, {label}: median {1e3 * float(np.median(seconds)):.2f} ms "
+              f"({', '.join(f'{1e3 * s:.2f}' for s in seconds)})")
     print("| host function (this project's, inclusive) | calls | ms per step |\n|---|---:|---:|")
     for f in summary["host"]:
         print(f"| {f['function']} | {f['calls']} | {f['total_ms'] / steps:.3f} |")
@@ -198,11 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     llm = decode_ready_llm(args)
     print(f"engine ready: B={args.batch}, ctx={args.context}, attention: {llm.config.attention}, "
           f"async scheduling: {llm.config.async_scheduling}", flush=True)
+    untraced = untraced_step_seconds(llm, args.steps)
     step_seconds, advanced, trace_path = trace_decode_steps(llm, args.steps, args.out)
     summary = summarize(trace_path, args.top)
-    print_summary(step_seconds, summary, args.steps)
+    print_summary(untraced, step_seconds, summary, args.steps)
     write_result(os.path.join(args.out, "summary.json"), {
         **machine, "args": vars(args), "attention": llm.config.attention, "trace": trace_path,
+        "untraced_step_ms": [1e3 * s for s in untraced],
         "step_ms": [1e3 * s for s in step_seconds], "requests_per_step": advanced, **summary}, started)
     print(f"trace: {trace_path}")
 
