@@ -88,17 +88,22 @@ def decode_ready_llm(args: argparse.Namespace) -> LLM:
     return llm
 
 
+def timed_steps(llm: LLM, steps: int) -> tuple[list[float], list[int]]:
+    """Run `steps` engine steps; returns their wall seconds and the number of requests each advanced."""
+    seconds, advanced = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        advanced.append(len(llm.engine.step()))
+        seconds.append(time.perf_counter() - start)
+    return seconds, advanced
+
+
 def trace_decode_steps(llm: LLM, steps: int, out_dir: str) -> tuple[list[float], list[int], str]:
-    """Run `steps` engine steps under the profiler; returns their wall seconds, the number of
-    requests each advanced, and the trace file."""
+    """`timed_steps` under the profiler; also returns the trace file."""
     trace_dir = os.path.join(out_dir, "profile")
     shutil.rmtree(trace_dir, ignore_errors=True)
-    seconds, advanced = [], []
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(steps):
-            start = time.perf_counter()
-            advanced.append(len(llm.engine.step()))
-            seconds.append(time.perf_counter() - start)
+        seconds, advanced = timed_steps(llm, steps)
         jax.block_until_ready((llm.runner.k_pool, llm.runner.v_pool))
     (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     return seconds, advanced, path
@@ -170,17 +175,6 @@ def summarize(trace_path: str, top: int) -> dict:
     }
 
 
-def untraced_step_seconds(llm: LLM, steps: int) -> list[float]:
-    """Wall seconds of `steps` engine steps without the profiler, whose Python tracing slows the
-    host's side of a traced step several times over."""
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        llm.engine.step()
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def print_summary(untraced: list[float], traced: list[float], summary: dict, steps: int) -> None:
     for label, seconds in (("untraced", untraced), ("traced (Python tracing slows the host)", traced)):
         print(f"wall per step, {label}: median {1e3 * float(np.median(seconds)):.2f} ms "
@@ -212,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     llm = decode_ready_llm(args)
     print(f"engine ready: B={args.batch}, ctx={args.context}, attention: {llm.config.attention}, "
           f"async scheduling: {llm.config.async_scheduling}", flush=True)
-    untraced = untraced_step_seconds(llm, args.steps)
+    untraced, _ = timed_steps(llm, args.steps)   # the profiler's Python tracing slows the host's side
     step_seconds, advanced, trace_path = trace_decode_steps(llm, args.steps, args.out)
     summary = summarize(trace_path, args.top)
     print_summary(untraced, step_seconds, summary, args.steps)
