@@ -5,18 +5,20 @@ Every shape is compiled ahead of time at warm-up and the KV pools are donated, s
 copies the pools nor compiles. With `strict_compile`, a shape that was not compiled at warm-up
 raises instead of compiling silently. The step's swap copies (`kvcache.swap`) are issued before the
 step is dispatched, in the order that makes reusing a block in the same step safe: swap-out
-gathers, then swap-in scatters, then the step's own KV writes. In a multi-host run process 0
+gathers, then swap-in scatters, then the step's own KV writes. A step's inputs, some twenty small
+arrays, travel to the device as one buffer (`Packing`). In a multi-host run process 0
 sends each step's inputs (copies, shape, padded batch) to the other processes before it makes the
 step, and they make the same device calls (`follow`).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,35 @@ class StepShape:
     chunk_rows: int    # rows of width `row_width` for requests with several tokens
     row_width: int
     num_samples: int   # B: requests that can sample in the step
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a pytree of 4-byte numpy arrays (a `StepBatch`, a `SamplingBatch`) travels to the device
+    as one int32 buffer: a jitted call copies each array argument to the device on its own, and a
+    step has some twenty small ones. Static (hashable): the compiled call unpacks with it."""
+
+    treedef: Any
+    leaves: tuple[tuple[tuple[int, ...], np.dtype], ...]   # each array's shape and dtype, in order
+
+    @classmethod
+    def pack(cls, tree) -> tuple[np.ndarray, Packing]:
+        arrays = [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+        wide = [a.dtype for a in arrays if a.dtype.itemsize != 4]
+        if wide:
+            raise TypeError(f"only 4-byte arrays can be packed, not {wide}")
+        buffer = np.concatenate([a.reshape(-1).view(np.int32) for a in arrays])
+        return buffer, cls(jax.tree.structure(tree), tuple((a.shape, a.dtype) for a in arrays))
+
+    def unpack(self, buffer: jax.Array):
+        """The tree again, on the device: static slices of `buffer`, bit-cast back to their dtypes."""
+        leaves, offset = [], 0
+        for shape, dtype in self.leaves:
+            size = math.prod(shape)
+            piece = buffer[offset:offset + size].reshape(shape)
+            leaves.append(piece if dtype == np.int32 else jax.lax.bitcast_convert_type(piece, dtype))
+            offset += size
+        return jax.tree.unflatten(self.treedef, leaves)
 
 
 def _row_group(num_rows: int, width: int, num_tokens: int, first_token: np.ndarray, first_position: np.ndarray,
@@ -167,17 +198,19 @@ class ModelRunner:
         def padded(tokens):
             return jnp.zeros(max_samples, tokens.dtype).at[:tokens.shape[0]].set(tokens)
 
-        def step(params, k_pool, v_pool, batch: StepBatch, previous_tokens):
-            """The forward pass and the greedy tokens; also the logits, for a batch that draws."""
+        def step(params, k_pool, v_pool, inputs, previous_tokens, packing: Packing):
+            """The forward pass and the greedy tokens; also the logits, for a batch that draws.
+            `inputs` is the `StepBatch` packed by `packing`."""
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
+            batch: StepBatch = packing.unpack(inputs)
             token_ids = jnp.where(batch.previous >= 0, previous_tokens[jnp.maximum(batch.previous, 0)], batch.token_ids)
             hidden, k_pool, v_pool = model(token_ids, batch.positions, k_pool, v_pool,
                                            batch.attn, pages_per_chunk, attention, mesh)
             logits = model.logits(hidden[batch.sample_index])
             return padded(greedy(logits)), logits, k_pool, v_pool
 
-        def draw(logits, sampling: SamplingBatch, filtered: bool):
-            return padded(sample(logits, sampling, filtered))
+        def draw(logits, inputs, packing: Packing, filtered: bool):
+            return padded(sample(logits, packing.unpack(inputs), filtered))
 
         # Explicit shardings (see infercept_jax/parallel.py): the weights keep their splits, the
         # pools stay split by KV heads, the logits by vocabulary as the head makes them (a greedy
@@ -185,10 +218,10 @@ class ModelRunner:
         replicated = NamedSharding(self.mesh, P())
         vocab_split = NamedSharding(self.mesh, P(None, TP))
         param_shardings = [p.sharding for p in self._params]
-        self._step = jax.jit(step, donate_argnums=(1, 2),
+        self._step = jax.jit(step, donate_argnums=(1, 2), static_argnums=5,
                              in_shardings=(param_shardings, pool_sharding, pool_sharding, replicated, replicated),
                              out_shardings=(replicated, vocab_split, pool_sharding, pool_sharding))
-        self._draw = jax.jit(draw, static_argnums=2, in_shardings=(vocab_split, replicated), out_shardings=replicated)
+        self._draw = jax.jit(draw, static_argnums=(2, 3), in_shardings=(vocab_split, replicated), out_shardings=replicated)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
         self._compiled_draws: dict[tuple[int, bool], jax.stages.Compiled] = {}   # by (B, filtered)
         self._last_step: tuple[StepShape, StepBatch] | None = None   # for device_seconds_of_last_step
@@ -328,12 +361,13 @@ class ModelRunner:
 
     def _lower(self, shape: StepShape) -> jax.stages.Lowered:
         empty = self.prepare(SchedulerOutput(), shape)[0]  # all padding: the same layout a real step gets
+        inputs, packing = Packing.pack(empty)
         with matmul_precision(self.dtype):
-            return self._step.lower(self._params, self.k_pool, self.v_pool, empty, self._previous_tokens)
+            return self._step.lower(self._params, self.k_pool, self.v_pool, inputs, self._previous_tokens, packing)
 
     def _lower_draw(self, num_samples: int, filtered: bool) -> jax.stages.Lowered:
         logits = jax.ShapeDtypeStruct((num_samples, self.spec.vocab_size), jnp.float32)
-        return self._draw.lower(logits, _greedy_sampling(num_samples), filtered)
+        return self._draw.lower(logits, *Packing.pack(_greedy_sampling(num_samples)), filtered)
 
     def _draw_needed(self, shape: StepShape, batch: StepBatch) -> tuple[int, bool] | None:
         """The key of the draw a step needs after its greedy tokens (`compile_draw`), or None."""
@@ -409,7 +443,8 @@ class ModelRunner:
         stall = time.perf_counter() - start
         tokens = None
         if shape is not None:
-            tokens = self._dispatch(shape, batch, self._draw_needed(shape, batch))
+            draw = self._draw_needed(shape, batch)
+            tokens = self._dispatch(shape, draw, *_packed(batch, draw))
             self._previous_tokens = tokens
         if swap_out:
             self.host_pool.land()
@@ -417,12 +452,13 @@ class ModelRunner:
             self.host_pool.release(host_freed)
         return tokens, stall
 
-    def _dispatch(self, shape: StepShape, batch: StepBatch, draw: tuple[int, bool] | None) -> jax.Array:
-        """The step, then its draw if it needs one: returns the sampled tokens, on the device."""
-        tokens, logits, self.k_pool, self.v_pool = self.compile(shape)(self._params, self.k_pool, self.v_pool, batch,
+    def _dispatch(self, shape: StepShape, draw: tuple[int, bool] | None, inputs, draw_inputs) -> jax.Array:
+        """The step, then its draw if it needs one: returns the sampled tokens, on the device.
+        `inputs` and `draw_inputs` are the batch and its sampling parameters, packed (`_packed`)."""
+        tokens, logits, self.k_pool, self.v_pool = self.compile(shape)(self._params, self.k_pool, self.v_pool, inputs,
                                                                        self._previous_tokens)
         if draw is not None:
-            tokens = self.compile_draw(*draw)(logits, batch.sampling)
+            tokens = self.compile_draw(*draw)(logits, draw_inputs)
         return tokens
 
     def device_seconds_of_last_step(self, repeats: int = 10, rounds: int = 3) -> float:
@@ -439,12 +475,12 @@ class ModelRunner:
                                "join its collectives)")
         shape, batch = self._last_step
         draw = self._draw_needed(shape, batch)
-        batch = jax.device_put(batch, NamedSharding(self.mesh, P()))
+        inputs = jax.device_put(_packed(batch, draw), NamedSharding(self.mesh, P()))
         best = float("inf")
         for _ in range(rounds):
             start = time.perf_counter()
             for _ in range(repeats):
-                tokens = self._dispatch(shape, batch, draw)
+                tokens = self._dispatch(shape, draw, *inputs)
             jax.block_until_ready((tokens, self.k_pool, self.v_pool))
             best = min(best, (time.perf_counter() - start) / repeats)
         return best
@@ -480,6 +516,11 @@ def _greedy_sampling(num_samples: int) -> SamplingBatch:
     return SamplingBatch(temperature=np.zeros(num_samples, np.float32), top_k=np.zeros(num_samples, np.int32),
                          top_p=np.ones(num_samples, np.float32), seeds=np.zeros(num_samples, np.uint32),
                          steps=np.zeros(num_samples, np.int32))
+
+
+def _packed(batch: StepBatch, draw: tuple[int, bool] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A step's inputs as one buffer, and its draw's (the sampling parameters) if it has one."""
+    return Packing.pack(batch)[0], None if draw is None else Packing.pack(batch.sampling)[0]
 
 
 def _step_message(swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], host_freed: list[int],

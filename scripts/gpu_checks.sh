@@ -81,3 +81,6 @@ step profile 150 25 python3 -m infercept_jax.cli profile --shape "$SHAPE_NAME" -
 # 8. The XLA attention path in the whole engine, for the comparison with the kernel.
 step bench_engine_xla 90 12 python3 scripts/bench_engine.py $SHAPE --batches 1,64 --skip-hf --attention xla \
     --out "$RES/bench_engine_xla.json"
+
+# 9. A step's call with its inputs in one buffer against array by array: the host's side of a step.
+step bench_dispatch 45 8 python3 scripts/bench_dispatch.py --shape "$SHAPE_NAME" --dtype bfloat16 --rounds 3

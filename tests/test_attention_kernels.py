@@ -17,7 +17,7 @@ from helpers import paused_run, random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from infercept_jax.config import EngineConfig
 from infercept_jax.llm import for_backend
-from infercept_jax.model_runner import check_attention_kernel
+from infercept_jax.model_runner import Packing, check_attention_kernel
 from infercept_jax.parallel import tp_mesh
 from kvcache import pallas_attention
 from kvcache.paged import AttentionInputs, RowGroup, _attend_rows, paged_attention
@@ -143,9 +143,9 @@ def test_the_gpu_step_has_no_loop_but_the_layers_and_no_branch(monkeypatch, atte
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # the kernel is traced for Triton, not interpreted
     triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     for shape in runner.all_shapes():
-        batch = runner.prepare(SchedulerOutput(), shape)[0]
+        inputs, packing = Packing.pack(runner.prepare(SchedulerOutput(), shape)[0])
         exported = jax.export.export(runner._step, platforms=["cuda"], disabled_checks=[triton_call])(
-            runner._params, runner.k_pool, runner.v_pool, batch, runner._previous_tokens)
+            runner._params, runner.k_pool, runner.v_pool, inputs, runner._previous_tokens, packing)
         control = re.findall(r"stablehlo\.(while|case|if)\b", exported.mlir_module())
         groups = (shape.decode_rows > 0) + (shape.chunk_rows > 0)
         assert control == ["while"] * (1 if attention == "pallas" else 1 + groups), (shape, control)

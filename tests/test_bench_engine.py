@@ -76,3 +76,16 @@ def test_an_unknown_shape_or_a_budget_below_the_batch_is_refused(capsys):
         with pytest.raises(SystemExit):
             bench_engine.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_bench_dispatch_times_the_packed_step_against_the_same_step_array_by_array(capsys):
+    """Both calls sample the same tokens (the script refuses to time two different steps), and a
+    row per batch comes out."""
+    path = _PATH.parent / "bench_dispatch.py"
+    spec = importlib.util.spec_from_file_location("bench_dispatch", path)
+    bench_dispatch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_dispatch)
+    bench_dispatch.main(["--batches", "2,8", "--calls", "3", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["2", "8"]
+    assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split("|")[2:])

@@ -10,6 +10,8 @@ import pytest
 
 from helpers import FakeRunner, count_compiles, engine_with, random_hf_tensors, requires_smollm2, tiny_spec
 from infercept_jax import LLM, SamplingParams
+from infercept_jax.model_runner import Packing
+from infercept_jax.sampling import SamplingBatch
 from models import registry
 from models.llama import Llama
 from models.tokenizer import tokenizer_from_gguf
@@ -111,6 +113,33 @@ def test_no_compile_after_warmup(model):
         llm.generate(prompts(2, seed=10), SamplingParams(max_tokens=3, temperature=0.5))
         llm.generate(prompts(3, seed=9, lo=60, hi=100), SamplingParams(max_tokens=4, temperature=0.0))
     assert compiles == []
+
+
+def test_a_packed_tree_unpacks_on_the_device_bit_for_bit():
+    sampling = SamplingBatch(temperature=np.array([0.0, -0.5, np.inf], np.float32), top_k=np.array([0, 1, 2], np.int32),
+                             top_p=np.array([1.0, 1e-30, np.nan], np.float32),
+                             seeds=np.array([0, 2**32 - 1, 12345], np.uint32), steps=np.arange(3, dtype=np.int32))
+    tree = {"ids": np.array([[3, -1], [7, 2**31 - 1]], np.int32), "count": np.int32(5), "sampling": sampling}
+    buffer, packing = Packing.pack(tree)
+    assert buffer.dtype == np.int32 and buffer.shape == (4 + 1 + 5 * 3,)
+    back = jax.jit(packing.unpack)(buffer)
+
+    def bytes_of(array):   # NaN and inf compared bit for bit
+        return np.asarray(array).reshape(-1).view(np.uint8)
+
+    for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(bytes_of(got), bytes_of(want))
+    with pytest.raises(TypeError, match="4-byte"):
+        Packing.pack({"ids": np.zeros(2, np.int64)})
+
+
+def test_a_step_gets_its_inputs_as_one_buffer(model):
+    """The weights, the two pools, the packed batch, the previous step's tokens: nothing more to copy."""
+    runner = make_llm(model).runner
+    for shape in runner.all_shapes()[::4]:
+        lowered = runner._lower(shape)
+        assert len(jax.tree.leaves(lowered.args_info)) == len(runner._params) + 4
 
 
 @pytest.mark.parametrize("dtype, precision", [(jnp.float32, "HIGHEST"), (jnp.bfloat16, "DEFAULT")])
