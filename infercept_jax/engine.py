@@ -344,8 +344,8 @@ class Engine:
     def _output(self, request: Request, new_tokens: list[int]) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids, token_ids=list(request.output_token_ids),
-            text=request.output_text, finished=request.status.finished,
+            prompt_token_ids=request.prompt_token_ids, _tokens=request.token_ids,
+            _span=(request.num_prompt_tokens, request.num_tokens), text=request.output_text, finished=request.status.finished,
             finish_reason=request.finish_reason, new_token_ids=new_tokens,
             arrival_time=request.arrival_time, first_token_time=request.first_token_time,
             finish_time=request.finish_time, paused=request.status is RequestStatus.PAUSED,

@@ -19,14 +19,16 @@ from scheduling.request import PLACEHOLDER_TOKEN
 
 def serve(engine, prompts, params, abort_at: dict[int, int] | None = None):
     """Run `prompts` to the end, resuming each pause two steps later with three tokens, aborting
-    request i once it has `abort_at[i]` tokens; returns each request's (tokens, finish reason)."""
+    request i once it has `abort_at[i]` tokens; returns each request's (tokens, finish reason).
+    Every output keeps the tokens it had when it was made (it shares the request's token list)."""
     ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
     abort_at = {ids[i]: n for i, n in (abort_at or {}).items()}
-    waiting, done = {}, {}
+    waiting, done, seen = {}, {}, []
     for _ in range(2000):
         if not engine.has_unfinished():
             break
         for out in engine.step():
+            seen.append((out, out.token_ids))
             assert PLACEHOLDER_TOKEN not in out.token_ids, out
             if out.finished:
                 done[out.request_id] = (out.token_ids, out.finish_reason)
@@ -34,16 +36,19 @@ def serve(engine, prompts, params, abort_at: dict[int, int] | None = None):
                 waiting[out.request_id] = 2
             elif out.request_id in abort_at and out.num_generated_tokens >= abort_at[out.request_id]:
                 aborted = engine.abort(out.request_id)
+                seen.append((aborted, aborted.token_ids))
                 assert PLACEHOLDER_TOKEN not in aborted.token_ids
                 done[out.request_id] = (aborted.token_ids, aborted.finish_reason)
         for rid in list(waiting):
             waiting[rid] -= 1
             if not waiting[rid]:
                 out = engine.resume(rid, [3, 4, 5])
+                seen.append((out, out.token_ids))
                 if out.finished:        # the result filled the context
                     done[rid] = (out.token_ids, out.finish_reason)
                 del waiting[rid]
     assert not engine.has_unfinished(), "the requests did not finish in 2000 steps"
+    assert all(out.token_ids == tokens for out, tokens in seen)
     blocks = engine.blocks
     assert (blocks.device.num_free, blocks.host.num_free) == (blocks.device.capacity, blocks.host.capacity)
     return [done[rid] for rid in ids]
