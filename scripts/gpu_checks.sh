@@ -83,4 +83,4 @@ step bench_engine_xla 90 12 python3 scripts/bench_engine.py $SHAPE --batches 1,6
     --out "$RES/bench_engine_xla.json"
 
 # 9. A step's call with its inputs in one buffer against array by array: the host's side of a step.
-step bench_dispatch 45 8 python3 scripts/bench_dispatch.py --shape "$SHAPE_NAME" --dtype bfloat16 --rounds 3
+step bench_dispatch 75 8 python3 scripts/bench_dispatch.py --shape "$SHAPE_NAME" --dtype bfloat16 --calls 100 --rounds 3
