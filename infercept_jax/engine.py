@@ -345,8 +345,8 @@ class Engine:
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, _tokens=request.token_ids,
-            _span=(request.num_prompt_tokens, request.num_tokens), text=request.output_text, finished=request.status.finished,
-            finish_reason=request.finish_reason, new_token_ids=new_tokens,
+            _span=(request.num_prompt_tokens, request.num_tokens), text=request.output_text,
+            finished=request.status.finished, finish_reason=request.finish_reason, new_token_ids=new_tokens,
             arrival_time=request.arrival_time, first_token_time=request.first_token_time,
             finish_time=request.finish_time, paused=request.status is RequestStatus.PAUSED,
             interception=request.interception, num_generated_tokens=request.num_generated_tokens,

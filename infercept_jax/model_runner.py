@@ -76,12 +76,18 @@ class Packing:
 
     @classmethod
     def pack(cls, tree) -> tuple[np.ndarray, Packing]:
+        """The buffer and how to unpack it (what a tree of this layout compiles with)."""
+        leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+        return cls.buffer(tree), cls(jax.tree.structure(tree), tuple((a.shape, a.dtype) for a in leaves))
+
+    @staticmethod
+    def buffer(tree) -> np.ndarray:
+        """The tree's arrays as one int32 buffer: all a compiled call needs at each step."""
         arrays = [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
         wide = [a.dtype for a in arrays if a.dtype.itemsize != 4]
         if wide:
             raise TypeError(f"only 4-byte arrays can be packed, not {wide}")
-        buffer = np.concatenate([a.reshape(-1).view(np.int32) for a in arrays])
-        return buffer, cls(jax.tree.structure(tree), tuple((a.shape, a.dtype) for a in arrays))
+        return np.concatenate([a.reshape(-1).view(np.int32) for a in arrays])
 
     def unpack(self, buffer: jax.Array):
         """The tree again, on the device: static slices of `buffer`, bit-cast back to their dtypes."""
@@ -405,7 +411,7 @@ class ModelRunner:
         """`execute` without the wait: the step is on its way when this returns."""
         if self.channel is not None and not self.channel.is_sender:
             raise RuntimeError("in a multi-host run only process 0 runs the engine; the other processes call follow()")
-        shape, batch, sampled = None, None, []
+        shape, batch, draw, sampled = None, None, None, []
         if output.scheduled:
             shape = self.shape_for(output)
             if self.strict_compile and shape not in self._compiled:
@@ -418,7 +424,7 @@ class ModelRunner:
             self._previous_slots = {req.request_id: i for i, req in enumerate(sampled)}
         if self.channel is not None:
             self.channel.send(_step_message(output.swap_out, output.swap_in, output.host_freed, shape, batch))
-        tokens, stall = self._run(output.swap_out, output.swap_in, output.host_freed, shape, batch)
+        tokens, stall = self._run(output.swap_out, output.swap_in, output.host_freed, shape, batch, draw)
         return Launched(tokens, sampled, stall)
 
     def collect(self, launched: Launched) -> tuple[list[tuple[object, int]], float]:
@@ -431,9 +437,11 @@ class ModelRunner:
         return list(zip(launched.sampled, tokens[:len(launched.sampled)].tolist())), launched.stall
 
     def _run(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], host_freed: list[int],
-             shape: StepShape | None, batch: StepBatch | None) -> tuple[jax.Array | None, float]:
+             shape: StepShape | None, batch: StepBatch | None,
+             draw: tuple[int, bool] | None) -> tuple[jax.Array | None, float]:
         """The device side of a step, the same on every process: the swap copies, then the step
-        (if `shape`), then the host pool forgets the freed host blocks. Returns the sampled tokens
+        (if `shape`) and its draw (if `draw`, `_draw_needed`), then the host pool forgets the freed
+        host blocks. Returns the sampled tokens
         (on device) and the swap stall in seconds."""
         start = time.perf_counter()
         if swap_out:
@@ -443,7 +451,6 @@ class ModelRunner:
         stall = time.perf_counter() - start
         tokens = None
         if shape is not None:
-            draw = self._draw_needed(shape, batch)
             tokens = self._dispatch(shape, draw, *_packed(batch, draw))
             self._previous_tokens = tokens
         if swap_out:
@@ -495,13 +502,14 @@ class ModelRunner:
         while (message := self.channel.receive()) is not None:
             steps += 1
             shape = StepShape(*message["shape"].tolist()) if "shape" in message else None
-            batch = None
+            batch = draw = None
             if shape is not None:
                 template = self.prepare(SchedulerOutput(), shape)[0]
                 leaves = [message[f"leaf{i}"] for i in range(len(jax.tree.leaves(template)))]
                 batch = jax.tree.unflatten(jax.tree.structure(template), leaves)
+                draw = self._draw_needed(shape, batch)
             self._run(_pairs(message["swap_out"]), _pairs(message["swap_in"]), message["host_freed"].tolist(),
-                      shape, batch)
+                      shape, batch, draw)
         return steps
 
     def close(self) -> None:
@@ -520,7 +528,7 @@ def _greedy_sampling(num_samples: int) -> SamplingBatch:
 
 def _packed(batch: StepBatch, draw: tuple[int, bool] | None) -> tuple[np.ndarray, np.ndarray | None]:
     """A step's inputs as one buffer, and its draw's (the sampling parameters) if it has one."""
-    return Packing.pack(batch)[0], None if draw is None else Packing.pack(batch.sampling)[0]
+    return Packing.buffer(batch), None if draw is None else Packing.buffer(batch.sampling)
 
 
 def _step_message(swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], host_freed: list[int],

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from infercept_jax import LLM
-from infercept_jax.model_runner import Packing
 from infercept_jax.llm import resolve_dtype
+from infercept_jax.model_runner import Packing
 from models.llama import Llama
 from models.shapes import SHAPES
 from scheduling.scheduler import SchedulerOutput
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         rounds = {"separate": [], "packed": []}
         for _ in range(args.rounds):
             rounds["separate"].append(timed_calls(runner, separate, lambda: batch, args.calls))
-            rounds["packed"].append(timed_calls(runner, packed, lambda: Packing.pack(batch)[0], args.calls))
+            rounds["packed"].append(timed_calls(runner, packed, lambda: Packing.buffer(batch), args.calls))
             if not np.array_equal(rounds["separate"][-1][2], rounds["packed"][-1][2]):
                 raise SystemExit("the two calls sampled different tokens: they are not the same step")
         medians = {k: [statistics.median(r[i] for r in v) for i in (0, 1)] for k, v in rounds.items()}
