@@ -153,9 +153,5 @@ class Request:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None

@@ -56,7 +56,7 @@ def test_generate_streams_every_token_and_matches_the_engine_alone():
         alone.step()
     assert [len(o.new_token_ids) for o in outs] == [1] * 5
     assert outs[-1].finished and outs[-1].finish_reason == "length"
-    assert outs[-1].token_ids == alone.requests[rid].output_token_ids
+    assert outs[-1].token_ids == alone.requests[rid].token_ids[3:]   # after the 3 prompt tokens
     assert not any(o.finished for o in outs[:-1])
 
 
