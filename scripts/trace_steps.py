@@ -119,16 +119,17 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def host_functions(events: list[dict], threads: dict, top: int) -> list[dict]:
-    """The project's Python functions on the host's Python threads, by inclusive time: the host
-    side of a step. JAX's profiler names a Python call "$file.py:line name", the file by its base
-    name alone, so a call is ours where one of our files of that name defines a function so named
-    (JAX has a profiler.py too)."""
+def host_functions(events: list[dict], top: int) -> list[dict]:
+    """The project's Python functions, by inclusive time: the host side of a step. JAX's profiler
+    names a Python call "$file.py:line name", the file by its base name alone, so a call is ours
+    where one of our files of that name defines a function so named (JAX has a profiler.py too).
+    The "$" alone marks them: the thread they run on is named after the interpreter's executable
+    ("python" from the venv, "python3" on the GPU machine)."""
     ours = {(path.name, name) for package in PACKAGES for path in (ROOT / package).rglob("*.py")
             for name in re.findall(r"def (\w+)", path.read_text())}
     calls: dict[str, list[float]] = defaultdict(list)
     for e in events:
-        if e.get("ph") != "X" or threads.get((e["pid"], e.get("tid"))) != "python" or not e["name"].startswith("$"):
+        if e.get("ph") != "X" or not e["name"].startswith("$"):
             continue
         where, _, function = e["name"][1:].partition(" ")
         if (where.split(":")[0], function) in ours:
@@ -145,7 +146,7 @@ def summarize(trace_path: str, top: int) -> dict:
         events = json.load(f)["traceEvents"]
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
-    host = host_functions(events, threads, top)
+    host = host_functions(events, top)
     device = {pid for pid, name in processes.items() if name.startswith("/device:")}
     lanes: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in events:

@@ -15,12 +15,12 @@ trace_steps = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(trace_steps)
 
 
-def write_trace(path: Path, events: list[dict]) -> str:
+def write_trace(path: Path, events: list[dict], python_thread: str = "python") -> str:
     meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
             {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
             {"ph": "M", "pid": 7, "tid": 1, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
             {"ph": "M", "pid": 7, "tid": 2, "name": "thread_name", "args": {"name": "XLA Modules"}},
-            {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "python"}}]
+            {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": python_thread}}]
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": meta + events + [{}]}, f)
     return str(path)
@@ -35,13 +35,14 @@ def test_busy_time_is_the_union_of_the_intervals():
     assert trace_steps.busy_us([]) == 0
 
 
-def test_the_summary_counts_device_lanes_only_and_ranks_kernels_by_total_time(tmp_path):
+@pytest.mark.parametrize("python_thread", ["python", "python3"])   # the venv's interpreter, the GPU machine's
+def test_the_summary_counts_device_lanes_only_and_ranks_kernels_by_total_time(tmp_path, python_thread):
     events = [span(7, 1, 100, 30, "gemm"), span(7, 1, 140, 10, "attention"), span(7, 1, 160, 30, "gemm"),
               span(7, 1, 200, 60, "attention"), span(7, 2, 100, 150, "jit_step"),
               span(1, 5, 0, 1000, "$engine.py:224 step"), span(1, 5, 10, 300, "$model_runner.py:244 prepare"),
               span(1, 5, 500, 400, "$model_runner.py:244 prepare"), span(1, 5, 20, 900, "$numpy asarray"),
               span(1, 5, 0, 2000, "$profiler.py:307 trace")]     # JAX's profiler.py, not ours
-    summary = trace_steps.summarize(write_trace(tmp_path / "t.json.gz", events), top=5)
+    summary = trace_steps.summarize(write_trace(tmp_path / "t.json.gz", events, python_thread), top=5)
     assert summary["window_ms"] == pytest.approx(0.160)          # the device's first start to its last end
     lanes = {lane["lane"]: lane for lane in summary["lanes"]}
     assert set(lanes) == {"Stream #13(Compute)", "XLA Modules"}
