@@ -85,6 +85,16 @@ def test_top_k_one_is_greedy(model):
     assert top1 == greedy
 
 
+def test_the_largest_top_k_accepted_filters_nothing(model):
+    """top_k = 2**31 - 1 reaches the step (an int32) and keeps every token: the same draws as no filter."""
+    llm = make_llm(model)
+    ps = prompts(2, seed=5)
+    drawn = [[o.token_ids for o in llm.generate(ps, SamplingParams(max_tokens=8, temperature=1.0, top_k=k, seed=3,
+                                                                   ignore_eos=True))]
+             for k in (0, 2**31 - 1)]
+    assert drawn[0] == drawn[1]
+
+
 def test_stop_token_ids_and_max_tokens(model):
     llm = make_llm(model)
     p = prompts(1, seed=6)[0]
@@ -177,6 +187,7 @@ def test_bad_prompt_is_rejected_and_engine_keeps_serving(model, bad, message):
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_k=-2), "top_k"),
+    (dict(top_k=2**31), "top_k"),       # past int32, which the step carries it in: it took the engine down
     (dict(max_tokens=0), "max_tokens"),
     (dict(stop=[""]), "stop"),
 ])
