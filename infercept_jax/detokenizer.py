@@ -46,3 +46,15 @@ def truncate_at_stop(request: Request, previous_len: int) -> bool:
     index, stop = min(hits)
     request.output_text = text[:index + len(stop)] if params.include_stop_str_in_output else text[:index]
     return True
+
+
+def pending_stop_length(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` may be the start of a stop string: the longest end
+    that is a proper prefix of one. The next tokens may complete that stop, and it is then cut."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

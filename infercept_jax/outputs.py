@@ -14,7 +14,8 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str                     # the text of token_ids (stop string removed)
+    text: str                     # the text of token_ids (stop string removed; while running, an end
+                                  #   that may begin a stop string is held back)
     finished: bool
     finish_reason: str | None     # "stop", "length", "abort"
     new_token_ids: list[int]      # tokens this step added

@@ -10,6 +10,7 @@ import pytest
 
 from helpers import FakeRunner, count_compiles, engine_with, random_hf_tensors, requires_smollm2, tiny_spec
 from infercept_jax import LLM, SamplingParams
+from infercept_jax.detokenizer import pending_stop_length
 from infercept_jax.model_runner import Packing
 from infercept_jax.sampling import SamplingBatch
 from models import registry
@@ -181,6 +182,20 @@ def test_bad_prompt_is_rejected_and_engine_keeps_serving(model, bad, message):
                 finished[out.request_id] = out
     assert list(finished) == [good] and len(finished[good].token_ids) == 12
     assert llm.engine.blocks.num_free == llm.engine.blocks.device.capacity
+
+
+@pytest.mark.parametrize("text, stops, held", [
+    ("Hello there", [", friend"], 0),
+    ("Hello there,", [", friend"], 1),
+    ("Hello there, fr", [", friend"], 4),
+    ("Hello there", ["there, f"], 5),
+    ("Hello there", ["x", "here!", "ere?"], 4),      # the longest of the stops' prefixes it ends with
+    ("abc", ["c"], 0),                               # a whole stop is cut, never held
+    ("ab", ["abc"], 2),                              # all of the text
+    ("", [", friend"], 0),
+])
+def test_a_running_output_holds_back_an_end_that_may_begin_a_stop(text, stops, held):
+    assert pending_stop_length(text, stops) == held
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -184,6 +184,19 @@ def test_chat_without_tools_streams_plain_text(url):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stop, text", [([", friend"], "Hello there"), (["there, f"], "Hello ")])
+def test_a_stop_string_of_several_tokens_is_never_sent_in_part(url, stop, text):
+    """The stop's first tokens arrive before its last: a stream must not have sent them (the engine
+    holds back an end that may begin a stop), and the whole response is made of the same deltas."""
+    c = client(url)
+    whole = c.completions.create(model=MODEL, prompt="Say hello", max_tokens=50, stop=stop)
+    streamed = c.completions.create(model=MODEL, prompt="Say hello", max_tokens=50, stop=stop, stream=True)
+    assert whole.choices[0].text == "".join(ch.choices[0].text for ch in streamed if ch.choices) == text
+    chat = c.chat.completions.create(model=MODEL, messages=QUESTION, stop=stop)
+    chat_streamed = c.chat.completions.create(model=MODEL, messages=QUESTION, stop=stop, stream=True)
+    assert chat.choices[0].message.content == "".join(ch.choices[0].delta.content or "" for ch in chat_streamed) == text
+
+
 # ----------------------------------------------------------------- tool calls and transparent resume
 def test_a_tool_call_pauses_the_request_and_the_next_turn_resumes_it(own_url):
     url = own_url
