@@ -105,7 +105,8 @@ class ChatFormat:
     def _written_text(self, calls: list, where: str) -> str | None:
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
             raise BadRequest(f"{where}.tool_calls must be a list of objects")
-        return self._written.get(calls[0].get("id"))
+        call_id = calls[0].get("id")
+        return self._written.get(call_id) if isinstance(call_id, str) else None   # else: unknown, rendered canonically
 
     def canonical_calls(self, calls: list[dict], where: str = "tool_calls") -> str:
         """Calls in the format the tool prompt asks for (for call ids this server did not write)."""
