@@ -270,6 +270,26 @@ def test_a_paused_request_nobody_resumes_is_aborted_after_the_timeout(own_llm):
         assert late.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_a_resume_the_engine_refuses_keeps_the_request_paused_for_a_retry(own_llm):
+    """A prompt that continues a paused context but whose result has a token outside the
+    vocabulary: 400, and the request stays paused (it used to be dropped from the paused turns and
+    left in the engine, holding its KV, with no timeout to end it). The retry resumes it."""
+    server = OpenAIServer(own_llm, MODEL, pause_timeout=60)
+    with serving(server) as url:
+        first = client(url).chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS)
+        context = first.usage.prompt_tokens + first.usage.completion_tokens
+        (turn,) = server.paused.remove_all()
+        server.paused.add(turn)
+        refused = httpx.post(url + "/v1/completions",
+                             json={"model": MODEL, "prompt": list(turn.token_ids) + [10**6], "max_tokens": 4})
+        assert refused.status_code == 400 and "vocabulary" in refused.json()["error"]["message"]
+        assert metrics(url)["infercept_paused_turns"] == 1
+        retry = client(url).completions.create(model=MODEL, prompt=list(turn.token_ids) + [42], max_tokens=4)
+        assert retry.usage.prompt_tokens_details.cached_tokens == context - 1
+        assert metrics(url)['infercept_turns_total{kind="resumed"}'] == 1
+        wait_for(lambda: idle(url))
+
+
 # ----------------------------------------------------------------- load, disconnects, errors
 def test_32_concurrent_streaming_clients_all_finish_and_no_block_leaks(url):
     async def one(c: openai.AsyncOpenAI, i: int) -> str:
@@ -301,6 +321,15 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(slow_url):
         assert next(lines).startswith("data: ")
         assert metrics(slow_url)['infercept_requests{state="running"}'] == 1
     wait_for(lambda: idle(slow_url))
+
+
+def test_a_client_that_disconnects_before_a_whole_response_aborts_its_request(slow_url):
+    """Not streamed: Starlette does not cancel the handler when its client leaves; the server
+    watches for the disconnect itself."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(slow_url + "/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 400},
+                   timeout=httpx.Timeout(5.0, read=0.5))
+    wait_for(lambda: idle(slow_url), seconds=3.0)     # 400 steps of 20 ms would take 8 s
 
 
 def test_a_full_queue_answers_429_and_the_server_keeps_serving(slow_url):
@@ -357,6 +386,29 @@ def test_bad_completion_requests_get_400(url, body, message):
     assert response.status_code == 400 and message in response.json()["error"]["message"]
 
 
+def test_a_stream_the_engine_fails_in_ends_with_an_error_event_and_done(tokenizer):
+    llm = scripted_llm(tokenizer, delay=0.01)
+    step, steps = llm.engine.step, []
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) == 10:
+            raise RuntimeError("a step failed")
+        return step()
+    llm.engine.step = failing_step
+    try:
+        with serving(OpenAIServer(llm, MODEL)) as url:
+            body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 100, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+                lines = [line for line in response.iter_lines() if line]
+            assert lines[-1] == "data: [DONE]"
+            error = json.loads(lines[-2].removeprefix("data: "))["error"]
+            assert error["type"] == "server_error" and "a step failed" in error["message"]
+            assert len(lines) > 3                          # the chunks before the failure were sent
+    finally:
+        llm.shutdown()
+
+
 def test_openai_client_errors_are_typed(url):
     with pytest.raises(openai.NotFoundError):
         client(url).completions.create(model="nope", prompt="hi")
@@ -396,9 +448,10 @@ def test_an_assistant_call_renders_as_the_model_wrote_it_else_canonically(tokeni
                "tool_calls": [{"id": call.id, "type": "function",
                                "function": {"name": call.name, "arguments": call.arguments}}]}
     assert "assistant\n" + written + "<|im_end|>" in chat.render(QUESTION + [message], TOOLS)
-    message["tool_calls"][0]["id"] = "call_from_elsewhere"
     canonical = 'Let me see. <tool_call>[\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n]</tool_call>'
-    assert "assistant\n" + canonical + "<|im_end|>" in chat.render(QUESTION + [message], TOOLS)
+    for other_id in ("call_from_elsewhere", [call.id], None):       # a list id was a TypeError, a 500
+        message["tool_calls"][0]["id"] = other_id
+        assert "assistant\n" + canonical + "<|im_end|>" in chat.render(QUESTION + [message], TOOLS)
 
 
 @pytest.mark.parametrize("text, calls", [

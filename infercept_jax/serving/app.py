@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from infercept_jax.async_llm import AsyncLLM, EngineDead, QueueFull
 from infercept_jax.config import SamplingParams
@@ -86,8 +86,11 @@ class OpenAIServer:
             stream = self.llm.resume(turn.request_id, prompt_ids[len(turn.token_ids):], resumed)
             try:
                 first = await anext(stream)
-            except QueueFull:
-                self.paused.add(turn)            # it stays paused for a retry
+            except (QueueFull, ValueError):      # the engine left it paused: a retry resumes it, else it expires
+                self.paused.add(turn)
+                raise
+            except BaseException:                # the client left or the engine failed: nobody resumes it
+                self.llm.cancel(turn.request_id)
                 raise
             self.counters["turns_resumed"] += 1
             return stream, first, turn
@@ -167,7 +170,7 @@ class OpenAIServer:
     def _room(self, prompt_ids: list[int], max_tokens: int | None) -> int:
         return max_tokens if max_tokens is not None else max(1, self.max_model_len - len(prompt_ids))
 
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
         body.check_supported()
         prompt_ids = self._tokens(body.prompt)
@@ -187,10 +190,13 @@ class OpenAIServer:
 
         if body.stream:
             return _streaming(turn_events, render, body.stream_options, chunk("", None))
-        text, end = await _collect(turn_events)
+        collected = await _collect(turn_events, request)
+        if collected is None:
+            return Response(status_code=499)     # the client left (nginx's code): nobody reads this
+        text, end = collected
         return {**chunk(text, end.finish_reason), "usage": end.usage()}
 
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
         body.check_supported()
         if self.chat is None:
@@ -221,7 +227,10 @@ class OpenAIServer:
         if body.stream:
             first_chunk = chunk({"role": "assistant", "content": ""}, None)
             return _streaming(turn_events, render, body.stream_options, chunk({}, None), first_chunk)
-        text, end = await _collect(turn_events)
+        collected = await _collect(turn_events, request)
+        if collected is None:
+            return Response(status_code=499)
+        text, end = collected
         message = {"role": "assistant", "content": text}
         if end.tool_calls:
             message = {"role": "assistant", "content": self.chat.content_before_call(text),
@@ -294,29 +303,52 @@ async def _chain(first: RequestOutput | None, stream: AsyncIterator[RequestOutpu
 def _streaming(events: AsyncIterator[str | TurnEnd], render, options, usage_chunk: dict,
                first_chunk: dict | None = None) -> StreamingResponse:
     """Server-sent events of a turn: its chunks, the usage chunk if asked for, then [DONE]. The
-    turn is closed however the stream ends (a client that leaves aborts its request)."""
+    turn is closed however the stream ends (a client that leaves aborts its request). If the
+    engine fails meanwhile, an error event says so before the [DONE], as vLLM's server does: the
+    response has begun, so its status can no longer say it."""
     async def sse() -> AsyncIterator[str]:
-        async with aclosing(events):
-            if first_chunk is not None:
-                yield _sse(first_chunk)
-            async for event in events:
-                for payload in render(event):
-                    yield _sse(payload)
-                if isinstance(event, TurnEnd) and options is not None and options.include_usage:
-                    yield _sse({**usage_chunk, "choices": [], "usage": event.usage()})
+        try:
+            async with aclosing(events):
+                if first_chunk is not None:
+                    yield _sse(first_chunk)
+                async for event in events:
+                    for payload in render(event):
+                        yield _sse(payload)
+                    if isinstance(event, TurnEnd) and options is not None and options.include_usage:
+                        yield _sse({**usage_chunk, "choices": [], "usage": event.usage()})
+        except EngineDead as error:
+            yield _sse(error_body(str(error), "server_error"))
         yield "data: [DONE]\n\n"
     return StreamingResponse(sse(), media_type="text/event-stream")
 
 
-async def _collect(events: AsyncIterator[str | TurnEnd]) -> tuple[str, TurnEnd]:
-    parts = []
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, TurnEnd):
-                parts.append(event.text_tail)
-                return "".join(parts), event
-            parts.append(event)
-    raise RuntimeError("a turn ended without its TurnEnd")
+async def _collect(events: AsyncIterator[str | TurnEnd], request: Request) -> tuple[str, TurnEnd] | None:
+    """A whole turn's text and its end, or None if the client disconnects first. Starlette does not
+    cancel a handler whose client left, so this watches for the disconnect itself and then closes
+    the turn, which aborts its request."""
+    async def join() -> tuple[str, TurnEnd]:
+        parts = []
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, TurnEnd):
+                    parts.append(event.text_tail)
+                    return "".join(parts), event
+                parts.append(event)
+        raise RuntimeError("a turn ended without its TurnEnd")
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    turn, gone = asyncio.ensure_future(join()), asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait((turn, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not turn.done():
+            turn.cancel()
+            await asyncio.gather(turn, return_exceptions=True)
+    return None if turn.cancelled() else turn.result()
 
 
 def _safe_length(text: str, marker: str) -> int:
