@@ -260,6 +260,11 @@ class Scheduler:
         scheduling the step that sampled the call's last token was launched before the one being
         collected now, so the request may have been preempted to the waiting queue since."""
         (self.running if request in self.running else self.waiting).remove(request)
+        if request.num_computed_tokens == 0:
+            # Preempted since, and given its first chunk again by the step launched meanwhile, which
+            # the engine took back: the blocks that chunk got hold nothing. A request resumed with
+            # no KV waits in the waiting queue, whose requests hold no blocks.
+            self.blocks.free(request.request_id)
         request.status = RequestStatus.PAUSED
         request.interceptions.append(call)
         mode = self.policy.on_pause(request, now)

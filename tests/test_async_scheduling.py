@@ -15,6 +15,7 @@ from models.llama import Llama
 from scheduling.policies import POLICIES
 from scheduling.profile import load_profile
 from scheduling.request import PLACEHOLDER_TOKEN
+from test_interception_stateful import PROFILE
 
 
 def serve(engine, prompts, params, abort_at: dict[int, int] | None = None):
@@ -113,6 +114,39 @@ class FakeOverlappingRunner(FakeRunner):
 
     def collect(self, launched):
         return launched
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_request_preempted_and_refilled_in_flight_then_paused_holds_no_blocks(overlap):
+    """Under async scheduling a request sampled in step N can be preempted while step N+1 is
+    scheduled and given its first chunk again in it; when step N's token pauses it, the engine takes
+    that chunk back and it holds blocks with nothing computed. Resumed, it went to the waiting queue
+    with them, where nothing takes blocks back, and the oldest request, short of them, preempted
+    itself every step: a livelock. The workload is one hypothesis found; the same in sync mode."""
+    now = [0.0]
+    engine = engine_with(FakeOverlappingRunner(), "preserve", profile=PROFILE, num_kv_blocks=9, num_host_blocks=4,
+                         max_model_len=64, max_num_seqs=4, clock=lambda: now[0], async_scheduling=overlap)
+    adds = {1: (24, 24, 1), 4: (17, 28, None), 6: (16, 26, 3), 7: (12, 15, 1)}   # step: prompt, max_tokens, every
+    resumes = {"req-0": (3, 7), "req-3": (5, 0), "req-2": (4, 8)}                 # steps after a pause, result tokens
+    due = {}
+    for step in range(500):
+        now[0] += 0.5
+        if step in adds:
+            n, m, every = adds[step]
+            engine.add_request([5] * n, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True,
+                                                       intercept_after=every))
+            now[0] += 0.01
+        for out in engine.step():
+            if out.paused and out.request_id in resumes:
+                due[out.request_id] = step + resumes[out.request_id][0]
+        for rid, at in list(due.items()):
+            if at == step:
+                del due[rid]
+                engine.resume(rid, [7] * resumes[rid][1])
+        assert all(engine.blocks.num_blocks_of(r.request_id) == 0 for r in engine.scheduler.waiting), step
+        if step > 10 and not engine.has_unfinished():
+            break
+    assert not engine.has_unfinished()
 
 
 @settings(deadline=None, max_examples=300, print_blob=True)
