@@ -19,8 +19,8 @@ _NAMED_CALL = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*\((.*)\)\s*$", re.DOTALL)
 @dataclass(frozen=True)
 class ToolFormat:
     """A call is `call_start` + call text + `call_end` in the output text; a sampled token in
-    `call_end_token_ids` also ends a call. The result is appended as `result_template` filled
-    with `{result}`."""
+    `call_end_token_ids` also ends a call. The result is appended as `result_template` with each
+    `{result}` replaced by it (other braces are literal text, as in a JSON template)."""
 
     call_start: str
     call_end: str
@@ -59,7 +59,7 @@ class ToolFormat:
         return (match.group(1), match.group(2)) if match else (None, call_text.strip())
 
     def render(self, result: str) -> str:
-        return self.result_template.format(result=result)
+        return self.result_template.replace("{result}", result)
 
 
 @dataclass(frozen=True)

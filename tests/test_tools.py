@@ -105,6 +105,14 @@ def test_a_result_is_appended_and_generation_continues(llm):
         ("echo", "hi", "HI", False, False)
 
 
+def test_a_result_template_may_hold_other_braces():
+    """A JSON template: its braces are text, and only {result} is filled (str.format raised KeyError
+    at every resume, and inside `generate` that ended the whole batch)."""
+    fmt = ToolFormat("<<", ">>", result_template='{"result": {result}}')
+    assert fmt.render("42") == '{"result": 42}'
+    assert ToolFormat("<<", ">>", result_template="={result} ({result})").render("{x}") == "={x} ({x})"
+
+
 def test_calls_are_routed_by_name(llm):
     tools = [Tool("echo", lambda a: f"echo {a}"), Tool("count", lambda a: str(len(a)))]
     outs = llm.generate(["go"] * 4, [calling(1), calling(4), calling(5), calling(9)], tools=tools)
