@@ -6,6 +6,7 @@ import json
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from helpers import FakeRunner, engine_with, requires_smollm2
@@ -258,6 +259,16 @@ def test_sample_arrivals_draws_4_qps_window_keys_and_at_least_one():
     assert [t for t, _ in sample_arrivals(trace, qps=100.0, window=0.002)] == [0.0]
 
 
+def test_every_request_draws_its_gap_the_first_ones_too():
+    """The reference draws a gap for every request and adds the first int(qps) + 1 at t = 0 all
+    the same: request k arrives at the sum of gaps 0..k, so the fourth at qps 2 waits four gaps."""
+    trace = generate_workload("qa", 10, seed=0)
+    gaps = np.random.default_rng(3).exponential(1 / 2.0, 20)
+    times = [t for t, _ in sample_arrivals(trace, qps=2.0, window=1000.0, seed=3)][:20]
+    assert times[:3] == [0.0] * 3
+    assert times[3:] == pytest.approx(np.cumsum(gaps)[3:].tolist())
+
+
 def test_sample_arrivals_gaps_average_one_over_the_rate():
     trace = generate_workload("qa", 10, seed=0)
     times = [t for t, _ in sample_arrivals(trace, qps=2.0, window=500.0)]
@@ -304,6 +315,21 @@ def test_replay_resumes_each_call_with_its_result_and_the_next_segment():
     assert m["num_finished"] == progress.n == 1
     assert m["steps"] == 9 and m["elapsed_s"] == pytest.approx(1.9)
     assert m["normalized_latency"]["mean"] == pytest.approx((1.9 - 1.0) / 9)     # the calls' time left out
+
+
+def test_a_call_on_the_last_segment_is_made_and_one_token_follows_its_result():
+    """Every text-form request of the released trace ends with a call, which the reference makes
+    (its max_tokens counts the result) and then samples once more. Steps of 0.1 s: 2 tokens (0.2),
+    the 1 s call (1.2), 3 tokens (1.5), the 2 s call (3.5), the result and one token (3.6)."""
+    r = TraceRequest("r", 4, (Segment(2, api_time=1.0, api_token_length=3), Segment(3, api_time=2.0, api_token_length=5)),
+                     kind="chat")
+    assert generated_tokens(r) == 2 + 3 + 1
+    engine = engine_at(10.0)
+    resumes = spy_on_resumes(engine)
+    m = replay(engine, [(0.0, r)], window=100.0)
+    assert resumes == [("req-0", 3, 3, SegmentHint(call_duration=2.0, result_tokens=5, tool="chat")),
+                       ("req-0", 5, None, SegmentHint())]
+    assert m["num_finished"] == 1 and m["elapsed_s"] == pytest.approx(3.6)
 
 
 def test_a_result_that_overflows_the_context_finishes_the_request_at_the_resume():
@@ -368,6 +394,16 @@ def test_a_replay_with_nothing_to_do_reports_zero_rates():
 def test_an_empty_prompt_is_replayed_as_one_token():
     m = replay(engine_at(10.0), [(0.0, TraceRequest("r", 0, (Segment(2),)))], window=10.0)
     assert m["tokens_per_s"] * m["elapsed_s"] == pytest.approx(1 + 2)
+
+
+def test_prompts_and_results_are_token_0_which_every_vocabulary_has():
+    """As the reference's [0] * n: a model of 64 tokens takes the replay's prompts (the simulator's
+    sampled token, 31548, was used and every request was refused)."""
+    engine = engine_with(FakeRunner(), num_kv_blocks=16, vocab_size=64)
+    r = TraceRequest("r", 3, (Segment(1, api_time=0.0, api_token_length=2), Segment(2)))
+    m = replay(engine, [(0.0, r)], window=10.0)
+    assert m["num_rejected"] == 0 and m["num_finished"] == 1
+    assert "| 1 | 0 | 1 |" in format_table([{**m, "policy": "preserve", "qps": 1.0}])   # submitted, refused, finished
 
 
 def test_the_metrics_names():

@@ -2,8 +2,10 @@
 
 Requests are sampled with replacement from the trace (`4 * qps * window` of them), arrive as a
 Poisson process (the first `int(qps) + 1` at t = 0), and follow their segments: generate N tokens,
-pause T seconds, receive R tokens, repeat. Tool calls are timers. The loop runs until the window
-closes (unfinished requests are not drained) or until every arrival has finished.
+pause T seconds, receive R tokens, repeat. A call on the last segment is made too, as the
+reference makes it, and one token is sampled after its result. Prompts and results are token 0,
+as the reference's `[0] * n`. Tool calls are timers. The loop runs until the window closes
+(unfinished requests are not drained) or until every arrival has finished.
 
 The same loop drives the real engine (wall clock; it sleeps while only timers are pending) and the
 simulator (virtual clock; it jumps to the next event).
@@ -19,15 +21,17 @@ import numpy as np
 
 from infercept_jax.config import SamplingParams
 from infercept_jax.engine import Engine
-from infercept_jax.experiments.simulator import DUMMY_TOKEN, VirtualClock
-from infercept_jax.experiments.workload import TraceRequest
+from infercept_jax.experiments.simulator import VirtualClock
+from infercept_jax.experiments.workload import Segment, TraceRequest
 from scheduling.request import Request, SegmentHint
 
 
 def sample_arrivals(trace: dict[str, TraceRequest], qps: float, window: float,
                     seed: int = 0) -> list[tuple[float, TraceRequest]]:
     """(arrival time, request) pairs inside the window, as the reference benchmark draws them: the
-    same seed picks the same requests, so the keys are drawn in the trace's (the file's) order."""
+    same seed picks the same requests, so the keys are drawn in the trace's (the file's) order, and
+    every request draws its gap, so request k arrives at the sum of gaps 0..k, the first
+    `int(qps) + 1` of them at t = 0 all the same."""
     if qps <= 0 or window <= 0:
         raise ValueError(f"qps and window must be > 0, got {qps} and {window}")
     if not trace:
@@ -36,17 +40,27 @@ def sample_arrivals(trace: dict[str, TraceRequest], qps: float, window: float,
     rng = np.random.default_rng(seed)
     arrivals, t = [], 0.0
     for i, key in enumerate(keys):
-        if i > int(qps):
-            t += rng.exponential(1.0 / qps)
-        if t >= window:
+        t += rng.exponential(1.0 / qps)
+        arrival = 0.0 if i <= int(qps) else t
+        if arrival >= window:
             break
-        arrivals.append((t, trace[key]))
+        arrivals.append((arrival, trace[key]))
     return arrivals
+
+
+def replayed_segments(request: TraceRequest) -> tuple[Segment, ...]:
+    """The request's segments, and one of a single token after a call on the last one: the
+    reference makes that call (its `max_tokens` counts the call's result, so the request has not
+    reached it), then samples once more before it stops at `max_tokens`. Here results do not
+    count against `max_tokens`, so the last call needs a token still to sample."""
+    if request.segments[-1].has_call:
+        return request.segments + (Segment(1),)
+    return request.segments
 
 
 def segment_params(request: TraceRequest, index: int) -> SamplingParams:
     """The trigger of segment `index`: pause after its completion tokens if it ends in a call."""
-    segment = request.segments[index]
+    segment = replayed_segments(request)[index]
     return SamplingParams(max_tokens=generated_tokens(request), temperature=0.0, ignore_eos=True,
                           intercept_after=max(1, segment.completion_tokens) if segment.has_call else None)
 
@@ -54,7 +68,7 @@ def segment_params(request: TraceRequest, index: int) -> SamplingParams:
 def segment_hint(request: TraceRequest, index: int, time_scale: float = 1.0) -> SegmentHint:
     """What the trace knows of segment `index`'s call (the oracle): its duration, its result's
     length, and its tool, named after the request's workload kind; empty if it ends without one."""
-    segment = request.segments[index]
+    segment = replayed_segments(request)[index]
     if not segment.has_call:
         return SegmentHint()
     return SegmentHint(call_duration=segment.api_time * time_scale, result_tokens=segment.api_token_length,
@@ -64,7 +78,7 @@ def segment_hint(request: TraceRequest, index: int, time_scale: float = 1.0) -> 
 def generated_tokens(request: TraceRequest) -> int:
     """Tokens the request samples in all (a call segment samples at least the one that calls)."""
     return sum(max(1, s.completion_tokens) if s.has_call else s.completion_tokens
-               for s in request.segments) or 1
+               for s in replayed_segments(request)) or 1
 
 
 @dataclass
@@ -75,7 +89,7 @@ class _Live:
 
 
 def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: float, *,
-           time_scale: float = 1.0, token_id: int = DUMMY_TOKEN, progress=None) -> dict:
+           time_scale: float = 1.0, token_id: int = 0, progress=None) -> dict:
     """Run the arrivals through `engine` for `window` seconds of its clock; returns the metrics."""
     clock = engine.clock
     virtual = isinstance(clock, VirtualClock)
@@ -106,8 +120,8 @@ def replay(engine: Engine, arrivals: list[tuple[float, TraceRequest]], window: f
         while timers and timers[0][0] <= now:
             _, _, rid = heapq.heappop(timers)
             entry = live[rid]
-            segment = entry.trace_request.segments[entry.segment]
-            entry.segment += 1      # a next one exists: a call after the last segment finds max_tokens reached
+            segment = replayed_segments(entry.trace_request)[entry.segment]
+            entry.segment += 1      # a next one exists: a call is never the last replayed segment
             out = engine.resume(rid, [token_id] * (segment.api_token_length or 0),
                                 segment_params(entry.trace_request, entry.segment),
                                 segment_hint(entry.trace_request, entry.segment, time_scale))

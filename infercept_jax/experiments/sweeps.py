@@ -102,11 +102,11 @@ def format_or_dash(x: float | None, spec: str) -> str:
 
 def format_table(results: list[dict]) -> str:
     """A markdown table of the headline metrics of each run."""
-    head = ("| policy | req/s | submitted | finished | norm. latency mean s/tok | p99 | TTFT mean s | "
+    head = ("| policy | req/s | submitted | refused | finished | norm. latency mean s/tok | p99 | TTFT mean s | "
             "completed req/s | memory waste % | recompute tokens | swapped out blocks |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['policy']} | {r['qps']:g} | {r['num_submitted']} | {r['num_finished']} | "
+        lines.append(f"| {r['policy']} | {r['qps']:g} | {r['num_submitted']} | {r['num_rejected']} | {r['num_finished']} | "
                      f"{format_or_dash(r['normalized_latency']['mean'], '.3f')} | "
                      f"{format_or_dash(r['normalized_latency']['p99'], '.3f')} | "
                      f"{format_or_dash(r['ttft']['mean'], '.2f')} | {r['completed_rps']:.3f} | "

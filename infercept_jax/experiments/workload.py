@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 class Segment:
     """Generate `completion_tokens`, then (if the segment has a call) pause `api_time` seconds and
     receive `api_token_length` tokens. A call on the last segment is kept: the request pauses,
-    receives the result and then has nothing left to generate (every text-form request in the
-    released trace ends this way)."""
+    receives the result, and replay samples one more token, as the reference does (every
+    text-form request in the released trace ends this way)."""
 
     completion_tokens: int
     api_time: float | None = None          # None: no call after this segment
