@@ -122,6 +122,27 @@ def test_prompts_the_engine_cannot_hold_are_counted_not_fatal():
     assert m["num_rejected"] == 1 and m["num_submitted"] == m["num_finished"] == 1
 
 
+def test_a_budget_without_a_profile_caps_the_measured_one_and_then_gives_way_to_it(tmp_path, monkeypatch):
+    """On the real engine, --max-num-batched-tokens with no --profile: the profile measured first
+    sweeps up to that budget and its S (the knee, here 256) runs the engines; passing both to the
+    engines was refused, since they disagree."""
+    measured, built = [], []
+
+    def measure(model, path, **options):
+        measured.append(options)
+        return dataclasses.replace(FLAT, saturation_tokens=256)
+
+    def engines(model, estimator, **options):
+        built.append(options)
+        return lambda policy: engine_at(0.0, policy)
+    monkeypatch.setattr(sweeps_module, "measure_here", measure)
+    monkeypatch.setattr(sweeps_module, "real_engines", engines)
+    assert main(["replay", "--trace", "builtin:math-small", "--policy", "infercept", "--qps", "1", "--window", "2",
+                 "--max-num-batched-tokens", "384", "--out", str(tmp_path), "--quiet"]) == 0
+    assert measured[0]["max_num_batched_tokens"] == 384
+    assert "max_num_batched_tokens" not in built[0] and built[0]["profile"] == str(tmp_path / "profile.json")
+
+
 def test_lamps_replay_options_reach_the_policy(tmp_path):
     """The robustness study is one command: --prediction-error changes LAMPS's decisions, and the
     same command gives the same numbers again."""

@@ -274,6 +274,7 @@ def replay_command(args: argparse.Namespace) -> list[dict]:
             os.makedirs(args.out, exist_ok=True)
             path = os.path.join(args.out, "profile.json")
             profile = measure_here(args.model, path, **options)
+            options.pop("max_num_batched_tokens", None)     # it capped the sweep: the profile's S is the budget now
             print(f"measured this machine's profile (S={profile.saturation_tokens}) into {path}")
             args.profile = path
         if args.profile is not None:
