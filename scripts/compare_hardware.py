@@ -69,11 +69,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--kind selects kinds for --per-kind")
 
     policies = [BASELINE] + [p for p in (args.policy or DEFAULT_POLICIES) if p != BASELINE]
+    if len(policies) == 1:
+        parser.error(f"give a --policy besides {BASELINE}: the comparison is each policy's gain over it")
     names = args.profile or [*PAPER_PROFILES, *MEASURED_PROFILES, *([DEMO_PROFILE] if os.path.isfile(DEMO_PROFILE) else [])]
     profiles = [capped(load_profile(name), args.device_memory_gb) for name in names]
     if args.per_kind:
         setups = [(kind, *profiles[0], spec, trace) for kind, spec, trace in per_kind_traces(args.trace, args.kind,
                                                                                               args.tokenizer)]
+        if not setups:
+            parser.error(f"{args.trace} has no requests of kind {', '.join(args.kind or KINDS)}")
         column, out = "kind", os.path.join(args.out, "per_kind")
     else:
         trace = resolve_trace(args.trace, args.tokenizer)
@@ -116,11 +120,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def per_kind_traces(spec: str, kinds: list[str] | None, tokenizer: str) -> list[tuple[str, str, Trace]]:
-    """(kind, its trace's name, its trace) for each kind: a generated trace of that kind (-small if
-    `spec` is) for a builtin `spec`, else the requests of that kind in the file (by the kind each
-    names, or the one the loader infers, `workload.infer_kind`)."""
+    """(kind, its trace's name, its trace) for each kind: a generated trace of that kind, with the
+    builtin `spec`'s suffixes (-onecall, -small), else the requests of that kind in the file (by the
+    kind each names, or the one the loader infers, `workload.infer_kind`)."""
     if spec.startswith("builtin:"):
-        suffix = "-small" if spec.endswith("-small") else ""
+        name = spec.removeprefix("builtin:")
+        suffix = name[len(name.removesuffix("-small").removesuffix("-onecall")):]
         return [(kind, f"builtin:{kind}{suffix}", resolve_trace(f"builtin:{kind}{suffix}"))
                 for kind in kinds or KINDS]
     trace = resolve_trace(spec, tokenizer)

@@ -199,6 +199,29 @@ def test_compare_hardware_per_kind_runs_the_kinds_asked_for(tmp_path):
         compare_hardware.main(["--kind", "chat", "--out", str(tmp_path)])      # --kind is for --per-kind
 
 
+def test_per_kind_keeps_the_builtin_traces_suffixes():
+    """-onecall is LAMPS's single-call study: per kind it must stay one call a request."""
+    for spec in ("builtin:mixed-onecall", "builtin:mixed-onecall-small", "builtin:mixed-small", "builtin:mixed"):
+        suffix = spec.removeprefix("builtin:mixed")
+        ((kind, name, trace),) = compare_hardware.per_kind_traces(spec, ["chat"], "unused")
+        assert (kind, name) == ("chat", f"builtin:chat{suffix}")
+        assert {r.num_calls for r in trace.values()} == {1} if "onecall" in spec else max(r.num_calls for r in trace.values()) > 1
+
+
+def test_compare_hardware_refuses_a_comparison_with_nothing_to_compare(tmp_path, capsys):
+    """Before any sweep: discard alone (the gains' plot divided by zero after the whole sweep), and
+    a kind the file has none of."""
+    with pytest.raises(SystemExit):
+        compare_hardware.main(["--profile", "a100-gptj-6b", "--policy", "discard", "--out", str(tmp_path)])
+    assert "besides discard" in capsys.readouterr().err
+    path = tmp_path / "trace.json"
+    save_trace(generate_workload("qa", 5, seed=2), path)
+    with pytest.raises(SystemExit):
+        compare_hardware.main(["--profile", "a100-gptj-6b", "--trace", str(path), "--per-kind", "--kind", "chat",
+                               "--policy", "infercept", "--out", str(tmp_path)])
+    assert "no requests of kind chat" in capsys.readouterr().err
+
+
 def test_compare_hardware_per_kind_splits_a_trace_file_by_kind(tmp_path):
     """A file's requests of each kind, not a generated trace of it; a kind the file lacks is left out."""
     trace = generate_workload("mixed", 60, seed=2)
