@@ -107,10 +107,16 @@ class AsyncLLM:
             return out
 
         first = await self._call(resume)
-        yield first
-        if not first.finished:
-            async for out in self._drain(request_id, stream):
-                yield out
+        ended = first.finished
+        try:
+            yield first
+            if not first.finished:
+                async for out in self._drain(request_id, stream):
+                    yield out
+            ended = True
+        finally:
+            if not ended:                # the reader left at the first output: free the request's blocks
+                self.cancel(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (running, queued or paused) and free its blocks; unknown ids are ignored."""
@@ -211,6 +217,8 @@ class AsyncLLM:
                 fn, future = self._step, None
             if fn is None:
                 return self._stop(EngineDead("the engine was shut down"))
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue                 # its caller was cancelled while it waited: nobody wants it done
             try:
                 result = fn()
             except Exception as exc:
@@ -238,7 +246,7 @@ class AsyncLLM:
                 _, future = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if future is not None:
+            if future is not None and future.set_running_or_notify_cancel():
                 future.set_exception(error)
 
 

@@ -104,6 +104,58 @@ def test_a_reader_that_leaves_early_aborts_its_request_and_frees_its_blocks():
     assert stats["running"] == 0 and stats["device_blocks_used"] == 0
 
 
+def test_a_resume_reader_that_leaves_at_the_first_output_aborts_its_request():
+    """Left alone, the request would run 50 more steps of 50 ms; it is gone within a second."""
+    llm = async_llm(SlowRunner(0.05))
+    params = SamplingParams(max_tokens=55, temperature=0.0, intercept_after=2, max_interceptions=1)
+
+    async def main():
+        paused = (await collect(llm.generate([5, 6, 7], params)))[-1]
+        stream = llm.resume(paused.request_id, [9, 9])
+        async for _ in stream:          # the resume's own output, then leave
+            break
+        await stream.aclose()
+        for _ in range(40):
+            stats = await llm.stats()
+            if stats["running"] == 0:
+                break
+            await asyncio.sleep(0.025)
+        return paused.request_id, stats
+
+    try:
+        rid, stats = run(main())
+        assert rid not in llm.engine.requests
+    finally:
+        llm.shutdown()
+    assert stats["running"] == 0 and stats["device_blocks_used"] == 0
+
+
+def test_a_caller_cancelled_while_its_command_waits_does_not_stop_the_engine():
+    """The command is skipped (its request never queued); running it and setting the result of a
+    cancelled future raised on the engine thread, which died, and every stream hung."""
+    llm = async_llm(SlowRunner(0.2))
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+
+    async def first_output(prompt):
+        async for out in llm.generate(prompt, params):
+            return out
+
+    async def main():
+        busy = asyncio.create_task(collect(llm.generate([5, 6, 7], params)))
+        await asyncio.sleep(0.05)          # a step runs: the next command waits behind it
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first_output([8, 9]), timeout=0.02)
+        outs = await asyncio.wait_for(busy, timeout=10)
+        return outs, await llm.stats()
+
+    try:
+        outs, stats = run(main())
+        assert outs[-1].finished and llm.alive
+        assert stats["waiting"] == stats["running"] == 0       # the cancelled add never ran
+    finally:
+        llm.shutdown()
+
+
 def test_bad_input_raises_and_the_engine_keeps_serving():
     llm = async_llm()
 
