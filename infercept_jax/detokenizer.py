@@ -34,11 +34,13 @@ class Detokenizer:
 
 def truncate_at_stop(request: Request, previous_len: int) -> bool:
     """Cut the output text at the first of the request's stop strings that the text added after
-    `previous_len` characters completes (keeping it if `include_stop_str_in_output`); True if one did."""
+    `previous_len` characters completes (keeping it if `include_stop_str_in_output`); True if one did.
+    A stop is not searched for before the last tool result's end: the result is not the model's
+    text, and what came before it was shown whole at the pause."""
     params = request.sampling
     text = request.output_text
     longest = max(len(s) for s in params.stop)
-    search_from = max(0, previous_len - longest + 1)
+    search_from = max(request.call_search_from, previous_len - longest + 1)
     hits = [(text.find(s, search_from), s) for s in params.stop]
     hits = [(i, s) for i, s in hits if i >= 0]
     if not hits:

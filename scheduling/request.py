@@ -115,7 +115,8 @@ class Request:
     interceptions: list[Interception] = field(default_factory=list)
     pause_mode: PauseMode | None = None    # while paused: where its KV is meant to be
     recompute_until: int = 0               # positions below this had KV before and are recomputed
-    call_search_from: int = 0              # output text offset where the next tool call may start
+    call_search_from: int = 0              # output text offset after the last tool result: where the next
+                                           #   tool call or stop string may start
     text_offsets: tuple[int, int] = (0, 0)  # token_ids[a:b] was decoded last; output_text covers [:b]
     next_segment: NextSegment | None = None   # what its sampling parameters bound of the next segment
     hint: SegmentHint | None = None        # the caller's oracle of the next call (trace replay)

@@ -113,6 +113,15 @@ def test_a_result_template_may_hold_other_braces():
     assert ToolFormat("<<", ">>", result_template="={result} ({result})").render("{x}") == "={x} ({x})"
 
 
+def test_a_stop_string_is_searched_for_only_in_what_the_model_wrote_after_the_result(llm):
+    """The result's ")" and the next sampled " " make the stop ") "; it used to cut the text inside
+    the result (after a stream had shown all of it) and stop the request."""
+    fmt = ToolFormat(call_start="1[", call_end="]", result_template="=({result})")
+    params = SamplingParams(max_tokens=call_end(1) + 4, temperature=0.0, ignore_eos=True, tool_format=fmt, stop=[") "])
+    out = llm.generate("go", params, tools=[Tool("echo", lambda arguments: arguments)])[0]
+    assert out.text == answered(1, "hi") and ") " in out.text and out.finish_reason == "length"
+
+
 def test_calls_are_routed_by_name(llm):
     tools = [Tool("echo", lambda a: f"echo {a}"), Tool("count", lambda a: str(len(a)))]
     outs = llm.generate(["go"] * 4, [calling(1), calling(4), calling(5), calling(9)], tools=tools)
