@@ -7,6 +7,7 @@ of APIServe) and resumes the request with the result, while the other requests k
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
@@ -28,6 +29,9 @@ class ToolFormat:
     result_template: str = "{result}"
 
     def __post_init__(self) -> None:
+        if not all(isinstance(s, str) for s in (self.call_start, self.call_end, self.result_template)):
+            raise ValueError("call_start, call_end and result_template must be strings, got "
+                             f"{self.call_start!r}, {self.call_end!r}, {self.result_template!r}")
         if not self.call_start or not self.call_end:
             raise ValueError("a ToolFormat needs a non-empty call_start and call_end")
         if "{result}" not in self.result_template:
@@ -67,8 +71,8 @@ class Tool:
     """A function the model can call: `fn(arguments: str) -> str`.
 
     It runs on a worker thread. An exception, a result that is not a string, or a run longer
-    than `timeout_s` becomes an error text that the model reads instead of a result. With
-    `cache`, identical calls are answered from memory.
+    than `timeout_s` (`math.inf`: no limit) becomes an error text that the model reads instead of
+    a result. With `cache`, identical calls are answered from memory.
     """
 
     name: str
@@ -81,8 +85,8 @@ class Tool:
             raise ValueError(f"a tool name is an identifier, got {self.name!r}")
         if not callable(self.fn):
             raise ValueError(f"tool {self.name!r}: fn must be callable")
-        if not self.timeout_s > 0:
-            raise ValueError(f"tool {self.name!r}: timeout_s must be > 0, got {self.timeout_s!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise ValueError(f"tool {self.name!r}: timeout_s must be a number > 0, got {self.timeout_s!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +116,7 @@ def _run(tool: Tool, arguments: str) -> tuple[str, bool]:
     """Run `tool.fn` on a worker thread; a failure becomes the error text the model reads."""
     try:
         result = tool.fn(arguments)
-    except Exception as exc:
+    except BaseException as exc:     # SystemExit too (a command-line main as a tool); a worker thread's
         return f"error: {type(exc).__name__}: {exc}", True
     if not isinstance(result, str):
         return f"error: tool {tool.name} returned {type(result).__name__}, not str", True
@@ -164,8 +168,8 @@ class ToolCalls:
         name, arguments = ToolFormat.split(call_text)
         if name in self.tools:
             return self.tools[name], arguments, ""
-        if name is None and len(self.tools) == 1:
-            return next(iter(self.tools.values())), arguments, ""
+        if len(self.tools) == 1:        # the only tool gets the whole call: a calculator's "abs(-3)" too
+            return next(iter(self.tools.values())), call_text.strip(), ""
         names = ", ".join(self.tools)
         what = f"unknown tool {name!r}" if name is not None else "the call names no tool; write name(arguments)"
         return None, call_text, f"error: {what}; the tools are {names}"
@@ -192,7 +196,7 @@ class ToolCalls:
         """Block until a pending call finishes or the nearest deadline passes."""
         if self.pending:
             timeout = min(call.deadline for call in self.pending.values()) - time.monotonic()
-            wait([call.future for call in self.pending.values()], timeout=max(0.0, timeout),
+            wait([call.future for call in self.pending.values()], timeout=min(max(0.0, timeout), threading.TIMEOUT_MAX),
                  return_when=FIRST_COMPLETED)
 
 

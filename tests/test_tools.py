@@ -8,6 +8,7 @@ only call k.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -132,9 +133,13 @@ def test_calls_are_routed_by_name(llm):
     assert [o.tool_calls[0].error for o in outs] == [False, False, True, True]
 
 
-def test_a_single_tool_gets_a_call_that_names_none(llm):
+def test_a_single_tool_gets_a_call_that_names_none_or_another_name(llm):
+    """With one tool, a call is for it: "nope(w)" is its argument text (a calculator's "abs(-3)"),
+    not a call of an unknown tool."""
     calc = Tool("calc", lambda a: str(sum(int(x) for x in a.split("+"))))
     assert llm.generate("go", calling(9), tools=[calc])[0].text == answered(9, "5")
+    echo = Tool("echo", lambda a: f"<{a}>")
+    assert llm.generate("go", calling(5), tools=[echo])[0].text == answered(5, "<nope(w)>")
 
 
 def test_failing_tools_get_error_texts_and_do_not_stop_the_others(llm, release):
@@ -145,10 +150,14 @@ def test_failing_tools_get_error_texts_and_do_not_stop_the_others(llm, release):
         release.wait(5)
         return "too late"
 
+    def exits(arguments):
+        raise SystemExit(2)          # a command-line main wrapped as a tool
+
     tools = [Tool("echo", lambda a: a), Tool("boom", boom), Tool("slow", slow, timeout_s=0.2),
-             Tool("count", len), Tool("huge", lambda a: "x" * 1000)]
-    outs = llm.generate(["go"] * 5, [calling(k) for k in (1, 2, 3, 4, 6)], tools=tools)
-    echo, boom_out, slow_out, count, huge = outs
+             Tool("count", len), Tool("huge", lambda a: "x" * 1000), Tool("nope", exits)]
+    outs = llm.generate(["go"] * 6, [calling(k) for k in (1, 2, 3, 4, 6, 5)], tools=tools)
+    echo, boom_out, slow_out, count, huge, exit_out = outs
+    assert exit_out.text == answered(5, "error: SystemExit: 2")
     assert echo.text == answered(1, "hi")
     assert boom_out.text == answered(2, "error: ValueError: bad x")
     assert slow_out.text == answered(3, "error: tool slow timed out after 0.2 s")
@@ -196,6 +205,26 @@ def test_a_failed_call_is_not_cached(llm):
     out = llm.generate("go", calling(1, max_tokens=len(SCRIPT)), tools=[Tool("echo", flaky, cache=True)])[0]
     assert [c.result for c in out.tool_calls] == ["error: TimeoutError: try again", "ok"]
     assert len(runs) == 2
+
+
+def test_a_tool_without_a_time_limit_is_waited_for(llm):
+    """timeout_s=math.inf: `wait` was given inf and raised OverflowError once only calls were pending."""
+    def slow(arguments):
+        time.sleep(0.3)
+        return "done"
+    out = llm.generate("go", calling(1), tools=[Tool("echo", slow, timeout_s=math.inf)])[0]
+    assert out.text == answered(1, "done") and not out.tool_calls[0].error
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ToolFormat(b"<<", b">>"), lambda: ToolFormat("<<", 5), lambda: ToolFormat("<<", ">>", result_template=None),
+    lambda: Tool("t", str, timeout_s="5"), lambda: Tool("t", str, timeout_s=0), lambda: Tool("t", str, timeout_s=True),
+])
+def test_tool_formats_and_tools_of_the_wrong_types_are_refused(make):
+    """A bytes marker passed every check and raised TypeError inside the engine's step: the engine
+    stopped for every request."""
+    with pytest.raises(ValueError):
+        make()
 
 
 def test_a_call_without_tools_gets_an_error_text(llm):
