@@ -35,8 +35,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("stop", "stop_token_ids"):       # None as an empty list, as vLLM takes it
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list, got {value!r}")
+            setattr(self, name, list(value or []))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
@@ -105,8 +108,16 @@ class EngineConfig:
             raise ValueError(f"attention must be auto, xla or pallas, got {self.attention!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")
+        for name, least in (("num_kv_blocks", 2), ("max_model_len", 2), ("num_host_blocks", 0)):   # block 0 is reserved
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < least):
+                raise ValueError(f"{name} must be None or an integer >= {least}, got {value!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_finite(self.kv_cache_memory_gb) or not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be a number > 0, got {self.kv_cache_memory_gb!r}")
+        if not _is_finite(self.swap_space_gb) or self.swap_space_gb < 0:
+            raise ValueError(f"swap_space_gb must be a number >= 0, got {self.swap_space_gb!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.heuristic not in HEURISTICS:
@@ -123,14 +134,8 @@ class EngineConfig:
         if self.estimator_error and self.estimator != "noisy-oracle":
             raise ValueError(f"estimator_error is the noisy-oracle estimator's error; the estimator is "
                              f"{self.resolved_estimator!r}")
-        if self.num_host_blocks is not None and self.num_host_blocks < 0:
-            raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
         if self.swap_transfer not in SWAP_TRANSFERS:
             raise ValueError(f"swap_transfer must be auto, pinned_host or numpy, got {self.swap_transfer!r}")
-        if self.swap_space_gb < 0:
-            raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.profile is not None and not isinstance(self.profile, (str, HardwareProfile)):
             raise ValueError(f"profile must be a file, a profile name or a HardwareProfile, got {self.profile!r}")
         if not isinstance(self.lamps, LampsOptions):
@@ -159,3 +164,11 @@ class EngineConfig:
                 raise ValueError(f"unknown LAMPS option(s) {unknown}; known: {sorted(lamps_fields)}")
             kwargs["lamps"] = LampsOptions(**kwargs["lamps"])
         return cls(**kwargs)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

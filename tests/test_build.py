@@ -101,6 +101,21 @@ def test_an_estimator_error_needs_the_noisy_oracle(options, message):
         EngineConfig(**options)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"num_kv_blocks": 1}, "num_kv_blocks must be None or an integer >= 2"),
+    ({"num_kv_blocks": 10.5}, "num_kv_blocks"), ({"max_model_len": 40.5}, "max_model_len"),
+    ({"num_host_blocks": -1}, "num_host_blocks"), ({"num_host_blocks": 2.5}, "num_host_blocks"),
+    ({"seed": "x"}, "seed"), ({"swap_space_gb": "1"}, "swap_space_gb"), ({"swap_space_gb": -1}, "swap_space_gb"),
+    ({"kv_cache_memory_gb": 0}, "kv_cache_memory_gb"), ({"kv_cache_memory_gb": "1"}, "kv_cache_memory_gb"),
+])
+def test_engine_options_of_the_wrong_type_or_range_are_refused_by_name(options, message):
+    """A zero KV budget built a 2-block pool that cut every output after a token; a float block
+    count or a string size raised TypeError deep in the build."""
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**options)
+    assert EngineConfig(num_kv_blocks=2, num_host_blocks=0, max_model_len=2, swap_space_gb=0, kv_cache_memory_gb=0.5)
+
+
 def test_replay_flags_reach_the_engine(monkeypatch, tmp_path):
     from infercept_jax import cli
     from infercept_jax.experiments import sweeps

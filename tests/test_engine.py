@@ -211,6 +211,14 @@ def test_invalid_sampling_values_are_rejected(kwargs, message):
         SamplingParams(**kwargs)
 
 
+def test_stop_lists_may_be_none_as_in_vllm_and_must_be_lists():
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == SamplingParams().stop_token_ids == []
+    assert SamplingParams(stop="ab").stop == ["ab"]
+    for kwargs in (dict(stop_token_ids=5), dict(stop=3)):
+        with pytest.raises(ValueError, match="must be a list"):
+            SamplingParams(**kwargs)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(call_duration=-1.0), "call_duration"),
     (dict(result_tokens=-1), "result_tokens"),
