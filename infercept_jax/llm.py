@@ -97,6 +97,8 @@ class LLM:
             enable_compile_cache()      # before `for_backend`, whose kernel probe compiles
         config = for_backend(config, spec, mesh, model.dtype)
         self._tool_pool: ThreadPoolExecutor | None = None
+        # Outputs one `_serve` loop's step made for the requests of another (two streams read in turns).
+        self._inboxes: dict[str, list[RequestOutput]] = {}
         self.tokenizer = tokenizer
         eos = set(spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -156,13 +158,20 @@ class LLM:
 
     def _serve(self, ids: list[str], tools: list[Tool]) -> Iterator[RequestOutput]:
         """Step the engine until the requests `ids` finish, yielding their outputs; run their tool
-        calls meanwhile. A finished request is popped from the engine; on early exit (a closed
-        stream), the unfinished ones are aborted."""
+        calls meanwhile. A step's outputs for the requests of another `_serve` in progress (another
+        stream) go to their inboxes, which that loop reads first when it goes on. A finished
+        request is popped from the engine; on early exit (a closed stream), the unfinished ones
+        are aborted."""
         ours = set(ids)
         calls = ToolCalls(tools, self._tool_executor() if tools else None)
         unfinished = set(ids)
+        self._inboxes.update((rid, []) for rid in ids)
 
-        def done(out: RequestOutput) -> RequestOutput:
+        def take(out: RequestOutput) -> RequestOutput:
+            if out.paused and out.interception.call_text is None:
+                out = self.engine.resume(out.request_id, [])   # intercept_after: no call
+            elif out.paused:
+                calls.start(out.request_id, out.interception.call_text)
             if out.finished:
                 out.tool_calls = calls.records.pop(out.request_id, [])
                 self.engine.pop_finished(out.request_id)
@@ -171,21 +180,24 @@ class LLM:
 
         try:
             while unfinished:
+                for rid in ids:
+                    inbox = self._inboxes[rid]
+                    while inbox:
+                        yield take(inbox.pop(0))
                 steps = self.engine.num_steps
                 if self.engine.has_work():
                     for out in self.engine.step():
-                        if out.request_id not in ours:
-                            continue
-                        if out.paused and out.interception.call_text is None:
-                            out = self.engine.resume(out.request_id, [])   # intercept_after: no call
-                        elif out.paused:
-                            calls.start(out.request_id, out.interception.call_text)
-                        yield done(out)
+                        if out.request_id in ours:
+                            yield take(out)
+                        elif out.request_id in self._inboxes:
+                            self._inboxes[out.request_id].append(out)
                 for rid, text in calls.ready():
-                    yield done(self.engine.resume(rid, text))   # finished if the result filled the context
+                    yield take(self.engine.resume(rid, text))   # finished if the result filled the context
                 if self.engine.num_steps == steps:   # nothing could run (e.g. memory held by paused calls)
                     calls.wait()
         finally:
+            for rid in ids:
+                del self._inboxes[rid]
             for rid in unfinished:
                 self.engine.abort(rid)
                 self.engine.pop_finished(rid)

@@ -170,6 +170,28 @@ def test_failing_tools_get_error_texts_and_do_not_stop_the_others(llm, release):
     assert llm.engine.requests == {}
 
 
+def test_two_streams_read_in_turns_each_get_all_their_text(llm):
+    """The step that finishes b runs in a's loop: b's outputs wait in its inbox (b's loop used to
+    drop them, find nothing to run and spin for ever), a tool call of b's included."""
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    result = {}
+
+    def read():
+        a = llm.stream("go", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        b = llm.stream("go", short)
+        c = llm.stream("go", calling(1), tools=[Tool("echo", lambda arguments: arguments.upper())])
+        b_first, c_first = next(b), next(c)
+        result["a"] = "".join(a)
+        result["b"], result["c"] = b_first + "".join(b), c_first + "".join(c)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "a stream never ended"
+    assert result == {"a": SCRIPT[:12], "b": SCRIPT[:3], "c": answered(1, "HI")}
+    assert not llm.engine.requests
+
+
 def test_other_requests_keep_generating_while_a_call_runs(llm, release):
     """Call 7 waits for call 8, which request 8 writes only if it keeps going meanwhile."""
     def wait(arguments):
