@@ -271,8 +271,9 @@ class Engine:
             request.tokens_since_resume += 1
             if request.first_token_time is None:
                 request.first_token_time = now
+            text_before = len(request.output_text)
             if not self._check_stop(request, token):
-                self._check_interception(request, token, now)
+                self._check_interception(request, token, now, text_before)
             results.append(self._output(request, [token]))
             if ahead is not None and request.status is RequestStatus.RUNNING:
                 self._give_back(request, ahead)
@@ -318,8 +319,9 @@ class Engine:
             self._finish(request, status)
         return status is not None
 
-    def _check_interception(self, request: Request, token: int, now: float) -> None:
-        """Pause the request if its last token ended a tool call or its N-token segment."""
+    def _check_interception(self, request: Request, token: int, now: float, text_before: int) -> None:
+        """Pause the request if its last token (whose text starts at `text_before`) ended a tool
+        call or its N-token segment."""
         params: SamplingParams = request.sampling
         if not self._may_call(request):
             return
@@ -327,7 +329,7 @@ class Engine:
         if params.intercept_after is not None and request.tokens_since_resume >= params.intercept_after:
             tool, text = hint.tool, None
         elif params.tool_format is not None:
-            text = params.tool_format.find_call(request.output_text, request.call_search_from, token)
+            text = params.tool_format.find_call(request.output_text, request.call_search_from, token, text_before)
             if text is None:
                 return
             tool, _ = params.tool_format.split(text)

@@ -39,18 +39,20 @@ class ToolFormat:
         if not all(isinstance(token, int) for token in self.call_end_token_ids):
             raise ValueError(f"call_end_token_ids must be token ids, got {self.call_end_token_ids!r}")
 
-    def find_call(self, text: str, search_from: int, token: int) -> str | None:
-        """The call text if `text` (the output so far) has just ended a call, else None.
+    def find_call(self, text: str, search_from: int, token: int, new_from: int) -> str | None:
+        """The call text if `text` (the output so far; the last token's text starts at `new_from`)
+        has just ended a call, else None.
 
-        Only a `call_start` at or after `search_from` counts (the text of earlier calls and
-        results is not searched again).
+        The `call_end` may be followed by more text of the same token (SmolLM2 writes ")]." as one
+        token): the call ends where `call_end` first appears in what that token completed. Only a
+        `call_start` at or after `search_from` counts (the text of earlier calls and results is
+        not searched again).
         """
-        if text.endswith(self.call_end):
-            end = len(text) - len(self.call_end)
-        elif token in self.call_end_token_ids:
+        end = text.find(self.call_end, max(search_from, new_from - len(self.call_end) + 1))
+        if end < 0:
+            if token not in self.call_end_token_ids:
+                return None
             end = len(text)
-        else:
-            return None
         start = text.rfind(self.call_start, search_from, end)
         if start < 0:
             return None

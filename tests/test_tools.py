@@ -106,6 +106,21 @@ def test_a_result_is_appended_and_generation_continues(llm):
         ("echo", "hi", "HI", False, False)
 
 
+def test_a_call_ends_where_its_end_marker_appears_in_the_last_tokens_text():
+    """SmolLM2 writes ")]." as one token: the call ends at its "]", the "." stays before the
+    result. An end marker in earlier text, or a call started before `search_from`, ends nothing."""
+    fmt = ToolFormat("[", "]", call_end_token_ids=(7,))
+    text = "The sum is [calc(2+3)]."
+    assert fmt.find_call(text, 0, token=99, new_from=text.index(")")) == "calc(2+3)"
+    assert fmt.find_call(text, 0, token=99, new_from=text.index("]") + 1) is None        # "." alone ends nothing
+    assert fmt.find_call("a [x] b", 0, token=99, new_from=6) is None                    # the "]" came before
+    assert fmt.find_call("a [x] [y", 0, token=7, new_from=7) == "y"                       # an end token
+    assert fmt.find_call("[x] [y]", 4, token=99, new_from=6) == "y"
+    assert fmt.find_call("[x] y]", 4, token=99, new_from=5) is None                      # "[x" was before search_from
+    two = ToolFormat("<<", ">>")
+    assert two.find_call("a <<x>>=", 0, token=99, new_from=6) == "x"              # ">" then ">=": the end over two tokens
+
+
 def test_a_result_template_may_hold_other_braces():
     """A JSON template: its braces are text, and only {result} is filled (str.format raised KeyError
     at every resume, and inside `generate` that ended the whole batch)."""
