@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 from infercept_jax.experiments.capacity import (BASELINE, FRACTIONS, capacity_rps, format_compare, latency_slo,
@@ -139,4 +140,8 @@ def label(profile: HardwareProfile) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:       # a missing or malformed trace, an unknown profile
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)

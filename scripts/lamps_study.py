@@ -32,6 +32,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -191,4 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:       # a missing or malformed trace, an unknown profile
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)

@@ -11,7 +11,10 @@ from infercept_jax.experiments.sweeps import add_replay_arguments, replay_comman
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_replay_arguments(parser)
-    replay_command(parser.parse_args())
+    try:
+        replay_command(parser.parse_args())
+    except (ValueError, OSError) as error:       # a missing or malformed trace, an unknown profile
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

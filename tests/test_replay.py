@@ -4,6 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,6 +27,7 @@ from scheduling.profile import PAPER_PROFILES, HardwareProfile
 from scheduling.request import SegmentHint
 
 # Every step takes 0.1 s whatever its size; plenty of memory.
+REPO = Path(__file__).resolve().parent.parent
 FLAT = HardwareProfile(name="flat", fwd_ms_per_token=0.0, fwd_base_ms=100.0, saturation_tokens=64,
                        swap_limit_tokens=64.0, kv_bytes_per_token=1, block_size=4,
                        num_device_blocks=64, num_host_blocks=64)
@@ -261,6 +265,17 @@ def test_sample_arrivals_draws_the_requests_the_reference_draws_from_the_files_o
 def test_sample_arrivals_refuses_an_empty_trace():
     with pytest.raises(ValueError, match="the trace has no requests to sample"):
         sample_arrivals({}, 1.0, 10.0)
+
+
+@pytest.mark.parametrize("script, extra", [("replay_trace.py", ["--simulate", "--profile", "a100-gptj-6b"]),
+                                           ("compare_hardware.py", ["--profile", "a100-gptj-6b"]),
+                                           ("lamps_study.py", [])])
+def test_the_study_scripts_answer_a_missing_trace_with_a_message_not_a_traceback(tmp_path, script, extra):
+    missing = str(tmp_path / "missing.json")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--trace", missing, *extra,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"No such file or directory: '{missing}'" in done.stderr
 
 
 def test_replay_and_predictor_cli_refuse_an_empty_trace_file(tmp_path, capsys):
