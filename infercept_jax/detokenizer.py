@@ -50,13 +50,14 @@ def truncate_at_stop(request: Request, previous_len: int) -> bool:
     return True
 
 
-def pending_stop_length(text: str, stops: list[str]) -> int:
-    """How many characters at the end of `text` may be the start of a stop string: the longest end
-    that is a proper prefix of one. The next tokens may complete that stop, and it is then cut."""
+def partial_marker_length(text: str, markers: list[str]) -> int:
+    """How many characters at the end of `text` may be the start of one of `markers` (a stop
+    string, a call's start): the longest end that is a proper prefix of one. The next tokens may
+    complete the marker, so a stream holds those characters back."""
     longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:n]):
                 longest = n
                 break
     return longest

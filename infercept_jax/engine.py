@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from infercept_jax.config import EngineConfig, SamplingParams
-from infercept_jax.detokenizer import Detokenizer, pending_stop_length, truncate_at_stop
+from infercept_jax.detokenizer import Detokenizer, partial_marker_length, truncate_at_stop
 from infercept_jax.outputs import RequestOutput
 from scheduling.accounting import StepUsage, WasteMeter
 from scheduling.output import SchedulerOutput
@@ -345,12 +345,12 @@ class Engine:
 
     def _output(self, request: Request, new_tokens: list[int]) -> RequestOutput:
         """The request as it stands. A step's output of a request still running holds back an end of
-        its text that may begin a stop string (`pending_stop_length`), as vLLM does: a stream has sent
+        its text that may begin a stop string (`partial_marker_length`), as vLLM does: a stream has sent
         nothing that the stop will cut. The outputs of add, resume and abort show all of the text, so
         a resumed turn goes on from the text its pause showed."""
         text = request.output_text
         if new_tokens and request.sampling.stop and request.status is RequestStatus.RUNNING:
-            text = text[:len(text) - pending_stop_length(text, request.sampling.stop)]
+            text = text[:len(text) - partial_marker_length(text, request.sampling.stop)]
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, _tokens=request.token_ids,

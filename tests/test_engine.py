@@ -10,7 +10,7 @@ import pytest
 
 from helpers import FakeRunner, count_compiles, engine_with, random_hf_tensors, requires_smollm2, tiny_spec
 from infercept_jax import LLM, SamplingParams
-from infercept_jax.detokenizer import pending_stop_length
+from infercept_jax.detokenizer import partial_marker_length
 from infercept_jax.model_runner import Packing
 from infercept_jax.sampling import SamplingBatch
 from models import registry
@@ -195,7 +195,7 @@ def test_bad_prompt_is_rejected_and_engine_keeps_serving(model, bad, message):
     ("", [", friend"], 0),
 ])
 def test_a_running_output_holds_back_an_end_that_may_begin_a_stop(text, stops, held):
-    assert pending_stop_length(text, stops) == held
+    assert partial_marker_length(text, stops) == held
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from infercept_jax.async_llm import AsyncLLM, EngineDead, QueueFull
 from infercept_jax.config import SamplingParams
+from infercept_jax.detokenizer import partial_marker_length
 from infercept_jax.outputs import RequestOutput
 from infercept_jax.serving.chat import BadRequest, ChatFormat, ToolCall
 from infercept_jax.serving.metrics import prometheus_text
@@ -355,12 +356,7 @@ def _safe_length(text: str, marker: str) -> int:
     """How much of `text` can be sent: all of it, minus a call's start and what follows it, or
     minus an end that could be the first characters of one."""
     found = text.find(marker)
-    if found >= 0:
-        return found
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return len(text) - k
-    return len(text)
+    return found if found >= 0 else len(text) - partial_marker_length(text, [marker])
 
 
 def _sse(payload: dict) -> str:
