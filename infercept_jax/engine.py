@@ -272,7 +272,7 @@ class Engine:
             if request.first_token_time is None:
                 request.first_token_time = now
             text_before = len(request.output_text)
-            if not self._check_stop(request, token):
+            if not self._check_stop(request, token, text_before):
                 self._check_interception(request, token, now, text_before)
             results.append(self._output(request, [token]))
             if ahead is not None and request.status is RequestStatus.RUNNING:
@@ -303,17 +303,17 @@ class Engine:
             request.token_ids.append(PLACEHOLDER_TOKEN)
         flight.stale.discard(request.request_id)
 
-    def _check_stop(self, request: Request, token: int) -> bool:
-        """Finish the request if it should stop; True if it did."""
+    def _check_stop(self, request: Request, token: int, text_before: int) -> bool:
+        """Finish the request if it should stop (its last token's text starts at `text_before`);
+        True if it did."""
         params: SamplingParams = request.sampling
         status = None
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             status = RequestStatus.FINISHED_STOPPED
         elif request.num_generated_tokens >= params.max_tokens or request.num_tokens >= self.context_limit:
             status = RequestStatus.FINISHED_LENGTH
-        previous = len(request.output_text)
         self.detokenizer.update(request, final=status is not None)
-        if params.stop and self.tokenizer is not None and truncate_at_stop(request, previous):
+        if params.stop and self.tokenizer is not None and truncate_at_stop(request, text_before):
             status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             self._finish(request, status)
