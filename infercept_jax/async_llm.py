@@ -87,7 +87,7 @@ class AsyncLLM:
             self._streams[rid] = stream
             return rid
 
-        rid = await self._call(add)
+        rid = await self._call(add, undo=self._abort)
         async for out in self._drain(rid, stream):
             yield out
 
@@ -106,7 +106,7 @@ class AsyncLLM:
                 self._streams[request_id] = stream
             return out
 
-        first = await self._call(resume)
+        first = await self._call(resume, undo=lambda _: self._abort(request_id))
         ended = first.finished
         try:
             yield first
@@ -143,11 +143,26 @@ class AsyncLLM:
         self._thread.join()
 
     # ----------------------------------------------------------------- the caller's side
-    async def _call(self, fn: Callable):
-        """Run `fn` on the engine thread and return its result (or raise its exception)."""
+    async def _call(self, fn: Callable, undo: Callable | None = None):
+        """Run `fn` on the engine thread and return its result (or raise its exception).
+
+        A caller cancelled while `fn` waits skips it; one cancelled after `fn` started (it may be
+        running now) has `undo(result)` run on the engine thread once `fn` has succeeded, so a
+        request that was added or resumed for a caller who is gone does not run unread."""
+        results = []
+
+        def run():
+            results.append(fn())
+            return results[-1]
+
         future: Future = Future()
-        self._put(fn, future)
-        return await asyncio.wrap_future(future)
+        self._put(run, future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if undo is not None:         # runs after `run`, which the queue holds ahead of it
+                self._put(lambda: results and undo(results[0]), None)
+            raise
 
     def _put(self, fn: Callable, future: Future | None) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
@@ -154,6 +155,88 @@ def test_a_caller_cancelled_while_its_command_waits_does_not_stop_the_engine():
         assert stats["waiting"] == stats["running"] == 0       # the cancelled add never ran
     finally:
         llm.shutdown()
+
+
+async def cancel_after_the_command_ran(llm: AsyncLLM, start_call) -> None:
+    """Start a call (`start_call()` returns its first output's coroutine) and cancel its caller after
+    the engine thread ran the call's command but before the caller saw its result."""
+    hold, ran, release = threading.Event(), threading.Event(), threading.Event()
+    llm._put(hold.wait, None)                      # the engine thread waits here ...
+    task = asyncio.create_task(start_call())
+    await asyncio.sleep(0.05)                      # ... while the call queues its command
+    llm._put(lambda: (ran.set(), release.wait()), None)
+    hold.set()
+    assert ran.wait(5)                             # the command ran; the caller has not woken yet
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def idle_stats(llm: AsyncLLM) -> dict:
+    for _ in range(200):
+        stats = await llm.stats()
+        if stats["running"] == stats["waiting"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    return stats
+
+
+def test_a_caller_cancelled_after_its_add_ran_aborts_the_request():
+    """Before, the request ran all its 40 steps of 20 ms unread."""
+    llm = async_llm(SlowRunner(0.02))
+
+    async def main():
+        await cancel_after_the_command_ran(
+            llm, lambda: anext(llm.generate([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0))))
+        return await idle_stats(llm)
+
+    try:
+        stats = run(main())
+        assert not llm.engine.requests and llm.alive
+    finally:
+        llm.shutdown()
+    assert stats["steps"] < 10 and stats["device_blocks_used"] == 0
+
+
+def test_a_caller_cancelled_after_its_resume_ran_aborts_the_request():
+    llm = async_llm(SlowRunner(0.02))
+    params = SamplingParams(max_tokens=42, temperature=0.0, intercept_after=2, max_interceptions=1)
+
+    async def main():
+        paused = (await collect(llm.generate([5, 6, 7], params)))[-1]
+        await cancel_after_the_command_ran(llm, lambda: anext(llm.resume(paused.request_id, [9, 9])))
+        return await idle_stats(llm)
+
+    try:
+        stats = run(main())
+        assert not llm.engine.requests and llm.alive
+    finally:
+        llm.shutdown()
+    assert stats["steps"] < 12 and stats["paused"] == 0 and stats["device_blocks_used"] == 0
+
+
+def test_a_caller_cancelled_before_its_resume_ran_keeps_the_request_paused():
+    """The resume never ran, so the undo leaves the paused request for the next resume."""
+    llm = async_llm()
+    params = SamplingParams(max_tokens=6, temperature=0.0, intercept_after=2, max_interceptions=1)
+
+    async def main():
+        paused = (await collect(llm.generate([5, 6, 7], params)))[-1]
+        hold = threading.Event()
+        llm._put(hold.wait, None)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(anext(llm.resume(paused.request_id, [9, 9])), timeout=0.05)
+        hold.set()
+        stats = await idle_stats(llm)
+        rest = await collect(llm.resume(paused.request_id, [9, 9]))
+        return stats, rest
+
+    try:
+        stats, rest = run(main())
+    finally:
+        llm.shutdown()
+    assert stats["paused"] == 1 and rest[-1].finished and rest[-1].num_generated_tokens == 6
 
 
 def test_bad_input_raises_and_the_engine_keeps_serving():
