@@ -270,6 +270,23 @@ def test_a_paused_request_nobody_resumes_is_aborted_after_the_timeout(own_llm):
         assert late.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_paused_turns_of_a_dead_engine_expire_and_shut_down_quietly(own_llm):
+    """Both awaited an abort, which raised EngineDead: the expiry task died and the shutdown failed."""
+    server = OpenAIServer(own_llm, MODEL, pause_timeout=0.05)
+
+    async def main():
+        async with server.app.router.lifespan_context(server.app):
+            server.paused.add(PausedTurn("gone", (1, 2), 1, time.monotonic() + 60))
+            own_llm.shutdown()
+            for n in (1, 2):          # the task that expires turns is still there for the second
+                server.paused.add(PausedTurn(f"expired-{n}", (1, 2 + n), 1, time.monotonic()))
+                await asyncio.sleep(0.1)
+                assert server.counters["pause_timeouts"] == n
+        return len(server.paused)
+
+    assert asyncio.run(main()) == 0
+
+
 def test_a_resume_the_engine_refuses_keeps_the_request_paused_for_a_retry(own_llm):
     """A prompt that continues a paused context but whose result has a token outside the
     vocabulary: 400, and the request stays paused (it used to be dropped from the paused turns and

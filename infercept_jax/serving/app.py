@@ -150,7 +150,7 @@ class OpenAIServer:
             await asyncio.sleep(min(1.0, self.pause_timeout / 4))
             for turn in self.paused.expired(time.monotonic()):
                 self.counters["pause_timeouts"] += 1
-                await self.llm.abort(turn.request_id)
+                self.llm.cancel(turn.request_id)     # not awaited: a dead engine has nothing to abort
 
     # ----------------------------------------------------------------- the endpoints
     def _check_model(self, model: str) -> None:
@@ -253,7 +253,7 @@ class OpenAIServer:
             yield
             expiry.cancel()
             for turn in self.paused.remove_all():
-                await self.llm.abort(turn.request_id)
+                self.llm.cancel(turn.request_id)
 
         app = FastAPI(title="infercept-jax", lifespan=lifespan)
 
