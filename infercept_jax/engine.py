@@ -90,6 +90,7 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        self._check_tool_format(params)
         _check_hint(hint)
         text, token_ids = self._tokenize(prompt, "prompt")
         if not token_ids:
@@ -111,6 +112,10 @@ class Engine:
         self.requests[request_id] = request
         self.scheduler.add(request, now)
         return request_id
+
+    def _check_tool_format(self, params: SamplingParams) -> None:
+        if params.tool_format is not None and self.tokenizer is not None:
+            params.tool_format.check_markers(self.tokenizer.special_tokens)
 
     def _tokenize(self, text_or_ids: str | list[int], what: str) -> tuple[str | None, list[int]]:
         if isinstance(text_or_ids, str):
@@ -142,8 +147,10 @@ class Engine:
         request = self._get(request_id)
         if request.status is not RequestStatus.PAUSED:
             raise ValueError(f"request {request_id!r} is not paused (it is {request.status.value})")
-        if params is not None and not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params is not None:
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+            self._check_tool_format(params)
         _check_hint(hint)
         token_ids = self._result_tokens(request, result)
         if params is not None:

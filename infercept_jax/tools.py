@@ -39,6 +39,16 @@ class ToolFormat:
         if not all(isinstance(token, int) for token in self.call_end_token_ids):
             raise ValueError(f"call_end_token_ids must be token ids, got {self.call_end_token_ids!r}")
 
+    def check_markers(self, special_tokens: frozenset[str]) -> None:
+        """Refuse markers that hold a special token: output text is decoded without them, so such a
+        marker never appears in it and the call would never be found."""
+        for name, marker in (("call_start", self.call_start), ("call_end", self.call_end)):
+            held = sorted(token for token in special_tokens if token in marker)
+            if held:
+                hint = "list its token id in call_end_token_ids" if name == "call_end" else "use plain text"
+                raise ValueError(f"the tool format's {name} {marker!r} holds the special token {held[0]!r}, which "
+                                 f"output text leaves out, so no call would ever be found; {hint}")
+
     def find_call(self, text: str, search_from: int, token: int, new_from: int) -> str | None:
         """The call text if `text` (the output so far; the last token's text starts at `new_from`)
         has just ended a call, else None.

@@ -65,6 +65,11 @@ class Tokenizer:
         }
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
+    @cached_property
+    def special_tokens(self) -> frozenset[str]:
+        """The special tokens' texts (<|im_end|>, ...): `decode` leaves them out of output text."""
+        return frozenset(t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -284,6 +284,7 @@ def test_no_step_has_a_single_token(model):
 class LetterTokenizer:
     """Token id i is the letter chr(97 + i % 26): enough to exercise text, stop strings and streaming."""
 
+    special_tokens = frozenset()
     eos_token_id = None
 
     def encode(self, text):
@@ -325,6 +326,7 @@ class PieceTokenizer:
     """SentencePiece-like: pieces carry their leading space as '▁', and decode strips the space at
     the start, so decoding a window is not a slice of the whole decode."""
 
+    special_tokens = frozenset()
     pieces = ["▁the", "▁cat", "s", "▁sat", ".", "▁on", "▁a", "▁mat"]
 
     def decode(self, ids):

@@ -448,6 +448,13 @@ def test_paused_turns_match_the_longest_context_the_prompt_extends():
     assert turns.expired(9.99) == []
 
 
+def test_a_call_marker_that_is_a_special_token_is_refused_at_start(tokenizer):
+    """SmolLM2's <jupyter_code> is a special token: decoded text leaves it out, so no call is found."""
+    with pytest.raises(ValueError, match="<jupyter_code>"):
+        ChatFormat(tokenizer, call_start="<jupyter_code>")
+    assert ChatFormat(tokenizer, call_start="<code>").tool_format.call_start == "<code>"
+
+
 def test_tools_are_rendered_into_the_system_prompt_when_the_template_has_none(tokenizer):
     chat = ChatFormat(tokenizer)
     prompt = chat.render([{"role": "system", "content": "Be brief."}] + QUESTION, [t for t in TOOLS])

@@ -18,6 +18,7 @@ from helpers import random_hf_tensors, tiny_spec
 from infercept_jax import LLM, SamplingParams
 from infercept_jax.tools import Tool, ToolFormat
 from models.llama import Llama
+from scheduling.request import RequestStatus
 
 SCRIPT = ("9[2+3] 1[echo(hi)] 2[boom(x)] 3[slow(y)] 4[count(z)] 5[nope(w)] 6[huge(v)] 7[wait(a)] 8[release(b)] "
           "1[echo(hi)] ....")
@@ -25,6 +26,7 @@ TEXT = 128   # ids TEXT.. are characters chr(id - TEXT)
 
 
 class ScriptTokenizer:
+    special_tokens = frozenset()
     eos_token_id = None
 
     def encode(self, text):
@@ -262,6 +264,25 @@ def test_tool_formats_and_tools_of_the_wrong_types_are_refused(make):
     stopped for every request."""
     with pytest.raises(ValueError):
         make()
+
+
+def test_a_tool_format_whose_marker_holds_a_special_token_is_refused(llm):
+    """Output text is decoded without special tokens: such a marker never appears in it, and the
+    request generated to its end with its calls unseen."""
+    llm.engine.tokenizer.special_tokens = frozenset({"<|call|>"})
+    special_start = SamplingParams(max_tokens=8, tool_format=ToolFormat("<|call|>", "]"))
+    with pytest.raises(ValueError, match="call_start '<|call|>' holds the special token"):
+        llm.engine.add_request("go", special_start)
+    with pytest.raises(ValueError, match="call_end_token_ids"):
+        llm.engine.add_request("go", SamplingParams(tool_format=ToolFormat("1[", "]<|call|>")))
+    assert llm.engine.requests == {}
+    rid = llm.engine.add_request("go", SamplingParams(max_tokens=8, temperature=0.0, intercept_after=2))
+    while llm.engine.requests[rid].status is not RequestStatus.PAUSED:
+        llm.engine.step()
+    with pytest.raises(ValueError, match="special token"):
+        llm.engine.resume(rid, "ok", special_start)
+    assert llm.engine.requests[rid].status is RequestStatus.PAUSED
+    llm.engine.add_request("go", calling(1))          # plain markers are taken
 
 
 def test_a_call_without_tools_gets_an_error_text(llm):

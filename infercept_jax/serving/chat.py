@@ -60,6 +60,7 @@ class ChatFormat:
             raise ValueError("chat needs a tokenizer with a chat template")
         self.tokenizer = tokenizer
         self.tool_format = ToolFormat(call_start, call_end)
+        self.tool_format.check_markers(tokenizer.special_tokens)
         self._written: OrderedDict[str, str] = OrderedDict()    # call id -> the assistant text it came in
         self._remembered = remembered_calls
 
