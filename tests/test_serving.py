@@ -234,6 +234,26 @@ def test_a_streamed_tool_call_holds_back_its_text_and_ends_with_tool_calls(own_u
     assert metrics(url)["infercept_paused_turns"] == 1
 
 
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_parallel_tool_calls_false_answers_only_the_first_call(tokenizer, parallel):
+    llm = scripted_llm(tokenizer)
+    two = CALL.replace("\n]", ',\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n]')
+    llm.engine.runner.turns[0] = tokenizer.encode(two)
+    try:
+        with serving(OpenAIServer(llm, MODEL)) as url:
+            extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+            first = client(url).chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, **extra)
+            calls = first.choices[0].message.tool_calls
+            assert [json.loads(c.function.arguments)["city"] for c in calls] == (
+                ["Paris"] if parallel is False else ["Paris", "Rome"])
+            turn = QUESTION + [first.choices[0].message.model_dump(exclude_none=True)] + [
+                {"role": "tool", "tool_call_id": c.id, "content": "Sunny"} for c in calls]
+            second = client(url).chat.completions.create(model=MODEL, messages=turn, tools=TOOLS, **extra)
+            assert second.usage.prompt_tokens_details.cached_tokens > 0     # the paused request resumed
+    finally:
+        llm.shutdown()
+
+
 def test_a_turn_that_continues_no_paused_request_is_a_new_one(own_url):
     url = own_url
     c = client(url)

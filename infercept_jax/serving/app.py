@@ -101,9 +101,10 @@ class OpenAIServer:
         return stream, first, None
 
     async def _turn(self, stream: AsyncIterator[RequestOutput], first: RequestOutput, turn: PausedTurn | None,
-                    prompt_tokens: int, calls_allowed: bool) -> AsyncIterator[str | TurnEnd]:
+                    prompt_tokens: int, calls_allowed: bool, one_call: bool = False) -> AsyncIterator[str | TurnEnd]:
         """The text deltas of a turn, then its TurnEnd. Text that may begin a tool call is held back
-        until it is clear whether it does."""
+        until it is clear whether it does. With `one_call` (`parallel_tool_calls: false`) a turn
+        answers only the first of the calls the model wrote, as vLLM does."""
         base_text = first.text if turn is not None else ""
         base_generated = turn.num_generated_tokens if turn is not None else 0
         cached = first.num_cached_tokens if turn is not None else 0
@@ -121,6 +122,7 @@ class OpenAIServer:
             text = out.text[len(base_text):]
             calls = self.chat.parse_calls(out.interception.call_text) if out.paused and start is not None else None
             if calls:
+                calls = calls[:1] if one_call else calls
                 self.chat.remember(calls, text)
                 end.finish_reason, end.tool_calls = "tool_calls", calls
                 self._hold(out)
@@ -210,7 +212,8 @@ class OpenAIServer:
         if calls_allowed:
             params.tool_format = self.chat.tool_format
         stream, first, turn = await self._start(prompt_ids, params)
-        turn_events = self._turn(stream, first, turn, len(prompt_ids), calls_allowed)
+        turn_events = self._turn(stream, first, turn, len(prompt_ids), calls_allowed,
+                                 one_call=body.parallel_tool_calls is False)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish_reason: str | None) -> dict:
