@@ -216,19 +216,19 @@ TWO_CALLS = TraceRequest("r", 4, (Segment(0, api_time=3.0, api_token_length=7), 
                                   Segment(0)), kind="math")
 
 
-def test_generated_tokens_count_one_for_a_call_right_after_the_prompt():
-    assert generated_tokens(TWO_CALLS) == 1 + 5 + 0
-    assert generated_tokens(TraceRequest("r", 4, (Segment(2, api_time=1.0, api_token_length=1), Segment(0)))) == 2
+def test_generated_tokens_count_one_for_a_call_right_after_the_prompt_and_one_after_the_last_call():
+    assert generated_tokens(TWO_CALLS) == 1 + 5 + 1
+    assert generated_tokens(TraceRequest("r", 4, (Segment(2, api_time=1.0, api_token_length=1), Segment(0)))) == 3
     assert generated_tokens(TraceRequest("empty", 4, (Segment(0),))) == 1     # a request samples something
 
 
 def test_segment_params_greedy_no_eos_and_pause_after_the_segments_tokens():
     """Spec 1.3 item 2: temperature 0, ignore_eos; the pause comes after the segment's completion
     tokens (at least the one token that makes the call)."""
-    assert segment_params(TWO_CALLS, 0) == SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+    assert segment_params(TWO_CALLS, 0) == SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
                                                           intercept_after=1)
     assert segment_params(TWO_CALLS, 1).intercept_after == 5
-    assert segment_params(TWO_CALLS, 2) == SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert segment_params(TWO_CALLS, 2) == SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
 
 
 def test_segment_hint_is_the_traces_call_scaled_in_time():
@@ -366,6 +366,18 @@ def test_a_call_on_the_last_segment_is_made_and_one_token_follows_its_result():
     assert resumes == [("req-0", 3, 3, SegmentHint(call_duration=2.0, result_tokens=5, tool="chat")),
                        ("req-0", 5, None, SegmentHint())]
     assert m["num_finished"] == 1 and m["elapsed_s"] == pytest.approx(3.6)
+
+
+def test_a_last_segment_of_no_tokens_still_gets_its_call_and_one_token_after_it():
+    """The reference's max_tokens counts the results, so a request whose last segment generates
+    nothing still makes the call before it and samples once after its result. Steps of 0.1 s:
+    1 token (0.1), the 3 s call (3.1), 5 tokens (3.6), the 0.5 s call (4.1), the result and one
+    token (4.2)."""
+    engine = engine_at(10.0)
+    resumes = spy_on_resumes(engine)
+    m = replay(engine, [(0.0, TWO_CALLS)], window=100.0)
+    assert [(rid, n) for rid, n, *_ in resumes] == [("req-0", 7), ("req-0", 2)]
+    assert m["num_finished"] == 1 and m["elapsed_s"] == pytest.approx(4.2)
 
 
 def test_a_result_that_overflows_the_context_finishes_the_request_at_the_resume():

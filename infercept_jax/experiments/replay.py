@@ -49,13 +49,18 @@ def sample_arrivals(trace: dict[str, TraceRequest], qps: float, window: float,
 
 
 def replayed_segments(request: TraceRequest) -> tuple[Segment, ...]:
-    """The request's segments, and one of a single token after a call on the last one: the
+    """The request's segments, with at least one token to sample after its last call: the
     reference makes that call (its `max_tokens` counts the call's result, so the request has not
     reached it), then samples once more before it stops at `max_tokens`. Here results do not
-    count against `max_tokens`, so the last call needs a token still to sample."""
-    if request.segments[-1].has_call:
-        return request.segments + (Segment(1),)
-    return request.segments
+    count against `max_tokens`, so a call on the last segment gets a one-token segment after it,
+    and a last segment of 0 tokens after a call becomes one of a token (else the call's trigger
+    token would reach `max_tokens` and the call would not be made)."""
+    segments = request.segments
+    if segments[-1].has_call:
+        return segments + (Segment(1),)
+    if segments[-1].completion_tokens == 0 and len(segments) > 1:
+        return segments[:-1] + (Segment(1),)
+    return segments
 
 
 def segment_params(request: TraceRequest, index: int) -> SamplingParams:
