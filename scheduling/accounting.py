@@ -3,8 +3,9 @@
 * preserve: device KV of paused requests, held while their tool runs; and apart, the part of it
   held in steps where some request needed device blocks that were not free: memory that someone
   could have used (spec 8.1), where the rest was held while the pool had room for everyone;
-* recompute: the step time spent recomputing discarded or preempted context, times the KV the
-  step's batch holds (it all waits on work that was done before);
+* recompute: the step's compute time (less any swap stall) spent recomputing discarded or
+  preempted context, times the KV the step's batch holds (it all waits on work that was done
+  before);
 * swap stall: host time the step spent on swap copies that did not overlap compute, times the KV
   the batch holds.
 
@@ -61,8 +62,10 @@ class WasteMeter:
             swap_in_blocks=len(out.swap_in), preemptions=len(out.preempted))
 
     def add(self, usage: "StepUsage", seconds: float, stall_seconds: float) -> None:
-        """Charge a measured step for the `seconds` it took, `stall_seconds` of them in swap copies."""
-        recompute_s = seconds * usage.recompute / usage.num_tokens if usage.num_tokens else 0.0
+        """Charge a measured step for the `seconds` it took, `stall_seconds` of them in swap copies.
+        Recompute gets its share of the compute time only: the stall is charged apart."""
+        compute_s = max(seconds - stall_seconds, 0.0)
+        recompute_s = compute_s * usage.recompute / usage.num_tokens if usage.num_tokens else 0.0
         self.seconds += seconds
         self.steps += 1
         self.preserve_token_s += usage.held_paused * seconds

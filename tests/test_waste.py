@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from scheduling.accounting import WasteMeter
+from scheduling.accounting import StepUsage, WasteMeter
 from scheduling.profile import PAPER_PROFILES, HardwareProfile, _paper_swap_limit, device_pool_blocks, load_profile
 from scheduling.waste import (SwapBudget, chunked_discard_waste, discard_waste, preserve_waste,
                               swap_budget, swap_waste)
@@ -215,6 +215,19 @@ def test_waste_meter_summary_by_hand():
         "preemptions": 1}
 
 
+def test_the_swap_stall_of_a_step_is_not_also_charged_to_its_recompute():
+    """A step of 1 s, 0.4 s of it stalled on copies, that only recomputes: 0.6 s of recompute and
+    0.4 s of stall, together the step's 1 s of the batch's memory, not 1.4 s."""
+    meter = WasteMeter(pool_tokens=10)
+    usage = StepUsage(held_paused=0, batch_tokens=10, recompute=5, num_tokens=5, memory_short=False,
+                      swap_out_blocks=1, swap_in_blocks=0, preemptions=0)
+    meter.add(usage, seconds=1.0, stall_seconds=0.4)
+    s = meter.summary()
+    assert s["recompute_seconds"] == pytest.approx(0.6)
+    assert (s["waste_recompute_pct"], s["waste_swap_stall_pct"]) == (pytest.approx(60.0), pytest.approx(40.0))
+    assert s["waste_total_pct"] == pytest.approx(100.0)
+
+
 def test_waste_meter_summary_before_any_step_is_zero():
     summary = WasteMeter(pool_tokens=100).summary()
     assert [summary[k] for k in ("waste_preserve_pct", "waste_recompute_pct", "waste_swap_stall_pct",
@@ -237,14 +250,15 @@ def test_waste_meter_record_by_hand():
     meter.add(meter.measure(sched, out), seconds=2.0, stall_seconds=0.5)
     meter.add(meter.measure(sched, NS(**{**vars(out), "memory_short": True})), seconds=2.0, stall_seconds=0.5)
     s = meter.summary()
-    # each step: paused 8 tokens x 2 s = 16; recompute 2 s x 4/8 = 1 s x batch (16 + 22) = 38;
-    # stall 0.5 s x 38 = 19; the pool is 60 tokens x 4 s = 240 token-seconds
-    assert (s["seconds"], s["steps"], s["recompute_tokens"], s["recompute_seconds"]) == (4.0, 2, 8, 2.0)
+    # each step: paused 8 tokens x 2 s = 16; recompute (2 - 0.5 stalled) s x 4/8 = 0.75 s x batch
+    # (16 + 22) = 28.5; stall 0.5 s x 38 = 19; the pool is 60 tokens x 4 s = 240 token-seconds
+    assert (s["seconds"], s["steps"], s["recompute_tokens"]) == (4.0, 2, 8)
+    assert s["recompute_seconds"] == pytest.approx(1.5)
     assert s["waste_preserve_pct"] == pytest.approx(100 * 32 / 240)
     assert s["waste_preserve_short_pct"] == pytest.approx(100 * 16 / 240)   # the second step only
-    assert s["waste_recompute_pct"] == pytest.approx(100 * 76 / 240)
+    assert s["waste_recompute_pct"] == pytest.approx(100 * 57 / 240)
     assert s["waste_swap_stall_pct"] == pytest.approx(100 * 38 / 240)
     assert (s["swap_stall_seconds"], s["swap_out_blocks"], s["swap_in_blocks"], s["preemptions"]) == (1.0, 2, 6, 4)
     empty = NS(scheduled=[], num_tokens=0, swap_out=[], swap_in=[], preempted=[], memory_short=False)
     meter.add(meter.measure(sched, empty), seconds=1.0, stall_seconds=0.0)      # a step with nothing scheduled
-    assert meter.summary()["recompute_seconds"] == 2.0 and meter.steps == 3
+    assert meter.summary()["recompute_seconds"] == pytest.approx(1.5) and meter.steps == 3
