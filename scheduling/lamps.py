@@ -71,7 +71,8 @@ class LampsOptions:
         "help": "call durations from the trace (oracle) or each tool's running mean",
         "choices": DURATION_PREDICTORS})
     prediction_error: float = field(default=0.0, metadata={
-        "help": "Gaussian relative error injected into the oracle predictions (0.2 is 20 percent)"})
+        "help": "Gaussian relative error injected into the oracle pre-call lengths and call durations "
+                "(0.2 is 20 percent); result lengths stay exact, as in the reference"})
     starvation_threshold: int | None = field(default=100, metadata={
         "help": "queued steps before a request jumps the line (default 100; 0 turns it off)",
         "parse": _threshold})

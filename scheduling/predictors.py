@@ -83,8 +83,8 @@ class SegmentPredictor:
             seconds = self._noisy(hint.call_duration)
         else:
             seconds = self._call_seconds.mean(tool)
-        if hint.result_tokens is not None:
-            result = round(self._noisy(hint.result_tokens))
+        if hint.result_tokens is not None:     # exact, as the reference passes api_return_length
+            result = hint.result_tokens
         else:
             result = round(self._result_tokens.mean(tool))
         return SegmentPrediction(output, seconds, result)

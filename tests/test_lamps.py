@@ -217,6 +217,8 @@ def test_oracle_predictions_and_injected_error():
     assert min(durations) >= 0 and len(set(durations)) > 150
     assert 2.5 < sum(durations) / len(durations) < 3.5        # unbiased around the truth
     assert all(1 <= p.output_tokens <= 20 for p in noisy)     # clamped to the sampling budget
+    assert len({p.output_tokens for p in noisy}) > 10
+    assert {p.result_tokens for p in noisy} == {9}             # exact, as the reference's api_return_length
 
 
 def test_tool_mean_learns_durations_and_result_lengths_online():
