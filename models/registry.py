@@ -11,6 +11,7 @@ where weights are read, so `load_tokenizer` stays quick to import.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -121,8 +122,17 @@ def _gguf_source(name_or_path: str) -> tuple[Path, Path] | None:
         return _smollm2_gguf(), cache_dir() / SMOLLM2_CACHE_NAME
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return path, cache_dir() / f"{path.stem}-{path.stat().st_size}-v{CONVERTER_VERSION}"
+        return path, cache_dir() / f"{path.stem}-{_file_key(path)}-v{CONVERTER_VERSION}"
     return None
+
+
+def _file_key(path: Path) -> str:
+    """A key of the file at `path` as it is now: its full path, size and modification time. Name and
+    size alone are shared by the GGUFs of two checkpoints of one model (run1/model.gguf,
+    run2/model.gguf) and by a file rewritten in place, which would then load the other's weights."""
+    stat = path.stat()
+    where = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 def _write_config_and_tokenizer(folder: Path, spec: ModelSpec, gguf_path: Path) -> None:

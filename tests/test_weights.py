@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import gguf
@@ -188,7 +189,13 @@ def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], heads: int, kv_h
 
 @pytest.fixture
 def tiny_gguf(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(1)
+    path = tmp_path / "tiny.gguf"
+    return path, make_tiny_gguf(path)
+
+
+def make_tiny_gguf(path: Path, seed: int = 1) -> dict[str, np.ndarray]:
+    """Write a 2-layer GGUF of random weights drawn from `seed` (its size does not depend on it); its HF tensors."""
+    rng = np.random.default_rng(seed)
     vocab, hidden, ffn, heads, kv_heads, head_dim = 260, 32, 48, 4, 2, 8
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (vocab, hidden)}
@@ -202,9 +209,8 @@ def tiny_gguf(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
                    p + "mlp.down_proj.weight": (hidden, ffn), p + "input_layernorm.weight": (hidden,),
                    p + "post_attention_layernorm.weight": (hidden,)}
     tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, tensors, heads, kv_heads)
-    return path, tensors
+    return tensors
 
 
 def test_tiny_gguf_roundtrip(tiny_gguf: tuple[Path, dict[str, np.ndarray]]) -> None:
@@ -331,7 +337,7 @@ def test_resolve_gguf_path_converts_once(tiny_gguf: tuple[Path, dict[str, np.nda
     path, tensors = tiny_gguf
     monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
     folder = resolve_model(str(path))
-    assert Path(folder) == tmp_path / "cache" / f"tiny-{path.stat().st_size}-v{registry.CONVERTER_VERSION}"
+    assert Path(folder) == tmp_path / "cache" / f"tiny-{registry._file_key(path)}-v{registry.CONVERTER_VERSION}"
     assert sorted(p.name for p in Path(folder).iterdir()) == [
         "config.json", "generation_config.json", "orbax", "tokenizer.json", "tokenizer_config.json"]
     spec = load_gguf(path)[0]
@@ -348,6 +354,24 @@ def test_resolve_gguf_path_converts_once(tiny_gguf: tuple[Path, dict[str, np.nda
     monkeypatch.setattr(registry, "load_gguf", lambda p: pytest.fail("converted twice"))
     assert resolve_model(str(path)) == folder
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(folder).name]  # no temp folders left
+
+
+def test_gguf_files_of_one_name_and_size_convert_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two checkpoints' GGUFs (run1/model.gguf, run2/model.gguf) have the same name and size but
+    not the same weights: each path loads its own, and so does a file rewritten in place."""
+    monkeypatch.setenv("INFERCEPT_JAX_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "run1" / "model.gguf", tmp_path / "run2" / "model.gguf"
+    first.parent.mkdir(), second.parent.mkdir()
+    first_tensors, second_tensors = make_tiny_gguf(first, seed=1), make_tiny_gguf(second, seed=2)
+    assert first.stat().st_size == second.stat().st_size
+    for path, tensors in ((first, first_tensors), (second, second_tensors)):
+        model, _ = load_model(str(path))
+        assert_same_weights(model, Llama.from_hf_weights(model.spec, tensors))
+    rewritten = make_tiny_gguf(first, seed=3)
+    stat = first.stat()
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))   # a later write, on a coarse clock too
+    model, _ = load_model(str(first))
+    assert_same_weights(model, Llama.from_hf_weights(model.spec, rewritten))
 
 
 def test_hf_reference_folder_of_a_gguf(tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
