@@ -130,6 +130,7 @@ def load_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r} in {path}: only 'llama' is supported")
+    _check_gguf_rope(reader, path)
     spec = _gguf_spec(reader)
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
@@ -144,6 +145,21 @@ def load_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
             arr = unpermute_rope_rows(arr, spec.num_kv_heads)
         tensors[name] = arr
     return spec, tensors
+
+
+def _check_gguf_rope(reader: GGUFReader, path: str | Path) -> None:
+    """Refuse scaled RoPE, which the spec read from a GGUF cannot carry: loaded as plain RoPE, the
+    model would run with the wrong positions. A converted HF `rope_scaling` is `rope.scaling.type`
+    (older files: `rope.scale_linear`); llama3 scaling is a `rope_freqs` tensor of factors."""
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    linear = _field(reader, "llama.rope.scale_linear", 1.0)
+    if scaling != "none" or linear != 1.0:
+        factor = _field(reader, "llama.rope.scaling.factor", linear)
+        raise ValueError(f"unsupported RoPE scaling {scaling if scaling != 'none' else 'linear'!r} (factor {factor}) "
+                         f"in {path}: GGUF files are loaded with unscaled RoPE only")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"unsupported RoPE scaling in {path}: it has llama3 RoPE frequency factors "
+                         f"(rope_freqs.weight); load the model's HF folder instead")
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import jax.numpy as jnp
@@ -152,8 +153,10 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_LAYER[part]}.weight"
 
 
-def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], heads: int, kv_heads: int) -> None:
-    """A small llama GGUF laid out the way llama.cpp writes one: renamed, q/k permuted, byte-level vocab."""
+def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], heads: int, kv_heads: int,
+                    edit: Callable[[gguf.GGUFWriter], None] = lambda writer: None) -> None:
+    """A small llama GGUF laid out the way llama.cpp writes one: renamed, q/k permuted, byte-level
+    vocab; `edit` adds to its metadata and tensors."""
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt"]
     hidden = tensors["model.embed_tokens.weight"].shape[1]
     w = gguf.GGUFWriter(path, arch="llama")
@@ -181,6 +184,7 @@ def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], heads: int, kv_h
         elif ".k_proj." in name:
             t = llama_cpp_permute(t, kv_heads)
         w.add_tensor(gguf_name(name), t)
+    edit(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -193,7 +197,8 @@ def tiny_gguf(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return path, make_tiny_gguf(path)
 
 
-def make_tiny_gguf(path: Path, seed: int = 1) -> dict[str, np.ndarray]:
+def make_tiny_gguf(path: Path, seed: int = 1,
+                   edit: Callable[[gguf.GGUFWriter], None] = lambda writer: None) -> dict[str, np.ndarray]:
     """Write a 2-layer GGUF of random weights drawn from `seed` (its size does not depend on it); its HF tensors."""
     rng = np.random.default_rng(seed)
     vocab, hidden, ffn, heads, kv_heads, head_dim = 260, 32, 48, 4, 2, 8
@@ -209,7 +214,7 @@ def make_tiny_gguf(path: Path, seed: int = 1) -> dict[str, np.ndarray]:
                    p + "mlp.down_proj.weight": (hidden, ffn), p + "input_layernorm.weight": (hidden,),
                    p + "post_attention_layernorm.weight": (hidden,)}
     tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    write_tiny_gguf(path, tensors, heads, kv_heads)
+    write_tiny_gguf(path, tensors, heads, kv_heads, edit)
     return tensors
 
 
@@ -222,6 +227,33 @@ def test_tiny_gguf_roundtrip(tiny_gguf: tuple[Path, dict[str, np.ndarray]]) -> N
     assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (4, 2, 8, 260)
     assert not spec.tie_word_embeddings and spec.rms_norm_eps == 1e-6
     assert (spec.bos_token_id, spec.eos_token_ids, spec.max_position_embeddings) == (1, (2,), 256)
+
+
+def test_gguf_with_scaled_rope_is_refused(tmp_path: Path) -> None:
+    """A linearly scaled GGUF (vicuna-7b-v1.5-16k's: factor 4) or a llama3 one (rope_freqs) is
+    refused by name, not run with unscaled positions."""
+    def linear(writer: gguf.GGUFWriter) -> None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(4.0)
+
+    def legacy_linear(writer: gguf.GGUFWriter) -> None:
+        writer.add_float32("llama.rope.scale_linear", 4.0)
+
+    def llama3(writer: gguf.GGUFWriter) -> None:
+        writer.add_tensor("rope_freqs.weight", np.ones(4, np.float32))
+
+    for edit, message in ((linear, r"'linear' \(factor 4.0\)"), (legacy_linear, r"'linear' \(factor 4.0\)"),
+                          (llama3, r"in .*llama3.gguf: .*rope_freqs")):
+        path = tmp_path / f"{edit.__name__}.gguf"
+        make_tiny_gguf(path, edit=edit)
+        with pytest.raises(ValueError, match="unsupported RoPE scaling " + message):
+            load_gguf(path)
+
+    def unscaled(writer: gguf.GGUFWriter) -> None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+    make_tiny_gguf(tmp_path / "none.gguf", edit=unscaled)
+    assert load_gguf(tmp_path / "none.gguf")[0].rope_scaling is None
 
 
 @pytest.fixture(scope="module")
