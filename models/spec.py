@@ -39,6 +39,7 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelSpec":
         heads = cfg["num_attention_heads"]
+        _check_supported(cfg)
         scaling = None
         rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
         if rs and rs.get("rope_type", rs.get("type")) == "llama3":
@@ -98,3 +99,14 @@ class ModelSpec:
         if self.eos_token_ids:
             cfg["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
         return cfg
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    """Refuse Llama options the model does not implement: their weights (biases) would be ignored,
+    or the MLP would use another activation, and the model would run wrong without a word."""
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise ValueError(f"unsupported Llama config {key}={cfg[key]!r}: only bias-free projections are supported")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"unsupported Llama config hidden_act={act!r}: only silu is supported")

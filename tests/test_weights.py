@@ -71,6 +71,17 @@ def test_hf_folder_rejects_other_architectures(tmp_path: Path) -> None:
         load_hf_folder(tmp_path)
 
 
+@pytest.mark.parametrize("option", [{"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}])
+def test_hf_folder_rejects_llama_options_it_does_not_implement(tmp_path: Path, option: dict) -> None:
+    """Biases would be left out of the model and another activation replaced by silu: refused instead."""
+    spec = tiny_spec()
+    folder = write_hf_folder(tmp_path, spec, random_hf_tensors(spec))
+    (folder / "config.json").write_text(json.dumps(spec.to_hf_config() | option))
+    key, value = next(iter(option.items()))
+    with pytest.raises(ValueError, match=f"unsupported Llama config {key}={value!r}"):
+        load_hf_folder(folder)
+
+
 def test_bf16_folder_loads_into_bf16_model_without_widening(tmp_path: Path) -> None:
     spec = tiny_spec()
     bf16 = {k: v.astype(jnp.bfloat16) for k, v in random_hf_tensors(spec, seed=7).items()}
