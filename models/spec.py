@@ -52,8 +52,7 @@ class ModelSpec:
         elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
             raise ValueError(f"unsupported rope scaling {rs!r}")
         theta = cfg.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = token_ids(cfg.get("eos_token_id"))
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -99,6 +98,11 @@ class ModelSpec:
         if self.eos_token_ids:
             cfg["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
         return cfg
+
+
+def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """An HF config's token id field (`eos_token_id`: one id, a list or null) as a tuple."""
+    return tuple(int(i) for i in value) if isinstance(value, list) else (() if value is None else (int(value),))
 
 
 def _check_supported(cfg: dict[str, Any]) -> None:

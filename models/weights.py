@@ -7,6 +7,7 @@ to float32 up front (GGUF models here are small).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -18,7 +19,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from models.spec import ModelSpec
+from models.spec import ModelSpec, token_ids
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -56,7 +57,9 @@ def load_hf_folder(path: str | Path) -> tuple[ModelSpec, "SafetensorsWeights"]:
 
 
 def load_hf_spec(folder: Path) -> ModelSpec:
-    """The spec in a folder's config.json, refused unless it is a Llama."""
+    """The spec in a folder's config.json, refused unless it is a Llama, with the end-of-sequence ids
+    of its generation_config.json too: that is where a chat model may list its end-of-turn token
+    (Meta-Llama-3-8B-Instruct: config.json names <|end_of_text|>, generation_config.json adds <|eot_id|>)."""
     cfg = json.loads((folder / "config.json").read_text())
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
@@ -64,7 +67,12 @@ def load_hf_spec(folder: Path) -> ModelSpec:
             f"unsupported architecture {archs or cfg.get('model_type')!r} in {folder}: "
             f"only {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama') is supported"
         )
-    return ModelSpec.from_hf_config(cfg)
+    spec = ModelSpec.from_hf_config(cfg)
+    generation = folder / "generation_config.json"
+    if not generation.is_file():
+        return spec
+    eos = token_ids(json.loads(generation.read_text()).get("eos_token_id"))
+    return dataclasses.replace(spec, eos_token_ids=tuple(dict.fromkeys(spec.eos_token_ids + eos)))
 
 
 class SafetensorsWeights(Mapping[str, np.ndarray]):

@@ -82,6 +82,19 @@ def test_hf_folder_rejects_llama_options_it_does_not_implement(tmp_path: Path, o
         load_hf_folder(folder)
 
 
+def test_hf_folder_eos_ids_include_generation_config(tmp_path: Path) -> None:
+    """Meta-Llama-3-8B-Instruct's config.json names <|end_of_text|> (128001) and its
+    generation_config.json adds the end of a turn, <|eot_id|> (128009): a reply stops at either."""
+    spec = tiny_spec(eos_token_ids=(1,))
+    folder = write_hf_folder(tmp_path, spec, random_hf_tensors(spec))
+    assert load_hf_folder(folder)[0].eos_token_ids == (1,)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 9]}))
+    assert load_hf_folder(folder)[0].eos_token_ids == (1, 9)
+    assert registry.load_spec(str(folder)).eos_token_ids == (1, 9)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert load_hf_folder(folder)[0].eos_token_ids == (1, 7)
+
+
 def test_bf16_folder_loads_into_bf16_model_without_widening(tmp_path: Path) -> None:
     spec = tiny_spec()
     bf16 = {k: v.astype(jnp.bfloat16) for k, v in random_hf_tensors(spec, seed=7).items()}
