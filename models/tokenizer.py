@@ -21,7 +21,7 @@ class Tokenizer:
     def __init__(
         self,
         tokenizer: tokenizers.Tokenizer,
-        chat_template: str | None = None,
+        chat_template: str | list[dict[str, str]] | None = None,
         bos_token: str | None = None,
         eos_token: str | None = None,
         unk_token: str | None = None,
@@ -87,8 +87,13 @@ class Tokenizer:
 
     @property
     def supports_tools(self) -> bool:
-        """Whether the chat template renders a `tools` list itself."""
-        return self.chat_template is not None and "tools" in self.chat_template
+        """Whether the chat template renders a `tools` list itself. A tokenizer_config.json may hold
+        a list of named templates: transformers renders a call with tools by `tool_use`, else `default`."""
+        template = self.chat_template
+        if isinstance(template, list):
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("tool_use", named.get("default"))
+        return template is not None and "tools" in template
 
     @cached_property
     def _hf(self) -> Any:

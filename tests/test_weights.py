@@ -10,10 +10,12 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 from tokenizers import pre_tokenizers
 
 from helpers import (SMOLLM2_MISSING, RecordedReads, assert_same_weights, paged_logits, random_hf_tensors, tiny_spec,
                      write_hf_folder)
+from infercept_jax.serving.chat import ChatFormat
 from models import checkpoint, registry
 from models.llama import Llama
 from models.registry import hf_reference_folder, load_model, resolve_model
@@ -373,6 +375,23 @@ def test_saved_tokenizer_loads_in_transformers(tmp_path: Path, smollm2_tokenizer
     for text in TEXTS + [prompt]:
         want = smollm2_tokenizer.encode(text)
         assert ours.encode(text) == want and ref.encode(text, add_special_tokens=False) == want, text
+
+
+def test_named_chat_templates_render_tools_with_their_tool_use_template(tmp_path: Path) -> None:
+    """tokenizer_config.json may hold a list of named templates (Hermes-2-Pro-Llama-3-8B: `default`
+    and `tool_use`); transformers renders a call with tools by `tool_use`, so the model renders tools."""
+    from tokenizers import models as tokenizer_models
+
+    vocab = tokenizer_models.WordLevel({"<unk>": 0}, unk_token="<unk>")
+    tokenizers.Tokenizer(vocab).save(str(tmp_path / "tokenizer.json"))
+    turns = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    templates = [{"name": "default", "template": turns}, {"name": "tool_use", "template": "{{ tools | tojson }}" + turns}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    tok = Tokenizer.from_folder(tmp_path)
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert tok.supports_tools
+    assert ChatFormat(tok).render([{"role": "user", "content": "hi"}], tools) == '[{"name": "f"}]hi'
+    assert ChatFormat(tok).render([{"role": "user", "content": "hi"}], None) == "hi"
 
 
 # --- registry ----------------------------------------------------------------------------------
