@@ -59,9 +59,9 @@ class ModelSpec:
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),     # LlamaConfig's default
             rope_theta=float(theta),
             rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),

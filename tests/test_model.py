@@ -121,3 +121,15 @@ def test_the_smollm2_135m_shape_is_the_packaged_models():
     from models.shapes import SHAPES
 
     assert load_spec("smollm2-135m") == SHAPES["smollm2-135m"]
+
+
+def test_spec_reads_a_sparse_config_as_transformers_does():
+    """Fields a config.json leaves out, or sets to null, take LlamaConfig's defaults (its
+    rms_norm_eps is 1e-6, not 1e-5; null num_key_value_heads means one per query head)."""
+    from transformers import LlamaConfig
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": None}
+    spec, ref = ModelSpec.from_hf_config(cfg), LlamaConfig(**cfg)
+    assert (spec.rms_norm_eps, spec.num_kv_heads, spec.max_position_embeddings, spec.tie_word_embeddings) == \
+        (ref.rms_norm_eps, ref.num_key_value_heads, ref.max_position_embeddings, ref.tie_word_embeddings)
