@@ -36,6 +36,9 @@ class Tokenizer:
     def from_folder(cls, path: str | Path) -> "Tokenizer":
         """Read an HF tokenizer folder: tokenizer.json, tokenizer_config.json (or chat_template.jinja)."""
         folder = Path(path)
+        if not (folder / "tokenizer.json").is_file():
+            raise ValueError(f"no tokenizer.json in {folder}: only fast (tokenizers) tokenizers are supported; "
+                             f"transformers' AutoTokenizer.from_pretrained(folder).save_pretrained(folder) writes one")
         cfg_path = folder / "tokenizer_config.json"
         cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         template = cfg.get("chat_template")

@@ -148,6 +148,13 @@ def test_bad_hf_folders_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing 'model.layers.1.mlp.up_proj.weight'"):
         Llama.from_hf_weights(spec_, stored)
 
+    folder = write_hf_folder(tmp_path / "no-tokenizer", spec, random_hf_tensors(spec))
+    (folder / "tokenizer.model").write_bytes(b"a sentencepiece model")
+    with pytest.raises(ValueError, match=f"no tokenizer.json in {folder}"):
+        load_model(str(folder))
+    with pytest.raises(ValueError, match=f"no tokenizer.json in {folder}"):
+        registry.load_tokenizer(str(folder))
+
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(spec.to_hf_config()))
     with pytest.raises(ValueError, match=r"no \*.safetensors files"):
