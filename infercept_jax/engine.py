@@ -121,7 +121,7 @@ class Engine:
         if isinstance(text_or_ids, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass token ids")
-            return text_or_ids, self.tokenizer.encode(text_or_ids)
+            return text_or_ids, self.tokenizer.encode_prompt(text_or_ids)
         if isinstance(text_or_ids, (list, tuple, np.ndarray)) and all(
                 isinstance(t, (int, np.integer)) for t in text_or_ids):
             token_ids = [int(t) for t in text_or_ids]

@@ -76,6 +76,14 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids with the special tokens the tokenizer adds (a Llama's BOS), as transformers
+        and vLLM encode a completion prompt; a text that already begins with the BOS token (a
+        rendered chat template) does not get a second one. Tool results use `encode`: no BOS
+        in the middle of a context."""
+        has_bos = self.bos_token is not None and text.startswith(self.bos_token)
+        return self.encode(text, add_special_tokens=not has_bos)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

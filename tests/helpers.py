@@ -215,6 +215,22 @@ class FakeRunner:
         return sampled, 0.0
 
 
+def write_bos_tokenizer(folder: Path) -> Path:
+    """An HF tokenizer folder whose tokenizer adds BOS `<s>` (id 0) to every encoding, as a Llama's
+    does: one word per token, ids 0-3 `<s>`, `</s>`, `hi`, `there`."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hi": 2, "there": 3}, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+    return folder
+
+
 def engine_with(runner, policy: str = "preserve", *, num_kv_blocks: int, block_size: int = 4, max_model_len: int = 64,
                 vocab_size: int = 64, eos_token_ids=(1,), tokenizer=None, clock=lambda: 0.0, **options) -> Engine:
     """An engine around a stand-in runner, built as `LLM` builds one; `options` are EngineConfig fields."""

@@ -8,15 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FakeRunner, count_compiles, engine_with, random_hf_tensors, requires_smollm2, tiny_spec
+from helpers import (FakeRunner, count_compiles, engine_with, random_hf_tensors, requires_smollm2, tiny_spec,
+                     write_bos_tokenizer)
 from infercept_jax import LLM, SamplingParams
 from infercept_jax.detokenizer import partial_marker_length
 from infercept_jax.model_runner import Packing
 from infercept_jax.sampling import SamplingBatch
 from models import registry
 from models.llama import Llama
-from models.tokenizer import tokenizer_from_gguf
-from scheduling.request import SegmentHint
+from models.tokenizer import Tokenizer, tokenizer_from_gguf
+from scheduling.request import RequestStatus, SegmentHint
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -281,14 +282,27 @@ def test_no_step_has_a_single_token(model):
     assert len(llm.generate([prompts(1)[0]], GREEDY)[0].token_ids) == 12
 
 
+def test_a_text_prompt_gets_its_tokenizers_bos_and_a_text_result_does_not(tmp_path):
+    tokenizer = Tokenizer.from_folder(write_bos_tokenizer(tmp_path / "tok"))
+    engine = engine_with(FakeRunner(), num_kv_blocks=16, vocab_size=4, tokenizer=tokenizer)
+    rid = engine.add_request("hi there", SamplingParams(max_tokens=4, intercept_after=1))
+    chat = engine.add_request("<s> hi", SamplingParams(max_tokens=1))
+    assert engine.requests[rid].prompt_token_ids == [0, 2, 3] and engine.requests[chat].prompt_token_ids == [0, 2]
+    while engine.requests[rid].status is not RequestStatus.PAUSED:
+        engine.step()
+    engine.resume(rid, "there hi")
+    assert engine.requests[rid].token_ids[-2:] == [3, 2]
+
+
 class LetterTokenizer:
     """Token id i is the letter chr(97 + i % 26): enough to exercise text, stop strings and streaming."""
 
-    special_tokens = frozenset()
     eos_token_id = None
 
     def encode(self, text):
         return [ord(c) - 97 + 26 for c in text]
+
+    encode_prompt = encode       # no special tokens to add
 
     def decode(self, ids):
         return "".join(chr(97 + i % 26) for i in ids)
@@ -326,7 +340,6 @@ class PieceTokenizer:
     """SentencePiece-like: pieces carry their leading space as '▁', and decode strips the space at
     the start, so decoding a window is not a slice of the whole decode."""
 
-    special_tokens = frozenset()
     pieces = ["▁the", "▁cat", "s", "▁sat", ".", "▁on", "▁a", "▁mat"]
 
     def decode(self, ids):

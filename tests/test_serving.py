@@ -16,12 +16,13 @@ import openai
 import pytest
 import uvicorn
 
-from helpers import SMOLLM2_MISSING, engine_with
+from helpers import SMOLLM2_MISSING, FakeRunner, engine_with, write_bos_tokenizer
 from infercept_jax.async_llm import AsyncLLM
 from infercept_jax.serving.app import OpenAIServer, _safe_length
 from infercept_jax.serving.chat import BadRequest, ChatFormat
 from infercept_jax.serving.sessions import PausedTurn, PausedTurns
 from models.registry import load_tokenizer
+from models.tokenizer import Tokenizer
 
 MODEL = "test-model"
 CALL = '<tool_call>[\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n]</tool_call>'
@@ -473,6 +474,16 @@ def test_a_call_marker_that_is_a_special_token_is_refused_at_start(tokenizer):
     with pytest.raises(ValueError, match="<jupyter_code>"):
         ChatFormat(tokenizer, call_start="<jupyter_code>")
     assert ChatFormat(tokenizer, call_start="<code>").tool_format.call_start == "<code>"
+
+
+def test_a_completion_prompt_gets_its_tokenizers_bos(tmp_path):
+    tokenizer = Tokenizer.from_folder(write_bos_tokenizer(tmp_path / "tok"))
+    engine = engine_with(FakeRunner(), vocab_size=4, tokenizer=tokenizer, num_kv_blocks=16)
+    llm = AsyncLLM.from_llm(SimpleNamespace(engine=engine, tokenizer=tokenizer))
+    try:
+        assert OpenAIServer(llm, MODEL)._tokens("hi there") == [0, 2, 3]
+    finally:
+        llm.shutdown()
 
 
 def test_tools_are_rendered_into_the_system_prompt_when_the_template_has_none(tokenizer):

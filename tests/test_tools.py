@@ -32,6 +32,8 @@ class ScriptTokenizer:
     def encode(self, text):
         return [TEXT + ord(c) for c in text.encode("ascii", "replace").decode()]
 
+    encode_prompt = encode       # no special tokens to add
+
     def decode(self, ids):
         return "".join(chr(i - TEXT) for i in ids)
 

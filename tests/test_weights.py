@@ -14,7 +14,7 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from helpers import (SMOLLM2_MISSING, RecordedReads, assert_same_weights, paged_logits, random_hf_tensors, tiny_spec,
-                     write_hf_folder)
+                     write_bos_tokenizer, write_hf_folder)
 from infercept_jax.serving.chat import ChatFormat
 from models import checkpoint, registry
 from models.llama import Llama
@@ -382,6 +382,17 @@ def test_saved_tokenizer_loads_in_transformers(tmp_path: Path, smollm2_tokenizer
     for text in TEXTS + [prompt]:
         want = smollm2_tokenizer.encode(text)
         assert ours.encode(text) == want and ref.encode(text, add_special_tokens=False) == want, text
+
+
+def test_a_prompt_gets_the_bos_its_tokenizer_adds_once_as_transformers_encodes_it(tmp_path: Path) -> None:
+    """Prompts were encoded without special tokens, so a Llama folder's prompts had no BOS."""
+    from transformers import AutoTokenizer
+
+    folder = write_bos_tokenizer(tmp_path / "tok")
+    ours, ref = Tokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    assert ours.encode_prompt("hi there") == ref("hi there").input_ids == [0, 2, 3]
+    assert ours.encode_prompt("<s> hi") == [0, 2]          # a rendered chat template already has it
+    assert ours.encode("hi there") == [2, 3]                # a tool result: no BOS mid-context
 
 
 def test_named_chat_templates_render_tools_with_their_tool_use_template(tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ class OpenAIServer:
         if isinstance(prompt, str):
             if self.llm.tokenizer is None:
                 raise BadRequest("this model has no tokenizer: send the prompt as token ids")
-            ids = self.llm.tokenizer.encode(prompt)
+            ids = self.llm.tokenizer.encode_prompt(prompt)
         else:
             ids = list(prompt)
         if not ids:
