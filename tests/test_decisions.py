@@ -471,6 +471,20 @@ def test_with_nothing_running_a_blocked_swap_in_recomputes_the_newest_other_swap
     assert where(sched, mid)[:2] == (2, 2) and where(sched, newest)[:2] == (0, 2)
 
 
+def test_a_running_request_short_of_room_recomputes_swapped_holders_newest_first_rather_than_itself():
+    """5 usable blocks: `r` holds 3 and needs 5; `h1` and `h2`, resumed half on the host, hold one
+    each and cannot come back while `r` runs (no swap-in budget). Preempting itself, `r` would wait
+    for their room and they for its: they are recomputed instead, the newest first, until it fits."""
+    sched = scheduler_with(with_host_pool(PreservePolicy(), 0), device_blocks=6)
+    h1 = swapped(sched, "h1", 8, 1, arrival=0.0)
+    h2 = swapped(sched, "h2", 8, 1, arrival=1.0)
+    r = running(sched, "r", 12, 5, arrival=2.0)
+    out = sched.schedule(1.0)
+    assert out.preempted == [h2, h1] and h1.status is h2.status is RequestStatus.WAITING
+    assert [(s.request, s.num_query_tokens) for s in out.scheduled] == [(r, 5)]
+    assert where(sched, h1)[:2] == where(sched, h2)[:2] == (0, 0) and where(sched, r)[:2] == (5, 0)
+
+
 def test_a_blocked_swap_in_with_no_other_holder_keeps_its_kv_and_waits():
     """The device is held by `s`'s own part and a preserved paused request: `s` is not recomputed."""
     sched = scheduler_with(with_host_pool(PreservePolicy(), 4), device_blocks=5)

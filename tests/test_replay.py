@@ -448,8 +448,13 @@ def test_prompts_and_results_are_token_0_which_every_vocabulary_has():
     """As the reference's [0] * n: a model of 64 tokens takes the replay's prompts (the simulator's
     sampled token, 31548, was used and every request was refused)."""
     engine = engine_with(FakeRunner(), num_kv_blocks=16, vocab_size=64)
+    added, add = [], engine.add_request
+    engine.add_request = lambda prompt, *args, **kwargs: added.append(prompt) or add(prompt, *args, **kwargs)
+    results, resume = [], engine.resume
+    engine.resume = lambda rid, result, *args, **kwargs: results.append(result) or resume(rid, result, *args, **kwargs)
     r = TraceRequest("r", 3, (Segment(1, api_time=0.0, api_token_length=2), Segment(2)))
     m = replay(engine, [(0.0, r)], window=10.0)
+    assert added == [[0, 0, 0]] and results == [[0, 0]]
     assert m["num_rejected"] == 0 and m["num_finished"] == 1
     assert "| 1 | 0 | 1 |" in format_table([{**m, "policy": "preserve", "qps": 1.0}])   # submitted, refused, finished
 

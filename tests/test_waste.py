@@ -262,3 +262,5 @@ def test_waste_meter_record_by_hand():
     empty = NS(scheduled=[], num_tokens=0, swap_out=[], swap_in=[], preempted=[], memory_short=False)
     meter.add(meter.measure(sched, empty), seconds=1.0, stall_seconds=0.0)      # a step with nothing scheduled
     assert meter.summary()["recompute_seconds"] == pytest.approx(1.5) and meter.steps == 3
+    meter.add(meter.measure(sched, NS(**{**vars(out), "memory_short": True})), seconds=2.0, stall_seconds=0.5)
+    assert meter.preserve_short_token_s == pytest.approx(16 + 16)     # both short steps add up

@@ -53,14 +53,19 @@ def replayed_segments(request: TraceRequest) -> tuple[Segment, ...]:
     reference makes that call (its `max_tokens` counts the call's result, so the request has not
     reached it), then samples once more before it stops at `max_tokens`. Here results do not
     count against `max_tokens`, so a call on the last segment gets a one-token segment after it,
-    and a last segment of 0 tokens after a call becomes one of a token (else the call's trigger
-    token would reach `max_tokens` and the call would not be made)."""
+    and a last segment of 0 tokens becomes one of a token (after a call, the call's trigger token
+    would otherwise reach `max_tokens` first; alone, it is the one token a request samples)."""
     segments = request.segments
     if segments[-1].has_call:
         return segments + (Segment(1),)
-    if segments[-1].completion_tokens == 0 and len(segments) > 1:
+    if segments[-1].completion_tokens == 0:
         return segments[:-1] + (Segment(1),)
     return segments
+
+
+def generated_tokens(request: TraceRequest) -> int:
+    """Tokens the request samples in all (a call segment samples at least the one that calls)."""
+    return sum(max(1, s.completion_tokens) for s in replayed_segments(request))
 
 
 def segment_params(request: TraceRequest, index: int) -> SamplingParams:
@@ -78,12 +83,6 @@ def segment_hint(request: TraceRequest, index: int, time_scale: float = 1.0) -> 
         return SegmentHint()
     return SegmentHint(call_duration=segment.api_time * time_scale, result_tokens=segment.api_token_length,
                        tool=request.kind)
-
-
-def generated_tokens(request: TraceRequest) -> int:
-    """Tokens the request samples in all (a call segment samples at least the one that calls)."""
-    return sum(max(1, s.completion_tokens) if s.has_call else s.completion_tokens
-               for s in replayed_segments(request)) or 1
 
 
 @dataclass
