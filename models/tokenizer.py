@@ -34,20 +34,22 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "Tokenizer":
-        """Read an HF tokenizer folder: tokenizer.json, tokenizer_config.json (or chat_template.jinja)."""
+        """Read an HF tokenizer folder: tokenizer.json, tokenizer_config.json (or chat_template.jinja),
+        and special_tokens_map.json for the special tokens tokenizer_config.json does not name (older
+        repos keep them only there)."""
         folder = Path(path)
         if not (folder / "tokenizer.json").is_file():
             raise ValueError(f"no tokenizer.json in {folder}: only fast (tokenizers) tokenizers are supported; "
                              f"transformers' AutoTokenizer.from_pretrained(folder).save_pretrained(folder) writes one")
-        cfg_path = folder / "tokenizer_config.json"
-        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        cfg, special = _read_json(folder / "tokenizer_config.json"), _read_json(folder / "special_tokens_map.json")
         template = cfg.get("chat_template")
         if template is None and (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
         return cls(
             tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")),
             chat_template=template,
-            **{key: _token_str(cfg.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")},
+            **{key: _token_str(cfg.get(key) or special.get(key))
+               for key in ("bos_token", "eos_token", "unk_token", "pad_token")},
         )
 
     def save(self, folder: str | Path) -> None:
@@ -186,6 +188,10 @@ _PRE_TOKENIZERS = {
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()]),
     "gpt2": _byte_level,
 }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _token_str(value: str | dict[str, Any] | None) -> str | None:

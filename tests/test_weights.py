@@ -395,6 +395,19 @@ def test_a_prompt_gets_the_bos_its_tokenizer_adds_once_as_transformers_encodes_i
     assert ours.encode("hi there") == [2, 3]                # a tool result: no BOS mid-context
 
 
+def test_special_tokens_named_only_in_special_tokens_map_json_are_read(tmp_path: Path) -> None:
+    """Older repos name bos/eos there alone; without the BOS text a rendered chat template got a second BOS."""
+    from transformers import AutoTokenizer
+
+    folder = write_bos_tokenizer(tmp_path / "tok")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"}))
+    ours, ref = Tokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    assert (ours.bos_token, ours.eos_token) == (ref.bos_token, ref.eos_token) == ("<s>", "</s>")
+    assert ours.encode_prompt("<s> hi") == [0, 2]
+
+
 def test_named_chat_templates_render_tools_with_their_tool_use_template(tmp_path: Path) -> None:
     """tokenizer_config.json may hold a list of named templates (Hermes-2-Pro-Llama-3-8B: `default`
     and `tool_use`); transformers renders a call with tools by `tool_use`, so the model renders tools."""
