@@ -35,6 +35,10 @@ def build_engine(config: EngineConfig, make_runner: Callable[[BlockManager, Engi
     `make_runner(block_manager, resolved config)` makes the runner. The resolved config has
     `max_model_len` (the config's, else `model_max_len`) and `max_num_batched_tokens` (S) set."""
     profile = engine_profile(config, kv_bytes_per_token)
+    if config.max_model_len is not None and config.max_model_len > model_max_len:
+        log.warning("max_model_len %d is longer than the %d positions the model was trained on: RoPE "
+                    "goes on, but outputs past %d may be poor (vLLM refuses this by default)",
+                    config.max_model_len, model_max_len, model_max_len)
     config = dataclasses.replace(config, max_model_len=config.max_model_len or model_max_len,
                                  max_num_batched_tokens=profile.saturation_tokens)
     noise = {"relative_error": config.estimator_error, "seed": config.seed}

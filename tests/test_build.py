@@ -145,3 +145,14 @@ def test_replay_flags_reach_the_engine(monkeypatch, tmp_path):
                          "--device-memory-gb", "40", *wrong, "--out", str(tmp_path)]) == 2
     assert cli.main(["replay", "--trace", "builtin:mixed-small", "--device-memory-gb", "40",   # the real engine
                      "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("max_model_len, warned", [(512, False), (513, True), (None, False)])
+def test_a_context_longer_than_the_models_positions_is_warned_about(caplog, max_model_len, warned):
+    from infercept_jax.build import build_engine
+
+    config = EngineConfig.from_kwargs(num_kv_blocks=64, max_model_len=max_model_len, warmup=False, compile_cache=False)
+    with caplog.at_level("WARNING", logger="infercept_jax.build"):
+        engine = build_engine(config, lambda *_: FakeRunner(), kv_bytes_per_token=64, vocab_size=64, model_max_len=512)
+    assert engine.config.max_model_len == (max_model_len or 512)
+    assert ("trained on" in caplog.text) == warned
