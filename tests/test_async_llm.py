@@ -182,13 +182,12 @@ async def idle_stats(llm: AsyncLLM) -> dict:
     return stats
 
 
-def test_a_caller_cancelled_after_its_add_ran_aborts_the_request():
-    """Before, the request ran all its 40 steps of 20 ms unread."""
-    llm = async_llm(SlowRunner(0.02))
-
+def stats_after_a_caller_cancelled_late(llm: AsyncLLM, prepare) -> dict:
+    """`await prepare()` gives a call's start (as `cancel_after_the_command_ran` takes it); its
+    caller is cancelled after its command ran. The engine's stats once idle; it must hold no
+    request and still run. Shuts the engine down."""
     async def main():
-        await cancel_after_the_command_ran(
-            llm, lambda: anext(llm.generate([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0))))
+        await cancel_after_the_command_ran(llm, await prepare())
         return await idle_stats(llm)
 
     try:
@@ -196,6 +195,17 @@ def test_a_caller_cancelled_after_its_add_ran_aborts_the_request():
         assert not llm.engine.requests and llm.alive
     finally:
         llm.shutdown()
+    return stats
+
+
+def test_a_caller_cancelled_after_its_add_ran_aborts_the_request():
+    """Before, the request ran all its 40 steps of 20 ms unread."""
+    llm = async_llm(SlowRunner(0.02))
+
+    async def prepare():
+        return lambda: anext(llm.generate([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0)))
+
+    stats = stats_after_a_caller_cancelled_late(llm, prepare)
     assert stats["steps"] < 10 and stats["device_blocks_used"] == 0
 
 
@@ -203,16 +213,11 @@ def test_a_caller_cancelled_after_its_resume_ran_aborts_the_request():
     llm = async_llm(SlowRunner(0.02))
     params = SamplingParams(max_tokens=42, temperature=0.0, intercept_after=2, max_interceptions=1)
 
-    async def main():
+    async def prepare():
         paused = (await collect(llm.generate([5, 6, 7], params)))[-1]
-        await cancel_after_the_command_ran(llm, lambda: anext(llm.resume(paused.request_id, [9, 9])))
-        return await idle_stats(llm)
+        return lambda: anext(llm.resume(paused.request_id, [9, 9]))
 
-    try:
-        stats = run(main())
-        assert not llm.engine.requests and llm.alive
-    finally:
-        llm.shutdown()
+    stats = stats_after_a_caller_cancelled_late(llm, prepare)
     assert stats["steps"] < 12 and stats["paused"] == 0 and stats["device_blocks_used"] == 0
 
 
